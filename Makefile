@@ -1,0 +1,41 @@
+# One-command set-up and run. Every target is idempotent: a second `make setup` takes seconds.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+LVR := $(VENV)/bin/lvr
+# Re-install only when the dependency declarations change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lvr/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: setup run test bench clean system-deps
+
+setup: system-deps $(STAMP)
+
+# Debian's ffmpeg (ffprobe too) and the font the sample videos burn labels with.
+system-deps:
+	@if ! command -v ffprobe >/dev/null 2>&1 || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then \
+		echo "installing ffmpeg and fonts-dejavu-core from Debian"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg fonts-dejavu-core >/dev/null; \
+	fi
+
+$(STAMP):
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+run: setup
+	$(LVR) run
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/clip.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,286 @@
+"""Versioned Arrow schemas of every artifact the DAG writes, and their validation.
+
+A schema's version is bumped whenever a column is added, removed or changes type; manifests
+record (name, version) so a reader can tell which layout it was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+class SchemaError(ValueError):
+    """A table that does not match the schema a stage expects; the message names the column."""
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    name: str
+    version: int
+    schema: pa.Schema
+    description: str = ""
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+    def empty(self) -> pa.Table:
+        return self.schema.empty_table()
+
+    def from_rows(self, rows: list[dict]) -> pa.Table:
+        """Rows as dicts to a validated table; a missing or mistyped value fails here, not in a later stage."""
+        missing = [c for c in self.columns if any(c not in r for r in rows)]
+        if missing:
+            raise SchemaError(f"{self.name}: rows lack column(s) {', '.join(sorted(set(missing)))}")
+        try:
+            table = pa.Table.from_pylist(rows, schema=self.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SchemaError(f"{self.name}: {exc}") from exc
+        return validate_table(table, self)
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False, doc: str = "") -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc} if doc else None)
+
+
+STRING = pa.string()
+F64 = pa.float64()
+I64 = pa.int64()
+I32 = pa.int32()
+BOOL = pa.bool_()
+
+FAILURES = TableSchema(
+    "failures",
+    1,
+    pa.schema(
+        [
+            _f("item_id", STRING, doc="The input item that failed (a source URI, a clip id, a qa id...)."),
+            _f("stage", STRING),
+            _f("error_kind", STRING, doc="A short machine-readable reason, e.g. corrupt, not_a_video, malformed_answer."),
+            _f("message", STRING, doc="What went wrong, for a person."),
+            _f("detail", pa.large_string(), nullable=True, doc="Raw material kept for debugging, e.g. an LLM's raw answer."),
+        ]
+    ),
+    "One row per input item a stage could not process.",
+)
+
+VIDEOS = TableSchema(
+    "videos",
+    1,
+    pa.schema(
+        [
+            _f("video_id", STRING, doc="Derived from the file's bytes: stable across runs and paths."),
+            _f("uri", STRING, doc="Where the source video was read from."),
+            _f("size_bytes", I64),
+            _f("duration_s", F64),
+            _f("fps", F64),
+            _f("width", I32),
+            _f("height", I32),
+            _f("rotation", I32),
+            _f("video_codec", STRING),
+            _f("pix_fmt", STRING),
+            _f("has_audio", BOOL),
+            _f("audio_codec", STRING, nullable=True),
+            _f("container", STRING),
+            _f("bit_rate", I64, nullable=True),
+            _f("n_frames", I64, nullable=True),
+            _f("n_keyframes", I32),
+            _f("clip_mode", STRING, doc="copy or exact: the cut mode actually used for this video."),
+            _f("max_snap_deviation_s", F64),
+            _f("n_clips", I32),
+        ]
+    ),
+    "One row per source video that was clipped.",
+)
+
+CLIPS = TableSchema(
+    "clips",
+    1,
+    pa.schema(
+        [
+            _f("clip_id", STRING, doc="<video_id>-<index>: deterministic."),
+            _f("video_id", STRING),
+            _f("clip_index", I32),
+            _f("clip_uri", STRING, doc="The written clip file."),
+            _f("source_uri", STRING),
+            _f("start_s", F64, doc="True start in the source timeline, measured from the written file."),
+            _f("end_s", F64, doc="True end in the source timeline."),
+            _f("duration_s", F64),
+            _f("n_frames", I32, doc="Frames counted in the written file."),
+            _f("mode", STRING),
+            _f("fps", F64),
+            _f("width", I32),
+            _f("height", I32),
+        ]
+    ),
+    "One row per written clip.",
+)
+
+CAPTIONS = TableSchema(
+    "captions",
+    1,
+    pa.schema(
+        [
+            _f("clip_id", STRING),
+            _f("video_id", STRING),
+            _f("start_s", F64),
+            _f("end_s", F64),
+            _f("caption", pa.large_string()),
+            _f("model", STRING),
+            _f("backend", STRING),
+            _f("prompt_hash", STRING),
+            _f("frames_used", I32),
+            _f("tokens_in", I32),
+            _f("tokens_out", I32),
+            _f("latency_s", F64),
+        ]
+    ),
+    "One caption per clip.",
+)
+
+QA = TableSchema(
+    "qa",
+    1,
+    pa.schema(
+        [
+            _f("qa_id", STRING),
+            _f("video_id", STRING),
+            _f("category", STRING, doc="Temporal, Goal and Purpose, Spatial, or Plot and Narrative."),
+            _f("question_type", STRING, doc="multiple_choice or open_ended."),
+            _f("question", pa.large_string()),
+            _f("options", pa.list_(STRING), nullable=True),
+            _f("answer", pa.large_string()),
+            _f("reasoning", pa.large_string(), doc="The generator's raw reasoning."),
+            _f("refined_reasoning", pa.large_string()),
+            _f("target", pa.large_string(), doc="<think>...</think><answer>...</answer> training target."),
+            _f("generator_model", STRING),
+            _f("refiner_model", STRING),
+            _f("prompt_version", STRING),
+            _f("refine_prompt_version", STRING),
+            _f("prompt_tokens", I32),
+            _f("completion_tokens", I32),
+            _f("reasoning_tokens", I32),
+        ]
+    ),
+    "Question-reasoning-answer items, one per row.",
+)
+
+FILTER_ROLLOUTS = TableSchema(
+    "filter_rollouts",
+    1,
+    pa.schema(
+        [
+            _f("qa_id", STRING),
+            _f("run", I32),
+            _f("response", pa.large_string()),
+            _f("predicted", STRING, nullable=True),
+            _f("correct", BOOL),
+            _f("format_ok", BOOL),
+            _f("model", STRING),
+        ]
+    ),
+    "Every base-model answer drawn while filtering.",
+)
+
+FILTER = TableSchema(
+    "filter",
+    1,
+    pa.schema(
+        [
+            _f("qa_id", STRING),
+            _f("video_id", STRING),
+            _f("category", STRING),
+            _f("question_type", STRING),
+            _f("n_runs", I32),
+            _f("n_correct", I32),
+            _f("pass_rate", F64),
+            _f("difficulty", STRING, doc="easy, medium or hard."),
+            _f("split", STRING, doc="sft, rl, eval or unused."),
+        ]
+    ),
+    "Difficulty labels and split per qa item.",
+)
+
+TRAIN_METRICS = TableSchema(
+    "train_metrics",
+    1,
+    pa.schema(
+        [
+            _f("stage", STRING),
+            _f("step", I64),
+            _f("name", STRING),
+            _f("value", F64),
+            _f("time_s", F64),
+        ]
+    ),
+    "Long-format training metrics (one row per step and metric) for sft and grpo.",
+)
+
+EVAL_ITEMS = TableSchema(
+    "eval_items",
+    1,
+    pa.schema(
+        [
+            _f("model", STRING),
+            _f("qa_id", STRING),
+            _f("category", STRING),
+            _f("num_frames", I32),
+            _f("prediction", pa.large_string()),
+            _f("correct", BOOL),
+            _f("response_length", I32),
+        ]
+    ),
+    "Per model and eval item: the prediction and whether it was right.",
+)
+
+SCHEMAS: dict[str, TableSchema] = {
+    s.name: s for s in (FAILURES, VIDEOS, CLIPS, CAPTIONS, QA, FILTER_ROLLOUTS, FILTER, TRAIN_METRICS, EVAL_ITEMS)
+}
+
+
+def get_schema(name: str) -> TableSchema:
+    try:
+        return SCHEMAS[name]
+    except KeyError:
+        raise SchemaError(f"no schema named {name!r}; known: {', '.join(SCHEMAS)}") from None
+
+
+def _equivalent(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual.equals(expected):
+        return True
+    strings = (pa.string(), pa.large_string())
+    if actual in strings and expected in strings:
+        return True
+    if pa.types.is_integer(expected) and pa.types.is_integer(actual):
+        return True  # width differences are cast (safely: an overflow is still an error)
+    if pa.types.is_floating(expected) and (pa.types.is_floating(actual) or pa.types.is_integer(actual)):
+        return True
+    if pa.types.is_null(actual):
+        return True  # an all-null column written without type information
+    if (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and pa.types.is_list(expected):
+        return _equivalent(actual.value_type, expected.value_type)
+    return False
+
+
+def validate_table(table: pa.Table, schema: TableSchema) -> pa.Table:
+    """Check columns and types; return the table cast to the canonical schema (column order included)."""
+    present = set(table.column_names)
+    for field in schema.schema:
+        if field.name not in present:
+            raise SchemaError(f"{schema.name} v{schema.version}: column {field.name!r} ({field.type}) is missing")
+        actual = table.schema.field(field.name).type
+        if not _equivalent(actual, field.type):
+            raise SchemaError(
+                f"{schema.name} v{schema.version}: column {field.name!r} has type {actual}, expected {field.type}"
+            )
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"{schema.name} v{schema.version}: column {field.name!r} has nulls but is not nullable")
+    extra = present - set(schema.columns)
+    if extra:
+        raise SchemaError(f"{schema.name} v{schema.version}: unexpected column(s) {', '.join(sorted(extra))}")
+    try:
+        return table.select(schema.columns).cast(schema.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SchemaError(f"{schema.name} v{schema.version}: {exc}") from exc

@@ -1,0 +1,174 @@
+"""`lvr`: the command line. Each command is a thin wrapper over plain functions in `tasks/` and the
+Prefect flows in `flows/pipeline.py`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from tasks.config import DEFAULT_CONFIG, STAGE_ORDER, ConfigError, load_config
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_IMPLEMENTED = 3
+
+STAGE_DESCRIPTIONS = {
+    "clip": "probe source videos and cut ~10 s clips with ffmpeg, recording true boundaries",
+    "caption": "describe each clip with a VLM",
+    "qa": "reasoning LLM writes questions with reasoning over all captions of a video, then refines the reasoning",
+    "filter": "answer each question N times with the base VLM; difficulty labels and SFT / RL / eval splits",
+    "sft": "chain-of-thought SFT with multi-modal sequence parallelism",
+    "grpo": "GRPO with MR-SP (cached video embeddings, sequence-parallel prefill)",
+    "eval": "accuracy per reasoning category, charts and report",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvr", description="Long videos to a reasoning dataset and a trained reasoning VLM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (or a range of its stages)")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help="built-in config name or YAML path (default: tiny)")
+    run.add_argument("--source", default=None, help="directory, glob, list file or Parquet/CSV manifest (default: built-in sample)")
+    run.add_argument("--workdir", default="runs/sample", help="where artifacts go: a path or fsspec URL (default: runs/sample)")
+    run.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, default=None, help="first stage (default: clip)")
+    run.add_argument("--to", dest="to_stage", choices=STAGE_ORDER, default=None, help="last stage (default: eval)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    run.add_argument(
+        "--engine", choices=("prefect", "local"), default="prefect",
+        help="prefect: run as the lvr-pipeline flow (default); local: the same stages without Prefect",
+    )
+
+    sub.add_parser("stages", help="list the pipeline's stages")
+
+    status = sub.add_parser("status", help="per-stage status of a workdir")
+    status.add_argument("workdir")
+
+    sample = sub.add_parser("sample-videos", help="write the built-in synthetic sample videos")
+    sample.add_argument("dir")
+    sample.add_argument("--overwrite", action="store_true")
+
+    show = sub.add_parser("config", help="print a resolved config (after overrides)")
+    show.add_argument("--config", default=DEFAULT_CONFIG)
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.stage import StageError, StageNotImplemented
+
+    try:
+        load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+        if args.engine == "local":
+            from tasks.artifacts import Workdir
+            from tasks.pipeline import resolve_source, run_pipeline
+
+            cfg = load_config(args.config, args.overrides)
+            record = run_pipeline(
+                Workdir(args.workdir), cfg, source=resolve_source(args.source, cfg),
+                from_stage=args.from_stage, to_stage=args.to_stage,
+            )
+            results = record.results
+        else:
+            from flows.pipeline import lvr_pipeline
+
+            result = lvr_pipeline(
+                source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
+                from_stage=args.from_stage or STAGE_ORDER[0], to_stage=args.to_stage or STAGE_ORDER[-1],
+            )
+            results = result["results"]
+    except ConfigError as exc:
+        print(f"lvr: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageNotImplemented as exc:
+        _print_summary(args.workdir)
+        print(f"\nlvr: pipeline stopped: {exc}", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except (StageError, ValueError) as exc:
+        _print_summary(args.workdir)
+        print(f"\nlvr: pipeline failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_summary(args.workdir)
+    done = [s for s, r in results.items()]
+    print(f"\nlvr: finished {', '.join(done)} in {args.workdir}")
+    return 0
+
+
+def _print_summary(workdir: str) -> None:
+    from tasks.artifacts import Workdir
+    from tasks.pipeline import workdir_status
+
+    wd = Workdir(workdir)
+    if not wd.exists():
+        return
+    rows = workdir_status(wd)
+    print(f"\n{'stage':<9} {'status':<16} {'rows':>8} {'failures':>9} {'work s':>9} {'wall s':>9}  note")
+    for s in rows:
+        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+        print(
+            f"{s.stage:<9} {s.status:<16} {fmt(s.rows, 'd'):>8} {fmt(s.failures, 'd'):>9} "
+            f"{fmt(s.work_time_s, '.2f'):>9} {fmt(s.wall_time_s, '.2f'):>9}  {s.message}"
+        )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.artifacts import Workdir
+
+    if not Workdir(args.workdir).exists():
+        print(f"lvr: no workdir at {args.workdir}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"workdir: {Workdir(args.workdir).url}")
+    _print_summary(args.workdir)
+    return 0
+
+
+def cmd_stages(_: argparse.Namespace) -> int:
+    from tasks.registry import is_implemented
+
+    for i, name in enumerate(STAGE_ORDER, 1):
+        state = "" if is_implemented(name) else "  (not implemented yet)"
+        print(f"{i}. {name:<8} {STAGE_DESCRIPTIONS[name]}{state}")
+    return 0
+
+
+def cmd_sample_videos(args: argparse.Namespace) -> int:
+    from tasks.sample_videos import write_sample_videos
+
+    for path in write_sample_videos(args.dir, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"lvr: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "sample-videos": cmd_sample_videos, "config": cmd_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Our own loggers appear in Prefect's UI next to the flow's.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lvr")
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

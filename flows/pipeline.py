@@ -1,0 +1,151 @@
+"""Prefect edge of the pipeline: the `lvr-pipeline` flow, one `lvr-<stage>` subflow per stage, and
+one task per shard (never per item, so orchestration stays a small fraction of the work).
+
+All logic lives in `tasks/`; these functions only translate parameters and hand shards to Prefect.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+
+from tasks.artifacts import Workdir
+from tasks.config import STAGE_ORDER, StageName, load_config
+from tasks.pipeline import resolve_source, run_pipeline
+from tasks.registry import get_stage
+from tasks.stage import ShardOutcome, StageContext, StageReport, read_manifest, run_stage
+
+
+@task(name="shard", task_run_name="{stage}-shard-{index}", cache_policy=NO_CACHE, persist_result=False)
+def shard_task(stage: str, index: int, work: Any) -> ShardOutcome:
+    return work(index)
+
+
+def _prefect_mapper(stage: str, workers: int, retries: int, retry_delay_s: float):
+    """Shards as Prefect tasks, at most `workers` in flight whatever task runner the flow has."""
+    shard = shard_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+
+    def map_shards(fn, indices: list[int]) -> list[ShardOutcome]:
+        pending = deque(indices)
+        running: deque = deque()
+        outcomes = []
+        while pending or running:
+            while pending and len(running) < workers:
+                running.append(shard.submit(stage, pending.popleft(), fn))
+            outcomes.append(running.popleft().result())
+        return outcomes
+
+    return map_shards
+
+
+def _summary_markdown(report: StageReport) -> str:
+    m = report.manifest
+    tables = "\n".join(f"| `{name}` | {info['rows']} | `{info['path'] or '.'}` |" for name, info in m.get("tables", {}).items())
+    return (
+        f"# lvr {report.stage}: {report.status}\n\n"
+        f"- rows: **{m.get('rows')}**, failures: **{m.get('failures')}** (see `_failures.parquet`)\n"
+        f"- shards: {m.get('shards', {}).get('total')} ({m.get('shards', {}).get('reused')} reused)\n"
+        f"- work time: {m.get('work_time_s')} s, wall time: {m.get('wall_time_s')} s\n"
+        f"- fingerprint: `{m.get('fingerprint')}`\n\n"
+        f"| table | rows | path |\n|---|---|---|\n{tables}\n"
+    )
+
+
+def execute_stage(name: str, ctx: StageContext) -> StageReport:
+    """Run one stage with its shards as Prefect tasks; must be called inside a flow run."""
+    stage = get_stage(name)
+    execution = ctx.config.execution
+    logger = get_run_logger()
+    lock = threading.Lock()
+
+    def progress(done: int, total: int) -> None:
+        with lock:
+            logger.info("%s: %d/%d shards done", name, done, total)
+
+    ctx.progress = progress
+    mapper = _prefect_mapper(name, execution.shard_workers, execution.shard_retries, execution.shard_retry_delay_s)
+    report = run_stage(stage, ctx, map_shards=mapper)
+    logger.info("%s: %s, %d rows, %d failures", name, report.status, report.rows, report.failures)
+    create_markdown_artifact(markdown=_summary_markdown(report), key=f"lvr-{name}", description=f"lvr {name} stage summary")
+    return report
+
+
+def _stage_flow(name: str):
+    @flow(name=f"lvr-{name}", log_prints=True, validate_parameters=True)
+    def stage_flow(
+        workdir: str = "runs/sample",
+        config: str = "tiny",
+        overrides: list[str] | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        cfg = load_config(config, overrides)
+        ctx = StageContext(workdir=Workdir(workdir), config=cfg, source=resolve_source(source, cfg))
+        report = execute_stage(name, ctx)
+        return {"stage": name, "status": report.status, "rows": report.rows, "failures": report.failures}
+
+    stage_flow.__doc__ = f"Run the `{name}` stage of lvr on a workdir (its upstream stages must be complete there)."
+    return stage_flow
+
+
+clip_flow = _stage_flow("clip")
+caption_flow = _stage_flow("caption")
+qa_flow = _stage_flow("qa")
+filter_flow = _stage_flow("filter")
+sft_flow = _stage_flow("sft")
+grpo_flow = _stage_flow("grpo")
+eval_flow = _stage_flow("eval")
+STAGE_FLOWS = {
+    "clip": clip_flow, "caption": caption_flow, "qa": qa_flow, "filter": filter_flow,
+    "sft": sft_flow, "grpo": grpo_flow, "eval": eval_flow,
+}
+
+
+@flow(name="lvr-pipeline", log_prints=True, validate_parameters=True)
+def lvr_pipeline(
+    source: str | None = None,
+    workdir: str = "runs/sample",
+    config: str = "tiny",
+    overrides: list[str] | None = None,
+    from_stage: StageName = StageName.clip,
+    to_stage: StageName = StageName.eval,
+) -> dict[str, Any]:
+    """Long videos to a reasoning dataset and a trained VLM: clip > caption > qa > filter > sft > grpo > eval.
+
+    Args:
+        source: Videos to process: a directory, glob, list file or Parquet/CSV manifest (local or s3://...).
+            Empty: the config's `source`, else the built-in sample.
+        workdir: Where every stage writes its Parquet, media and checkpoints (local path or fsspec URL).
+        config: A built-in config name (tiny, longvila-r1) or a YAML path.
+        overrides: Dotted-key overrides such as `clip.seconds=8`.
+        from_stage: First stage to run (earlier stages must already be complete in the workdir).
+        to_stage: Last stage to run.
+    """
+    cfg = load_config(config, overrides)
+    src = resolve_source(source, cfg)
+    flow_run = FlowRunContext.get()
+    run_id = str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else None
+
+    def stage_runner(name: str, ctx: StageContext) -> StageReport:
+        result = STAGE_FLOWS[name](workdir=workdir, config=config, overrides=overrides, source=src)
+        manifest = read_manifest(ctx.workdir, name)
+        assert manifest is not None, f"{name} finished without a manifest"
+        return StageReport(name, result["status"], manifest)
+
+    record = run_pipeline(
+        Workdir(workdir), cfg, source=src, from_stage=_value(from_stage), to_stage=_value(to_stage),
+        run_id=run_id, stage_runner=stage_runner,
+    )
+    return {"run_id": record.run_id, "results": record.results}
+
+
+def _value(stage: StageName | str) -> str:
+    return stage.value if isinstance(stage, StageName) else str(stage)
+
+
+__all__ = ["lvr_pipeline", "STAGE_FLOWS", "STAGE_ORDER"]

@@ -1,0 +1,179 @@
+"""The artifact store: a run's workdir (local path or fsspec URL) and atomic Parquet/JSON I/O.
+
+Layout of stage S under the workdir:
+    S/part-00000.parquet ...      the stage's main table (`pandas.read_parquet("S")` reads exactly this)
+    S/_<table>/part-*.parquet     side tables (e.g. clip/_videos)
+    S/_failures.parquet           one row per failed input item, always present (may be empty)
+    S/_manifest.json              written last: its presence with a matching fingerprint means "complete"
+    S/_work/shards/<key>/         per-shard results, reused after a crash
+Names beginning with "_" are skipped by Arrow's dataset discovery, so side files never leak into
+the main table when a directory is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from data_schemas import FAILURES, SchemaError, TableSchema, validate_table
+
+MANIFEST = "_manifest.json"
+FAILURES_FILE = "_failures.parquet"
+WORK_DIR = "_work"
+PART_PATTERN = "part-{:05d}.parquet"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+@dataclass
+class Workdir:
+    """A run's root: everything a run writes lives under it, locally or in object storage."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
+    root: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        fs, root = fsspec.core.url_to_fs(self.url)
+        if isinstance(fs, LocalFileSystem):
+            root = str(Path(root).expanduser().resolve())
+            self.url = root
+        self.fs, self.root = fs, root.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *(p.strip("/") for p in parts if p)])
+
+    def uri(self, *parts: str) -> str:
+        """A path as a user can open it: plain for local files, with the protocol for remote ones."""
+        path = self.path(*parts)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def makedirs(self, *parts: str) -> str:
+        path = self.path(*parts)
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
+
+def _temp_sibling(path: str) -> str:
+    head, _, tail = path.rpartition("/")
+    return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Temp file + rename: readers see the old file or the new one, never half of one."""
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+            if isinstance(fs, LocalFileSystem):
+                fh.flush()
+                os.fsync(fh.fileno())
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None  # a torn write from a foreign tool: treat as absent, never trust it
+
+
+def write_table_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, schema: TableSchema) -> None:
+    table = validate_table(table, schema)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"lvr_schema": f"{schema.name}:{schema.version}".encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(fs, path, buf.getvalue())
+
+
+def read_table_file(fs: fsspec.AbstractFileSystem, path: str, schema: TableSchema) -> pa.Table:
+    with fs.open(path, "rb") as fh:
+        table = pq.read_table(fh)
+    try:
+        return validate_table(table, schema)
+    except SchemaError as exc:
+        raise SchemaError(f"{path}: {exc}") from exc
+
+
+def list_parts(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    if not fs.exists(directory):
+        return []
+    return sorted(p for p in fs.ls(directory, detail=False) if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+
+
+def read_dataset(fs: fsspec.AbstractFileSystem, directory: str, schema: TableSchema) -> pa.Table:
+    parts = list_parts(fs, directory)
+    if not parts:
+        return schema.empty()
+    return pa.concat_tables([read_table_file(fs, p, schema) for p in parts])
+
+
+def write_dataset(
+    fs: fsspec.AbstractFileSystem, directory: str, table: pa.Table, schema: TableSchema, rows_per_part: int = 100_000
+) -> list[str]:
+    """Write `table` as part files (an empty table still gets one part, so readers see the schema)."""
+    fs.makedirs(directory, exist_ok=True)
+    old = set(list_parts(fs, directory))
+    written = []
+    n_parts = max(1, -(-table.num_rows // rows_per_part))
+    for i in range(n_parts):
+        path = f"{directory}/{PART_PATTERN.format(i)}"
+        write_table_atomic(fs, path, table.slice(i * rows_per_part, rows_per_part), schema)
+        written.append(path)
+    for stale in old - set(written):
+        fs.rm(stale)
+    return written
+
+
+def failures_table(stage: str, failures: list["Failure"]) -> pa.Table:
+    return FAILURES.from_rows(
+        [
+            {"item_id": f.item_id, "stage": stage, "error_kind": f.error_kind, "message": f.message, "detail": f.detail}
+            for f in failures
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input item a stage could not process, and why."""
+
+    item_id: str
+    error_kind: str
+    message: str
+    detail: str | None = None

@@ -1,0 +1,286 @@
+"""Pipeline configuration: YAML files validated by pydantic, with dotted-key overrides.
+
+Every stage reads only its own section; a stage's fingerprint hashes that section, so changing
+`caption.*` never invalidates `clip/`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+def cache_dir() -> Path:
+    """Where lvr keeps what it builds once per machine (sample videos, tiny models): $LVR_CACHE_DIR."""
+    return Path(os.environ.get("LVR_CACHE_DIR", Path.home() / ".cache" / "lvr")).expanduser()
+
+
+class StageName(str, enum.Enum):
+    """The DAG's stages, in execution order."""
+
+    clip = "clip"
+    caption = "caption"
+    qa = "qa"
+    filter = "filter"
+    sft = "sft"
+    grpo = "grpo"
+    eval = "eval"
+
+
+STAGE_ORDER: tuple[str, ...] = tuple(s.value for s in StageName)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names keys and expected types."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExecutionConfig(_Section):
+    shard_workers: int = Field(1, ge=1, description="Shards of one stage processed concurrently.")
+    shard_retries: int = Field(2, ge=0, description="Prefect retries per shard task.")
+    shard_retry_delay_s: float = Field(5.0, ge=0)
+
+
+class ClipConfig(_Section):
+    seconds: float = Field(10.0, gt=0, description="Target clip length.")
+    min_seconds: float = Field(3.0, gt=0, description="A tail shorter than this joins the previous clip.")
+    max_deviation_s: float = Field(2.0, ge=0, description="Copy mode snaps cuts to keyframes within this distance, else the video is re-encoded.")
+    mode: Literal["copy", "exact"] = "copy"
+    shard_size: int = Field(2, ge=1, description="Videos per shard.")
+    video_codec: str = "libx264"
+    crf: int = Field(23, ge=0, le=51)
+    preset: str = "veryfast"
+    extensions: list[str] = Field(
+        default_factory=lambda: [".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"],
+        description="File extensions picked up when the source is a directory.",
+    )
+
+    @model_validator(mode="after")
+    def _min_below_target(self) -> "ClipConfig":
+        if self.min_seconds > self.seconds:
+            raise ValueError(f"min_seconds ({self.min_seconds}) must not exceed seconds ({self.seconds})")
+        return self
+
+
+class CaptionConfig(_Section):
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    model: str = Field("tiny", description="A local checkpoint folder, a model id already on disk, or 'tiny'.")
+    prompt: str = "Elaborate on the visual and narrative elements of the video in detail."
+    num_frames: int = Field(16, ge=1)
+    max_pixels: int = Field(360 * 420, ge=28 * 28)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(4, ge=1)
+    trust_remote_code: bool = False
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    shard_size: int = Field(64, ge=1, description="Clips per shard.")
+
+
+class QAConfig(_Section):
+    backend: Literal["openai", "template"] = "template"
+    base_url: str | None = None
+    model: str = "deepseek-reasoner"
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    temperature: float = Field(0.6, ge=0)
+    max_tokens: int = Field(8192, ge=1)
+    concurrency: int = Field(16, ge=1)
+    stream: bool = False
+    timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    categories: list[Literal["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]] = Field(
+        default_factory=lambda: ["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]
+    )
+    refine_model: str | None = Field(None, description="Refinement model; defaults to `model`.")
+    refine_base_url: str | None = None
+    shard_size: int = Field(8, ge=1, description="Videos per shard.")
+
+
+class FilterConfig(_Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    model: str = "tiny"
+    runs: int = Field(10, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    num_frames: int = Field(16, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    sft_fraction: float = Field(0.33, ge=0, le=1)
+    shard_size: int = Field(32, ge=1, description="Questions per shard.")
+
+
+class SFTConfig(_Section):
+    model: str = "tiny"
+    sp_degree: int = Field(2, ge=1)
+    nproc_per_node: int = Field(2, ge=1)
+    nnodes: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    epochs: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    num_frames: int = Field(16, ge=1)
+    save_every: int = Field(50, ge=1)
+
+
+class GRPOConfig(_Section):
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    group_size: int = Field(8, ge=2)
+    beta: float = Field(0.04, ge=0)
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.28, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    steps: int = Field(100, ge=1)
+    num_frames: int = Field(16, ge=1)
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    sp_degree: int = Field(1, ge=1)
+    embedding_cache: bool = True
+
+
+class EvalConfig(_Section):
+    models: list[str] = Field(default_factory=lambda: ["base", "sft", "grpo"])
+    samples: int = Field(1, ge=1)
+    num_frames: int = Field(16, ge=1)
+    frames_sweep: list[int] = Field(default_factory=list)
+
+
+class PipelineConfig(_Section):
+    profile: str = "tiny"
+    source: str | None = Field(None, description="Default source when none is given on the command line.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def section(self, stage: str) -> dict[str, Any]:
+        """A stage's own settings as plain JSON-able data (what its fingerprint hashes)."""
+        return getattr(self, stage).model_dump(mode="json")
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A path to a YAML file, or the name of one under configs/ ("tiny", "longvila-r1")."""
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    named = CONFIGS_DIR / f"{config}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(config)!r} is neither a file nor one of the built-in configs: {', '.join(available)}")
+
+
+def load_config(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    path = resolve_config_path(config)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    check_keys(data, PipelineConfig, where=str(path))
+    for key, value in normalise_overrides(overrides).items():
+        set_dotted(data, key, value)
+    return validate_config(data, where=str(path))
+
+
+def validate_config(data: dict[str, Any], where: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {format_validation_error(exc)}") from exc
+
+
+def normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["clip.seconds=8"]` or `{"clip.seconds": 8}` to `{"clip.seconds": 8}`; values parse as YAML scalars."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return {str(k): v for k, v in overrides.items()}
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. clip.seconds=8)")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts after checking each part names a real field."""
+    parts = dotted.split(".")
+    model: type[BaseModel] | None = PipelineConfig
+    node = data
+    for depth, part in enumerate(parts):
+        assert model is not None
+        if part not in model.model_fields:
+            prefix = ".".join(parts[:depth])
+            raise ConfigError(
+                f"unknown key {dotted!r}: {part!r} is not a key of {prefix or 'the config'}; "
+                f"valid keys: {', '.join(model.model_fields)}"
+            )
+        last = depth == len(parts) - 1
+        if last:
+            node[part] = value
+            return
+        model = _submodel(model, part)
+        if model is None:
+            raise ConfigError(f"unknown key {dotted!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+
+
+def check_keys(data: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "") -> None:
+    """Reject unknown keys with the list of valid ones (pydantic only says 'extra inputs are not permitted')."""
+    for key, value in data.items():
+        if key not in model.model_fields:
+            raise ConfigError(
+                f"{where}: unknown key {prefix + str(key)!r}; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+                f"{', '.join(model.model_fields)}"
+            )
+        sub = _submodel(model, key)
+        if sub is not None and isinstance(value, dict):
+            check_keys(value, sub, where, prefix=f"{prefix}{key}.")
+
+
+def _submodel(model: type[BaseModel], field: str) -> type[BaseModel] | None:
+    annotation = model.model_fields[field].annotation
+    candidates = get_args(annotation) if get_origin(annotation) else (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        got = err.get("input")
+        got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+        lines.append(f"{loc or 'config'}: {err['msg']}{got_text}")
+    return "; ".join(lines)

@@ -1,0 +1,531 @@
+"""Media layer of the clip stage: identify, probe, plan cuts for and cut videos.
+
+Plain functions over ffprobe/ffmpeg (always run with argv lists, never a shell);
+orchestration, retries and storage live elsewhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+FFMPEG = "ffmpeg"
+FFPROBE = "ffprobe"
+
+MediaErrorKind = Literal[
+    "missing",
+    "unreadable",
+    "empty_file",
+    "not_a_video",
+    "no_video_stream",
+    "corrupt",
+    "ffmpeg_failed",
+]
+CutMode = Literal["copy", "exact"]
+
+_HASH_CHUNK_BYTES = 1 << 20
+_STDERR_TAIL_CHARS = 2000
+# A video whose packets stop well before its declared duration was cut short
+# (e.g. an interrupted download of a file with its index at the front).
+_TRUNCATION_TOLERANCE_S = 1.0
+_TRUNCATION_TOLERANCE_FRACTION = 0.02
+
+
+class MediaError(Exception):
+    """A media file cannot be used; `kind` says why in a machine-checkable way."""
+
+    def __init__(self, kind: MediaErrorKind, message: str) -> None:
+        if kind not in get_args(MediaErrorKind):
+            raise ValueError(f"unknown MediaError kind {kind!r}")
+        # Both go to Exception.__init__ so the error survives pickling between
+        # worker processes (pickle rebuilds exceptions from self.args).
+        super().__init__(kind, message)
+        self.kind: MediaErrorKind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    duration_s: float
+    fps: float
+    width: int  # as stored; see `rotation` for how it is displayed
+    height: int
+    video_codec: str
+    pix_fmt: str
+    rotation: int  # clockwise degrees a player turns the stored picture: 0, 90, 180 or 270
+    has_audio: bool
+    audio_codec: str | None
+    container: str
+    size_bytes: int
+    bit_rate: int | None
+    n_frames: int  # stream nb_frames when the container states it, else the packets counted
+    keyframe_times: tuple[float, ...]  # seconds on ffmpeg's timeline (file start = 0)
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    cut_points: tuple[float, ...]
+    mode: CutMode
+    max_snap_deviation_s: float
+
+
+@dataclass(frozen=True)
+class ClipFile:
+    index: int
+    path: str
+    start_s: float
+    end_s: float
+    n_frames: int
+    mode: CutMode
+
+
+@dataclass(frozen=True)
+class _Packet:
+    time_s: float
+    duration_s: float
+    is_keyframe: bool
+
+
+def run_tool(argv: Sequence[str], *, stdin_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ffmpeg/ffprobe from an argv list (never a shell); a missing binary is a MediaError."""
+    stdin_source = stdin_path.open("rb") if stdin_path is not None else nullcontext(subprocess.DEVNULL)
+    with stdin_source as stdin:
+        try:
+            return subprocess.run(
+                list(argv),
+                stdin=stdin,
+                capture_output=True,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            raise MediaError(
+                "ffmpeg_failed",
+                f"{argv[0]!r} is not on PATH; install it (Debian package: ffmpeg): {exc}",
+            ) from exc
+
+
+def stderr_tail(stderr: str) -> str:
+    tail = stderr.strip()[-_STDERR_TAIL_CHARS:]
+    return tail or "(no output on stderr)"
+
+
+def content_id(path: str | os.PathLike[str]) -> str:
+    """First 16 hex chars of the sha256 of the file's bytes: same bytes, same id."""
+    file = Path(path)
+    _check_readable_file(file)
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _check_readable_file(path: Path) -> int:
+    """Size in bytes of a regular file we can open, else the matching MediaError."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise MediaError("missing", f"{path}: no such file") from exc
+    except OSError as exc:
+        raise MediaError("unreadable", f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise MediaError("unreadable", f"{path}: is a directory, not a file")
+    # Opening a FIFO or device for reading can block forever.
+    if not stat.S_ISREG(info.st_mode):
+        raise MediaError("unreadable", f"{path}: is not a regular file")
+    try:
+        with path.open("rb") as stream:
+            stream.read(1)
+    except OSError as exc:
+        raise MediaError("unreadable", f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    return info.st_size
+
+
+def probe_video(path: str | os.PathLike[str]) -> VideoProbe:
+    """Describe a video file, or raise MediaError saying why it is unusable."""
+    file = Path(path)
+    size_bytes = _check_readable_file(file)
+    if size_bytes == 0:
+        raise MediaError("empty_file", f"{file}: file is empty (0 bytes)")
+    info = _ffprobe_container(file)
+    video = _first_video_stream(file, info["streams"])
+    audio = next((s for s in info["streams"] if s.get("codec_type") == "audio"), None)
+    start_s = _float_or_none(info["format"].get("start_time")) or 0.0
+    packets = _read_video_packets(file, video["index"], start_s)
+    duration_s = _video_duration(file, info["format"], video, packets)
+    keyframe_times = tuple(sorted(p.time_s for p in packets if p.is_keyframe))
+    if not keyframe_times:
+        raise MediaError("corrupt", f"{file}: no video keyframe could be read")
+    n_frames = _int_or_none(video.get("nb_frames")) or len(packets)
+    return VideoProbe(
+        duration_s=duration_s,
+        fps=_frame_rate(video) or n_frames / duration_s,
+        width=int(video["width"]),
+        height=int(video["height"]),
+        video_codec=str(video.get("codec_name", "unknown")),
+        pix_fmt=str(video.get("pix_fmt", "unknown")),
+        rotation=_rotation_cw(video),
+        has_audio=audio is not None,
+        audio_codec=None if audio is None else str(audio.get("codec_name", "unknown")),
+        container=str(info["format"].get("format_name", "unknown")),
+        size_bytes=size_bytes,
+        bit_rate=_int_or_none(info["format"].get("bit_rate")),
+        n_frames=n_frames,
+        keyframe_times=keyframe_times,
+    )
+
+
+def _ffprobe_container(file: Path) -> dict:
+    result = run_tool(
+        [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json", str(file)]
+    )
+    if result.returncode != 0:
+        detected = _sniff_format(file)
+        if detected is None:
+            raise MediaError(
+                "not_a_video",
+                f"{file}: no ffmpeg demuxer recognises its content: {stderr_tail(result.stderr)}",
+            )
+        raise MediaError(
+            "corrupt",
+            f"{file}: looks like {detected} but cannot be read: {stderr_tail(result.stderr)}",
+        )
+    info = json.loads(result.stdout)
+    info.setdefault("streams", [])
+    info.setdefault("format", {})
+    return info
+
+
+def _sniff_format(file: Path) -> str | None:
+    """Demuxer that recognises the bytes alone, or None.
+
+    ffprobe falls back to the file extension when the content is unknown, so a
+    text file named .mp4 fails exactly like a truncated mp4 does.  Feeding the
+    bytes through a pipe hides the name; libavformat logs the probed format at
+    debug level.
+    """
+    result = run_tool(
+        [FFPROBE, "-v", "debug", "-i", "pipe:0"], stdin_path=file
+    )
+    marker = "] Format "
+    for line in result.stderr.splitlines():
+        if marker in line and " probed with size=" in line:
+            return line.split(marker, 1)[1].split(" probed with size=", 1)[0]
+    return None
+
+
+def _first_video_stream(file: Path, streams: list[dict]) -> dict:
+    for stream in streams:
+        # Cover art in audio files is a one-picture "video" stream.
+        if stream.get("codec_type") == "video" and not stream.get("disposition", {}).get("attached_pic"):
+            return stream
+    found = ", ".join(str(s.get("codec_type")) for s in streams) or "none"
+    raise MediaError("no_video_stream", f"{file}: no video stream (streams found: {found})")
+
+
+def _read_video_packets(file: Path, stream_index: int, start_s: float) -> list[_Packet]:
+    result = run_tool(
+        [
+            FFPROBE, "-v", "error", "-select_streams", str(stream_index),
+            "-show_entries", "packet=pts_time,dts_time,duration_time,flags",
+            "-of", "csv=p=0", str(file),
+        ]
+    )
+    if result.returncode != 0:
+        raise MediaError("corrupt", f"{file}: video packets cannot be read: {stderr_tail(result.stderr)}")
+    packets = []
+    for line in result.stdout.splitlines():
+        fields = line.split(",")
+        if len(fields) != 4:
+            continue
+        pts, dts, duration, flags = fields
+        time_s = _float_or_none(pts)
+        if time_s is None:
+            time_s = _float_or_none(dts)
+        if time_s is None:
+            continue
+        # The ffmpeg CLI shifts inputs so the file starts at 0; cut times must use that timeline.
+        packets.append(_Packet(time_s - start_s, _float_or_none(duration) or 0.0, "K" in flags))
+    return packets
+
+
+def _video_duration(file: Path, fmt: dict, video: dict, packets: list[_Packet]) -> float:
+    stream_duration = _float_or_none(video.get("duration"))
+    declared = stream_duration if stream_duration is not None else _float_or_none(fmt.get("duration"))
+    readable_end = max((p.time_s + p.duration_s for p in packets), default=0.0)
+    # Containers such as Matroska only declare the whole file's duration, which a
+    # longer audio track can exceed, hence the proportional slack.
+    if declared is not None and readable_end < declared - max(
+        _TRUNCATION_TOLERANCE_S, _TRUNCATION_TOLERANCE_FRACTION * declared
+    ):
+        raise MediaError(
+            "corrupt",
+            f"{file}: video packets stop at {readable_end:.3f} s but the file declares "
+            f"{declared:.3f} s (truncated?)",
+        )
+    duration = stream_duration if stream_duration is not None else readable_end
+    if not (math.isfinite(duration) and duration > 0):
+        raise MediaError("corrupt", f"{file}: video duration is unknown or zero")
+    return duration
+
+
+def _frame_rate(video: dict) -> float | None:
+    for key in ("avg_frame_rate", "r_frame_rate"):
+        num, _, den = str(video.get(key, "0/0")).partition("/")
+        try:
+            rate = float(num) / float(den or 1)
+        except (ValueError, ZeroDivisionError):
+            continue
+        if rate > 0:
+            return rate
+    return None
+
+
+def _rotation_cw(video: dict) -> int:
+    """Clockwise display rotation, the convention of the legacy `rotate` tag.
+
+    libavutil reports a display matrix's angle counter-clockwise, hence the sign flip.
+    """
+    for side_data in video.get("side_data_list", []):
+        if side_data.get("side_data_type") == "Display Matrix" and "rotation" in side_data:
+            return round(-float(side_data["rotation"])) % 360
+    tag = video.get("tags", {}).get("rotate")
+    return round(float(tag)) % 360 if tag is not None else 0
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def plan_cuts(
+    duration_s: float,
+    keyframe_times: Sequence[float],
+    seconds: float,
+    min_seconds: float,
+    max_deviation_s: float,
+    mode: str,
+) -> CutPlan:
+    """Choose where to cut a video into clips of about `seconds` each.
+
+    In copy mode cuts must land on keyframes (stream copy cannot cut elsewhere),
+    so each target mark snaps to its nearest keyframe; if that moves any cut by
+    more than `max_deviation_s` the video is re-encoded (exact mode) instead.
+    """
+    _validate_plan_args(duration_s, seconds, min_seconds, max_deviation_s, mode)
+    marks = _target_marks(duration_s, seconds, min_seconds)
+    exact = CutPlan(cut_points=marks, mode="exact", max_snap_deviation_s=0.0)
+    if mode == "exact":
+        return exact
+    keyframes = sorted(keyframe_times)
+    snapped = [(_nearest(keyframes, mark), mark) for mark in marks] if keyframes else []
+    # No keyframes, or one mark far from every keyframe: copy mode would miss the clip length badly.
+    if marks and (not snapped or any(abs(cut - mark) > max_deviation_s for cut, mark in snapped)):
+        return exact
+    kept = _drop_short_clips(snapped, duration_s, min_seconds)
+    return CutPlan(
+        cut_points=tuple(cut for cut, _ in kept),
+        mode="copy",
+        max_snap_deviation_s=max((abs(cut - mark) for cut, mark in kept), default=0.0),
+    )
+
+
+def _validate_plan_args(
+    duration_s: float, seconds: float, min_seconds: float, max_deviation_s: float, mode: str
+) -> None:
+    if mode not in get_args(CutMode):
+        raise ValueError(f"mode must be one of {get_args(CutMode)}, got {mode!r}")
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    # A tail shorter than min_seconds merges into the previous clip; that only
+    # yields clips of at least min_seconds when min_seconds <= seconds.
+    if not 0 <= min_seconds <= seconds:
+        raise ValueError(f"min_seconds must be within [0, seconds={seconds}], got {min_seconds}")
+    if not max_deviation_s >= 0:
+        raise ValueError(f"max_deviation_s must be >= 0, got {max_deviation_s}")
+
+
+def _target_marks(duration_s: float, seconds: float, min_seconds: float) -> tuple[float, ...]:
+    # k * seconds rather than a running sum, so marks do not drift by rounding.
+    marks = [float(k * seconds) for k in range(1, math.ceil(duration_s / seconds) + 1) if k * seconds < duration_s]
+    if marks and duration_s - marks[-1] < min_seconds:
+        marks.pop()
+    return tuple(marks)
+
+
+def _drop_short_clips(
+    snapped: list[tuple[float, float]], duration_s: float, min_seconds: float
+) -> list[tuple[float, float]]:
+    """Keep (cut, mark) pairs, in order, whose clips all last at least min_seconds."""
+    kept: list[tuple[float, float]] = []
+    for cut, mark in snapped:
+        previous = kept[-1][0] if kept else 0.0
+        if cut > previous and cut - previous >= min_seconds:
+            kept.append((cut, mark))
+    while kept and duration_s - kept[-1][0] < min_seconds:
+        kept.pop()
+    return kept
+
+
+def _nearest(sorted_values: Sequence[float], target: float) -> float:
+    """Value closest to target, the earlier one on a tie; sorted_values must not be empty."""
+    i = bisect.bisect_left(sorted_values, target)
+    candidates = sorted_values[max(i - 1, 0) : i + 1]
+    return min(candidates, key=lambda v: (abs(v - target), v))
+
+
+def cut_video(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    plan: CutPlan,
+    *,
+    stem: str,
+    video_codec: str = "libx264",
+    crf: int = 23,
+    preset: str = "veryfast",
+    threads: int = 0,
+) -> list[ClipFile]:
+    """Cut `src` by `plan` in one ffmpeg pass; return the clips with their true times.
+
+    Times come from what ffmpeg actually wrote (its segment list plus a probe of
+    each file), not from the plan, so a cut that lands elsewhere is still recorded
+    truthfully.  Clips appear under their final names only once all are complete.
+    """
+    if not stem or Path(stem).name != stem:
+        raise ValueError(f"stem must be a bare file name prefix, got {stem!r}")
+    source = probe_video(src)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{stem}-", suffix=".partial", dir=out))
+    try:
+        argv = _segment_argv(Path(src), work, plan, source, stem, video_codec, crf, preset, threads)
+        result = run_tool(argv)
+        if result.returncode != 0:
+            raise MediaError("ffmpeg_failed", f"cutting {src} failed: {stderr_tail(result.stderr)}")
+        clips = _measure_segments(work, out, plan.mode, 1.0 / source.fps)
+        for clip in clips:
+            os.replace(work / Path(clip.path).name, clip.path)
+        return clips
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _segment_argv(
+    src: Path,
+    work: Path,
+    plan: CutPlan,
+    source: VideoProbe,
+    stem: str,
+    video_codec: str,
+    crf: int,
+    preset: str,
+    threads: int,
+) -> list[str]:
+    times = ",".join(f"{t:.6f}" for t in plan.cut_points)
+    if plan.mode == "copy":
+        codec_args = ["-c", "copy"]
+    else:
+        codec_args = [
+            "-c:v", video_codec, "-crf", str(crf), "-preset", preset, "-threads", str(threads),
+            # Keep the source's frames one-to-one; the segment muxer would otherwise get CFR frame dup/drop.
+            "-fps_mode", "passthrough",
+            *(["-force_key_frames", times] if times else []),
+            "-c:a", "aac",
+        ]
+    # Without -segment_times the muxer falls back to 2 s segments; a single clip
+    # needs a segment length beyond the end of the video instead.
+    split_args = (
+        ["-segment_times", times] if times else ["-segment_time", str(math.ceil(source.duration_s) + 1)]
+    )
+    return [
+        FFMPEG, "-hide_banner", "-nostdin", "-v", "error", "-y",
+        "-i", str(src),
+        # V excludes cover art; the trailing ? makes audio optional.
+        "-map", "0:V:0", "-map", "0:a:0?",
+        *codec_args,
+        # Keep the source timeline: the default shift for negative (priming)
+        # timestamps would offset every segment-list time and delay clip 0's video.
+        "-avoid_negative_ts", "disabled",
+        "-f", "segment", "-segment_format", "mp4",
+        *split_args,
+        # Printed cut times are rounded to the microsecond and can land just after
+        # the keyframe they name; half a frame of slack makes the cut happen on it.
+        "-segment_time_delta", f"{0.5 / source.fps:.6f}",
+        "-segment_list", str(work / "segments.csv"), "-segment_list_type", "csv",
+        "-reset_timestamps", "1",
+        str(work / f"{stem.replace('%', '%%')}-%05d.mp4"),
+    ]
+
+
+def _measure_segments(work: Path, out: Path, mode: CutMode, frame_s: float) -> list[ClipFile]:
+    with (work / "segments.csv").open(newline="") as listing:
+        rows = [row for row in csv.reader(listing) if row]
+    clips = []
+    for index, (name, start, listed_end) in enumerate(rows):
+        duration_s, n_frames = measure_clip(work / name)
+        start_s = float(start)
+        end_s = start_s + duration_s
+        if abs(end_s - float(listed_end)) > frame_s:
+            raise MediaError(
+                "ffmpeg_failed",
+                f"segment {name}: ffmpeg listed it as ending at {listed_end} s but the written "
+                f"file runs {start_s:.6f}+{duration_s:.6f} s",
+            )
+        clips.append(ClipFile(index, str(out / name), start_s, end_s, n_frames, mode))
+    return clips
+
+
+def measure_clip(path: str | os.PathLike[str]) -> tuple[float, int]:
+    """(duration in seconds, exact frame count) of a clip's first video stream."""
+    file = Path(path)
+    _check_readable_file(file)
+    result = run_tool(
+        [
+            FFPROBE, "-v", "error", "-select_streams", "v:0", "-count_packets",
+            "-show_entries", "stream=duration,nb_read_packets:format=duration",
+            "-of", "json", str(file),
+        ]
+    )
+    if result.returncode != 0:
+        raise MediaError("corrupt", f"{file}: cannot be measured: {stderr_tail(result.stderr)}")
+    info = json.loads(result.stdout)
+    streams = info.get("streams", [])
+    if not streams:
+        raise MediaError("no_video_stream", f"{file}: no video stream")
+    duration = _float_or_none(streams[0].get("duration"))
+    if duration is None:
+        duration = _float_or_none(info.get("format", {}).get("duration"))
+    n_frames = _int_or_none(streams[0].get("nb_read_packets"))
+    if duration is None or n_frames is None:
+        raise MediaError("corrupt", f"{file}: duration or frame count unknown")
+    return duration, n_frames

@@ -1,0 +1,153 @@
+"""The DAG as plain functions: stage selection, sequential execution, run records and status.
+
+`flows/pipeline.py` wraps this in Prefect; tests and `lvr run --engine local` call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks.artifacts import MANIFEST, WORK_DIR, Workdir, read_json, write_json_atomic
+from tasks.config import STAGE_ORDER, PipelineConfig, cache_dir
+from tasks.registry import get_stage
+from tasks.stage import StageContext, StageNotImplemented, StageReport, read_manifest, run_stage
+
+log = logging.getLogger("lvr.pipeline")
+
+RUNS_DIR = "_runs"
+LATEST_RUN = "latest.json"
+
+
+def resolve_source(source: str | None, config: PipelineConfig) -> str:
+    """The explicit source, else the config's, else the built-in sample (generated on first use)."""
+    if source:
+        return source
+    if config.source:
+        return config.source
+    from tasks.sample_videos import write_sample_videos
+
+    directory = cache_dir() / "sample-videos"
+    write_sample_videos(directory)
+    return str(directory)
+
+
+def select_stages(from_stage: str | None = None, to_stage: str | None = None) -> list[str]:
+    first = STAGE_ORDER.index(from_stage) if from_stage else 0
+    last = STAGE_ORDER.index(to_stage) if to_stage else len(STAGE_ORDER) - 1
+    if first > last:
+        raise ValueError(f"--from {from_stage} comes after --to {to_stage}; stages run in order {' > '.join(STAGE_ORDER)}")
+    return list(STAGE_ORDER[first : last + 1])
+
+
+@dataclass
+class RunRecord:
+    """What one pipeline run did, stage by stage: the source of `lvr status`'s done/cached/failed."""
+
+    run_id: str
+    workdir: str
+    stages: list[str]
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    finished_at: str | None = None
+    status: str = "running"
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def save(self, workdir: Workdir) -> None:
+        data = self.__dict__.copy()
+        write_json_atomic(workdir.fs, workdir.path(RUNS_DIR, f"{self.run_id}.json"), data)
+        write_json_atomic(workdir.fs, workdir.path(RUNS_DIR, LATEST_RUN), data)
+
+
+StageRunner = Callable[[str, StageContext], StageReport]
+
+
+def run_stage_by_name(name: str, ctx: StageContext) -> StageReport:
+    return run_stage(get_stage(name), ctx)
+
+
+def run_pipeline(
+    workdir: Workdir,
+    config: PipelineConfig,
+    source: str | None = None,
+    from_stage: str | None = None,
+    to_stage: str | None = None,
+    run_id: str | None = None,
+    stage_runner: StageRunner = run_stage_by_name,
+) -> RunRecord:
+    """Run the selected stages in order; stop at the first failure, recording it."""
+    stages = select_stages(from_stage, to_stage)
+    record = RunRecord(run_id or uuid.uuid4().hex[:12], workdir.url, stages)
+    workdir.makedirs()
+    record.save(workdir)
+    ctx = StageContext(workdir=workdir, config=config, source=source)
+    try:
+        for name in stages:
+            try:
+                report = stage_runner(name, ctx)
+            except StageNotImplemented as exc:
+                record.results[name] = {"status": "not_implemented", "message": str(exc)}
+                raise
+            except Exception as exc:
+                record.results[name] = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
+                raise
+            record.results[name] = {
+                "status": report.status,
+                "rows": report.rows,
+                "failures": report.failures,
+                "fingerprint": report.manifest["fingerprint"],
+                "wall_time_s": report.manifest.get("wall_time_s"),
+            }
+            record.save(workdir)
+        record.status = "completed"
+    except BaseException:
+        record.status = "failed"
+        raise
+    finally:
+        record.finished_at = datetime.now(timezone.utc).isoformat()
+        record.save(workdir)
+    return record
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    status: str  # done | cached | failed | not_implemented | incomplete | missing
+    rows: int | None = None
+    failures: int | None = None
+    wall_time_s: float | None = None
+    work_time_s: float | None = None
+    finished_at: str | None = None
+    message: str = ""
+
+
+def workdir_status(workdir: Workdir) -> list[StageStatus]:
+    latest = read_json(workdir.fs, workdir.path(RUNS_DIR, LATEST_RUN)) or {}
+    results: dict[str, dict[str, Any]] = latest.get("results", {})
+    statuses = []
+    for name in STAGE_ORDER:
+        manifest = read_manifest(workdir, name)
+        last = results.get(name, {})
+        if manifest is not None:
+            status = "cached" if last.get("status") == "cached" else "done"
+            statuses.append(
+                StageStatus(
+                    name,
+                    status,
+                    rows=manifest.get("rows"),
+                    failures=manifest.get("failures"),
+                    wall_time_s=manifest.get("wall_time_s"),
+                    work_time_s=manifest.get("work_time_s"),
+                    finished_at=manifest.get("finished_at"),
+                )
+            )
+        elif last.get("status") in ("failed", "not_implemented"):
+            statuses.append(StageStatus(name, last["status"], message=last.get("message", "")))
+        elif workdir.exists(name, WORK_DIR) or workdir.exists(name, MANIFEST):
+            statuses.append(StageStatus(name, "incomplete", message="started but not finished; rerun to resume"))
+        else:
+            statuses.append(StageStatus(name, "missing"))
+    return statuses

@@ -1,0 +1,39 @@
+"""Which `Stage` implements each DAG stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tasks.config import STAGE_ORDER
+from tasks.stage import Stage, StageNotImplemented
+
+# The issue that builds each stage not implemented yet, named in the error users see.
+PENDING_ISSUES = {"caption": 3, "qa": 4, "filter": 5, "sft": 6, "grpo": 7, "eval": 8}
+
+
+def _clip() -> Stage:
+    from tasks.clip import ClipStage
+
+    return ClipStage()
+
+
+STAGE_FACTORIES: dict[str, Callable[[], Stage]] = {"clip": _clip}
+
+
+def is_implemented(name: str) -> bool:
+    return name in STAGE_FACTORIES
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGE_ORDER:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
+    factory = STAGE_FACTORIES.get(name)
+    if factory is None:
+        issue = PENDING_ISSUES.get(name)
+        raise StageNotImplemented(
+            f"stage {name!r} is not implemented yet" + (f" (tracked in issue #{issue})" if issue else "")
+            + "; nothing was written for it. Run with --to "
+            + STAGE_ORDER[STAGE_ORDER.index(name) - 1]
+            + " to stop before it."
+        )
+    return factory()

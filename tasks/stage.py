@@ -1,0 +1,352 @@
+"""The stage engine: fingerprints, shard planning, resumable shard execution and the manifest.
+
+Every stage is a `Stage` (what to do with a shard of items); this module owns how it is done:
+a stage whose fingerprint matches a complete manifest is skipped; otherwise its items are cut
+into shards, each shard's result is written atomically under `_work/shards/<key>/` with a
+completion marker written last, and shards already complete are reused. Only when every shard is
+done are the stage's tables published and its manifest written, so a killed run never leaves
+output that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from data_schemas import FAILURES, TableSchema
+from tasks.artifacts import (
+    FAILURES_FILE,
+    MANIFEST,
+    WORK_DIR,
+    Failure,
+    Workdir,
+    failures_table,
+    read_dataset,
+    read_json,
+    read_table_file,
+    stable_hash,
+    write_dataset,
+    write_json_atomic,
+    write_table_atomic,
+)
+from tasks.config import PipelineConfig
+
+log = logging.getLogger("lvr.stage")
+
+SHARD_DONE = "_done.json"
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run (missing input, bad input schema); the message says what to do."""
+
+
+class StageNotImplemented(StageError):
+    """Raised for DAG stages whose issue has not landed: such a stage never writes fake output."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of a stage's input. `key` captures everything about the item that affects its output."""
+
+    item_id: str
+    key: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardResult:
+    tables: dict[str, pa.Table]
+    failures: list[Failure]
+
+
+@dataclass
+class StageContext:
+    workdir: Workdir
+    config: PipelineConfig
+    source: str | None = None
+    progress: Callable[[int, int], None] | None = None
+
+    def stage_path(self, stage: str, *parts: str) -> str:
+        return self.workdir.path(stage, *parts)
+
+
+class Stage:
+    """Base class of a DAG stage. Subclasses set the class attributes and implement the hooks."""
+
+    name: str
+    code_version: str  # bump when the stage's output for the same input changes
+    inputs: tuple[str, ...] = ()
+    output: TableSchema
+    side_outputs: tuple[TableSchema, ...] = ()
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        """What of the config this stage's output depends on (hashed into fingerprints)."""
+        return ctx.config.section(self.name)
+
+    def shard_size(self, ctx: StageContext) -> int:
+        return int(self.settings(ctx).get("shard_size", 1))
+
+    def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
+        fps = {}
+        for upstream in self.inputs:
+            manifest = read_manifest(ctx.workdir, upstream)
+            if manifest is None:
+                raise StageError(
+                    f"stage {self.name!r} needs the output of {upstream!r}, which is missing or incomplete in "
+                    f"{ctx.workdir.uri(upstream)}; run with --from {upstream} (or an earlier stage)"
+                )
+            fps[upstream] = manifest["fingerprint"]
+        return fps
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        raise NotImplementedError
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        raise NotImplementedError
+
+    def finalize(
+        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
+    ) -> tuple[dict[str, pa.Table], list[Failure]]:
+        """Whole-stage post-processing over all shards' rows (e.g. cross-shard de-duplication)."""
+        return tables, failures
+
+    def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
+        if schema.name == self.output.name:
+            return ctx.stage_path(self.name)
+        return ctx.stage_path(self.name, f"_{schema.name}")
+
+    @property
+    def all_outputs(self) -> tuple[TableSchema, ...]:
+        return (self.output, *self.side_outputs)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    fingerprint: str
+    input_fingerprints: dict[str, str]
+    settings: dict[str, Any]
+    cached: bool
+    shards: tuple[tuple[WorkItem, ...], ...] = ()
+    shard_keys: tuple[str, ...] = ()
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    index: int
+    key: str
+    reused: bool
+    rows: int
+    failures: int
+    work_s: float
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: str
+    status: str  # "done" or "cached"
+    manifest: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest.get("rows", 0))
+
+    @property
+    def failures(self) -> int:
+        return int(self.manifest.get("failures", 0))
+
+
+def stage_fingerprint(stage: str, settings: dict[str, Any], input_fingerprints: dict[str, str], code_version: str) -> str:
+    return stable_hash({"stage": stage, "settings": settings, "inputs": input_fingerprints, "code": code_version})
+
+
+def read_manifest(workdir: Workdir, stage: str) -> dict[str, Any] | None:
+    manifest = read_json(workdir.fs, workdir.path(stage, MANIFEST))
+    if manifest is None or manifest.get("status") != "complete":
+        return None
+    return manifest
+
+
+def plan_stage(stage: Stage, ctx: StageContext) -> StagePlan:
+    settings = stage.settings(ctx)
+    inputs = stage.input_fingerprints(ctx)
+    fingerprint = stage_fingerprint(stage.name, settings, inputs, stage.code_version)
+    manifest = read_manifest(ctx.workdir, stage.name)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+        return StagePlan(stage.name, fingerprint, inputs, settings, cached=True)
+    items = sorted(stage.list_items(ctx), key=lambda it: it.item_id)
+    size = max(1, stage.shard_size(ctx))
+    shards = tuple(tuple(items[i : i + size]) for i in range(0, len(items), size))
+    # Content-addressed shard keys: a shard is reused whenever the same items meet the same
+    # settings and code, even if unrelated upstream items changed the stage fingerprint.
+    keys = tuple(
+        stable_hash({"stage": stage.name, "code": stage.code_version, "settings": settings, "items": [it.key for it in shard]})
+        for shard in shards
+    )
+    return StagePlan(stage.name, fingerprint, inputs, settings, cached=False, shards=shards, shard_keys=keys)
+
+
+def _shard_dir(ctx: StageContext, stage: Stage, key: str) -> str:
+    return ctx.stage_path(stage.name, WORK_DIR, "shards", key)
+
+
+def begin_stage(stage: Stage, ctx: StageContext) -> None:
+    """Withdraw the old manifest before any work: from now on the stage's directory is untrusted."""
+    path = ctx.stage_path(stage.name, MANIFEST)
+    if ctx.workdir.fs.exists(path):
+        ctx.workdir.fs.rm(path)
+
+
+def run_shard(stage: Stage, ctx: StageContext, plan: StagePlan, index: int) -> ShardOutcome:
+    key = plan.shard_keys[index]
+    shard_dir = _shard_dir(ctx, stage, key)
+    fs = ctx.workdir.fs
+    done = read_json(fs, f"{shard_dir}/{SHARD_DONE}")
+    if done is not None:
+        return ShardOutcome(index, key, True, int(done["rows"]), int(done["failures"]), float(done["work_s"]))
+    items = list(plan.shards[index])
+    started = time.perf_counter()
+    result = stage.process_shard(ctx, items)
+    work_s = time.perf_counter() - started
+    unknown = set(result.tables) - {s.name for s in stage.all_outputs}
+    if unknown:
+        raise StageError(f"stage {stage.name!r} returned unknown table(s) {sorted(unknown)}")
+    for schema in stage.all_outputs:
+        table = result.tables.get(schema.name, schema.empty())
+        write_table_atomic(fs, f"{shard_dir}/{schema.name}.parquet", table, schema)
+    write_table_atomic(fs, f"{shard_dir}/{FAILURES_FILE}", failures_table(stage.name, result.failures), FAILURES)
+    rows = result.tables.get(stage.output.name, stage.output.empty()).num_rows
+    write_json_atomic(
+        fs,
+        f"{shard_dir}/{SHARD_DONE}",
+        {"rows": rows, "failures": len(result.failures), "work_s": work_s, "items": [it.item_id for it in items]},
+    )
+    log.info("%s shard %d/%d: %d rows, %d failures in %.2fs", stage.name, index + 1, len(plan.shards), rows, len(result.failures), work_s)
+    return ShardOutcome(index, key, False, rows, len(result.failures), work_s)
+
+
+def finalize_stage(
+    stage: Stage, ctx: StageContext, plan: StagePlan, outcomes: Sequence[ShardOutcome], started_at: datetime, started: float
+) -> dict[str, Any]:
+    fs = ctx.workdir.fs
+    finalize_started = time.perf_counter()
+    tables: dict[str, pa.Table] = {}
+    for schema in stage.all_outputs:
+        parts = [read_table_file(fs, f"{_shard_dir(ctx, stage, k)}/{schema.name}.parquet", schema) for k in plan.shard_keys]
+        tables[schema.name] = pa.concat_tables(parts) if parts else schema.empty()
+    failure_parts = [read_table_file(fs, f"{_shard_dir(ctx, stage, k)}/{FAILURES_FILE}", FAILURES) for k in plan.shard_keys]
+    failures = [
+        Failure(r["item_id"], r["error_kind"], r["message"], r["detail"])
+        for part in failure_parts
+        for r in part.to_pylist()
+    ]
+    tables, failures = stage.finalize(ctx, tables, failures)
+
+    table_info = {}
+    for schema in stage.all_outputs:
+        directory = stage.table_dir(ctx, schema)
+        files = write_dataset(fs, directory, tables[schema.name], schema)
+        table_info[schema.name] = {
+            "schema": schema.name,
+            "schema_version": schema.version,
+            "rows": tables[schema.name].num_rows,
+            "files": [f.rsplit("/", 1)[-1] for f in files],
+            "path": directory.removeprefix(ctx.workdir.root + "/"),
+        }
+    write_table_atomic(fs, ctx.stage_path(stage.name, FAILURES_FILE), failures_table(stage.name, failures), FAILURES)
+    _collect_garbage(stage, ctx, plan)
+
+    finalize_s = time.perf_counter() - finalize_started
+    manifest = {
+        "stage": stage.name,
+        "status": "complete",
+        "fingerprint": plan.fingerprint,
+        "input_fingerprints": plan.input_fingerprints,
+        "config": plan.settings,
+        "code_version": stage.code_version,
+        "lvr_version": lvr_version(),
+        "schema": {"name": stage.output.name, "version": stage.output.version},
+        "tables": table_info,
+        "rows": tables[stage.output.name].num_rows,
+        "failures": len(failures),
+        "items": plan.n_items,
+        "shards": {"total": len(outcomes), "reused": sum(o.reused for o in outcomes)},
+        # Work time sums each shard's own processing time (as first measured, also for reused
+        # shards) and the publishing step: orchestration overhead is deliberately excluded.
+        "work_time_s": round(sum(o.work_s for o in outcomes) + finalize_s, 4),
+        "wall_time_s": round(time.perf_counter() - started, 4),
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+    write_json_atomic(fs, ctx.stage_path(stage.name, MANIFEST), manifest)
+    return manifest
+
+
+def _collect_garbage(stage: Stage, ctx: StageContext, plan: StagePlan) -> None:
+    """Drop shard results the current plan no longer references (older configs' leftovers)."""
+    fs = ctx.workdir.fs
+    root = ctx.stage_path(stage.name, WORK_DIR, "shards")
+    if not fs.exists(root):
+        return
+    keep = set(plan.shard_keys)
+    for path in fs.ls(root, detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(path, recursive=True)
+
+
+ShardMapper = Callable[[Callable[[int], ShardOutcome], list[int]], list[ShardOutcome]]
+
+
+def serial_map(fn: Callable[[int], ShardOutcome], indices: list[int]) -> list[ShardOutcome]:
+    return [fn(i) for i in indices]
+
+
+def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_map) -> StageReport:
+    """Plan, run the shards (via `map_shards`, e.g. Prefect tasks) and publish; or report cached."""
+    started_at = datetime.now(timezone.utc)
+    started = time.perf_counter()
+    plan = plan_stage(stage, ctx)
+    if plan.cached:
+        manifest = read_manifest(ctx.workdir, stage.name)
+        assert manifest is not None
+        log.info("%s: cached (fingerprint %s)", stage.name, plan.fingerprint)
+        return StageReport(stage.name, "cached", manifest)
+    begin_stage(stage, ctx)
+    n = len(plan.shards)
+    done_count = 0
+
+    def one(index: int) -> ShardOutcome:
+        nonlocal done_count
+        outcome = run_shard(stage, ctx, plan, index)
+        done_count += 1
+        if ctx.progress:
+            ctx.progress(done_count, n)
+        return outcome
+
+    outcomes = sorted(map_shards(one, list(range(n))), key=lambda o: o.index)
+    manifest = finalize_stage(stage, ctx, plan, outcomes, started_at, started)
+    return StageReport(stage.name, "done", manifest)
+
+
+def read_stage_table(workdir: Workdir, stage: str, schema: TableSchema, table_dir: str | None = None) -> pa.Table:
+    """An upstream stage's table, validated against the schema this reader expects."""
+    return read_dataset(workdir.fs, workdir.path(stage, table_dir or ""), schema)
+
+
+def lvr_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lvr")
+    except PackageNotFoundError:
+        return "0+unknown"

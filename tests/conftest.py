@@ -1,0 +1,56 @@
+"""Shared fixtures. Everything is real: ffmpeg, Parquet, Prefect's ephemeral API, tiny local models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before anything imports Prefect: no telemetry, a private Prefect home, our loggers in Prefect's.
+_SESSION_HOME = Path(os.environ.get("LVR_TEST_HOME", "/tmp/lvr-tests-{}".format(os.getpid())))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
+os.environ.setdefault("LVR_CACHE_DIR", str(_SESSION_HOME / "cache"))
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lvr")
+os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_video(
+    path: Path, seconds: float, *, fps: int = 25, gop: int | None = None, size: str = "160x120",
+    audio: bool = True, source: str = "testsrc2",
+) -> Path:
+    """A small real H.264 video made with ffmpeg's lavfi sources (argv, never a shell)."""
+    argv = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", f"{source}=size={size}:rate={fps}:duration={seconds}"]
+    if audio:
+        argv += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=16000:duration={seconds}"]
+    argv += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+    if gop:
+        argv += ["-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0"]
+    if audio:
+        argv += ["-c:a", "aac", "-shortest"]
+    argv += [str(path)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(argv, check=True)
+    return path
+
+
+@pytest.fixture
+def video_factory(tmp_path):
+    def factory(name: str, seconds: float, **kw) -> Path:
+        return make_video(tmp_path / "videos" / name, seconds, **kw)
+
+    return factory
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `lvr` entry point in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, PipelineConfig, load_config, normalise_overrides
+
+
+def test_builtin_configs_validate():
+    tiny = load_config("tiny")
+    prod = load_config("longvila-r1")
+    assert tiny.profile == "tiny" and tiny.caption.model == "tiny" and tiny.qa.backend == "template"
+    assert prod.caption.trust_remote_code and "NVILA" in prod.caption.model
+    assert prod.qa.backend == "openai" and prod.qa.api_key_env == "DEEPSEEK_API_KEY"
+    assert prod.filter.backend == "vllm" and prod.grpo.rollout_engine == "vllm"
+
+
+def test_overrides_parse_as_yaml_scalars():
+    cfg = load_config("tiny", ["clip.seconds=8", "clip.mode=exact", "execution.shard_workers=3", "clip.extensions=[.mp4]"])
+    assert cfg.clip.seconds == 8.0 and cfg.clip.mode == "exact" and cfg.execution.shard_workers == 3
+    assert cfg.clip.extensions == [".mp4"]
+    assert normalise_overrides({"clip.seconds": 4}) == {"clip.seconds": 4}
+
+
+def test_unknown_override_names_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["clip.secnds=8"])
+    assert "clip.secnds" in str(err.value) and "seconds" in str(err.value) and "min_seconds" in str(err.value)
+
+
+def test_unknown_section_names_sections():
+    with pytest.raises(ConfigError, match="valid keys: profile, source, execution, clip"):
+        load_config("tiny", ["clp.seconds=8"])
+
+
+def test_bad_value_names_expected_type():
+    with pytest.raises(ConfigError, match=r"clip\.seconds: Input should be a valid number"):
+        load_config("tiny", ["clip.seconds=ten"])
+    with pytest.raises(ConfigError, match=r"clip\.mode: Input should be 'copy' or 'exact'"):
+        load_config("tiny", ["clip.mode=fast"])
+    with pytest.raises(ConfigError, match="must not exceed"):
+        load_config("tiny", ["clip.min_seconds=20"])
+
+
+def test_malformed_override_and_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("tiny", ["clip.seconds"])
+    with pytest.raises(ConfigError, match="built-in configs: .*tiny"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("clip:\n  seconds: 5\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'clip.bogus'; valid keys under clip: seconds"):
+        load_config(str(path))
+
+
+def test_section_is_plain_json():
+    cfg = PipelineConfig()
+    assert cfg.section("clip")["seconds"] == 10.0
