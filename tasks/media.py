@@ -167,6 +167,7 @@ def probe_video(path: str | os.PathLike[str]) -> VideoProbe:
     if size_bytes == 0:
         raise MediaError("empty_file", f"{file}: file is empty (0 bytes)")
     info = _ffprobe_container(file)
+    _reject_non_video_formats(file, str(info["format"].get("format_name", "")))
     video = _first_video_stream(file, info["streams"])
     audio = next((s for s in info["streams"] if s.get("codec_type") == "audio"), None)
     start_s = _float_or_none(info["format"].get("start_time")) or 0.0
@@ -223,14 +224,21 @@ def _sniff_format(file: Path) -> str | None:
     bytes through a pipe hides the name; libavformat logs the probed format at
     debug level.
     """
-    result = run_tool(
-        [FFPROBE, "-v", "debug", "-i", "pipe:0"], stdin_path=file
-    )
+    result = run_tool([FFPROBE, "-v", "debug", "-i", "pipe:0"], stdin_path=file)
     marker = "] Format "
     for line in result.stderr.splitlines():
         if marker in line and " probed with size=" in line:
             return line.split(marker, 1)[1].split(" probed with size=", 1)[0]
     return None
+
+
+def _reject_non_video_formats(file: Path, format_name: str) -> None:
+    """Refuse what ffmpeg can decode as pictures but is no video."""
+    demuxers = format_name.split(",")
+    if "tty" in demuxers:
+        raise MediaError("not_a_video", f"{file}: is plain text (ffmpeg would render it as ANSI art)")
+    if "image2" in demuxers or any(name.endswith("_pipe") for name in demuxers):
+        raise MediaError("not_a_video", f"{file}: is a still image ({format_name}), not a video")
 
 
 def _first_video_stream(file: Path, streams: list[dict]) -> dict:
@@ -377,7 +385,8 @@ def _validate_plan_args(
 
 def _target_marks(duration_s: float, seconds: float, min_seconds: float) -> tuple[float, ...]:
     # k * seconds rather than a running sum, so marks do not drift by rounding.
-    marks = [float(k * seconds) for k in range(1, math.ceil(duration_s / seconds) + 1) if k * seconds < duration_s]
+    last_k = math.ceil(duration_s / seconds)
+    marks = [float(k * seconds) for k in range(1, last_k + 1) if k * seconds < duration_s]
     if marks and duration_s - marks[-1] < min_seconds:
         marks.pop()
     return tuple(marks)
@@ -457,7 +466,8 @@ def _segment_argv(
     else:
         codec_args = [
             "-c:v", video_codec, "-crf", str(crf), "-preset", preset, "-threads", str(threads),
-            # Keep the source's frames one-to-one; the segment muxer would otherwise get CFR frame dup/drop.
+            # ffmpeg treats segment output as constant-rate and would duplicate or drop
+            # frames of a variable-rate source; clips must keep the source's frames.
             "-fps_mode", "passthrough",
             *(["-force_key_frames", times] if times else []),
             "-c:a", "aac",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Before anything imports Prefect: no telemetry, a private Prefect home, our loggers in Prefect's.
-_SESSION_HOME = Path(os.environ.get("LVR_TEST_HOME", "/tmp/lvr-tests-{}".format(os.getpid())))
+_SESSION_HOME = Path(os.environ.get("LVR_TEST_HOME") or tempfile.mkdtemp(prefix="lvr-tests-"))
+(_SESSION_HOME / "prefect").mkdir(parents=True, exist_ok=True)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
 os.environ.setdefault("LVR_CACHE_DIR", str(_SESSION_HOME / "cache"))

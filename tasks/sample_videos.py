@@ -1,0 +1,263 @@
+"""Deterministic synthetic "long" videos to run the pipeline on without any downloads.
+
+Each video is a row of labelled scenes drawn by ffmpeg's lavfi sources, each with
+its own sine tone, written in one ffmpeg run.  The bytes are identical on every
+run on the same machine (bit-exact muxing, single-threaded x264, seeded random
+sources), so outputs built from them can be compared across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg
+
+from tasks.media import MediaError, run_tool, stderr_tail
+
+FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+SCENES_FILE = "scenes.json"
+AUDIO_SAMPLE_RATE = 44100
+# ffmpeg-python escapes drawtext's text for ':' ',' '[' ']' but mangles quotes and
+# '%', so labels stay within characters that survive both escaping layers.
+_LABEL_PATTERN = re.compile(r"[A-Za-z0-9 ,.:()\-]+")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    name: str
+    seconds: int
+    fps: int
+    gop: int | None  # frames from keyframe to keyframe, fixed; None leaves it to x264 (scene-cut keyframes)
+    width: int
+    height: int
+    # (label, lavfi source with its own options but without size/rate, which come from the spec);
+    # the video's seconds are shared equally among the scenes.
+    scenes: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        if not _NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"sample name {self.name!r} must match {_NAME_PATTERN.pattern}")
+        if not self.scenes or self.seconds % len(self.scenes):
+            raise ValueError(
+                f"{self.name}: {self.seconds} s must split into whole seconds over "
+                f"{len(self.scenes)} scenes"
+            )
+        for label, _ in self.scenes:
+            if not _LABEL_PATTERN.fullmatch(label):
+                raise ValueError(f"{self.name}: scene label {label!r} must match {_LABEL_PATTERN.pattern}")
+
+    @property
+    def scene_seconds(self) -> int:
+        return self.seconds // len(self.scenes)
+
+
+@dataclass(frozen=True)
+class Scene:
+    index: int
+    label: str
+    text: str  # what is burned into the picture
+    source: str
+    tone_hz: int
+    start_s: float
+    end_s: float
+
+
+SAMPLE_SPECS: tuple[SampleSpec, ...] = (
+    # 250-frame GOP at 30 fps: keyframes every 8.33 s, so 10 s clips cannot be
+    # stream-copied without snapping cuts far from their marks.
+    SampleSpec(
+        name="sample_a_30fps_gop250",
+        seconds=150,
+        fps=30,
+        gop=250,
+        width=320,
+        height=240,
+        scenes=(
+            ("moving test pattern", "testsrc2"),
+            ("SMPTE color bars", "smptebars"),
+            ("cellular automaton rule 30", "cellauto=rule=30:seed=12:scroll=1"),
+            ("RGB test pattern", "rgbtestsrc"),
+            ("PAL color bars", "pal100bars"),
+            ("solid red", "color=c=red"),
+        ),
+    ),
+    # Keyframes every 2 s: stream copy lands within 1 s of every mark.
+    SampleSpec(
+        name="sample_b_25fps",
+        seconds=100,
+        fps=25,
+        gop=50,
+        width=320,
+        height=240,
+        scenes=(
+            ("drifting color gradients", "gradients=seed=21:speed=0.02"),
+            ("YUV test pattern", "yuvtestsrc"),
+            ("Mandelbrot zoom", "mandelbrot"),
+            ("HD color bars", "smptehdbars"),
+            ("solid blue", "color=c=blue"),
+        ),
+    ),
+    SampleSpec(
+        name="sample_c_25fps",
+        seconds=70,
+        fps=25,
+        gop=50,
+        width=320,
+        height=240,
+        scenes=(
+            ("PAL 75 percent color bars", "pal75bars"),
+            ("game of life", "life=seed=31:ratio=0.3:mold=10:life_color=yellow"),
+            ("cellular automaton rule 110", "cellauto=rule=110:seed=32:scroll=1"),
+            ("solid green", "color=c=green"),
+            ("moving test pattern", "testsrc2"),
+        ),
+    ),
+)
+
+
+def scenes_of(spec: SampleSpec) -> list[Scene]:
+    length = spec.scene_seconds
+    return [
+        Scene(
+            index=i,
+            label=label,
+            text=f"Scene {i + 1}: {label}",
+            source=source,
+            # Distinct per scene so audio-based checks can tell scenes apart.
+            tone_hz=220 + 110 * i,
+            start_s=float(i * length),
+            end_s=float((i + 1) * length),
+        )
+        for i, (label, source) in enumerate(spec.scenes)
+    ]
+
+
+def write_sample_videos(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
+    """Write every SAMPLE_SPECS video (skipping existing ones unless overwrite) and scenes.json."""
+    font = find_font()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [(spec, out / f"{spec.name}.mp4") for spec in SAMPLE_SPECS]
+    pending = [(spec, path) for spec, path in targets if overwrite or not path.exists()]
+    # Each ffmpeg encodes single-threaded for determinism, so run them side by side.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(pending), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda job: write_sample_video(job[0], job[1], font=font), pending))
+    _write_atomically(out / SCENES_FILE, json.dumps(_scenes_document(SAMPLE_SPECS), indent=2) + "\n")
+    return [path for _, path in targets]
+
+
+def find_font() -> Path:
+    if not FONT_PATH.is_file():
+        raise FileNotFoundError(
+            f"font {FONT_PATH} not found; it is needed to burn scene labels into the sample "
+            "videos: install the Debian package fonts-dejavu-core"
+        )
+    return FONT_PATH
+
+
+def write_sample_video(spec: SampleSpec, path: Path, *, font: Path) -> Path:
+    """Render one spec to `path` in a single ffmpeg run; the file appears only when complete."""
+    partial = path.with_name(f".{path.name}.partial")
+    result = run_tool(_render_argv(spec, partial, font))
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise MediaError("ffmpeg_failed", f"rendering {spec.name} failed: {stderr_tail(result.stderr)}")
+    os.replace(partial, path)
+    return path
+
+
+def _render_argv(spec: SampleSpec, path: Path, font: Path) -> list[str]:
+    parts = []
+    for scene in scenes_of(spec):
+        parts += _scene_streams(spec, scene, font)
+    joined = ffmpeg.concat(*parts, v=1, a=1).node
+    keyframe_args = (
+        {} if spec.gop is None else {"g": spec.gop, "keyint_min": spec.gop, "sc_threshold": 0}
+    )
+    output = ffmpeg.output(
+        joined[0],
+        joined[1],
+        str(path),
+        format="mp4",
+        **{
+            "c:v": "libx264",
+            "preset": "veryfast",
+            "crf": 26,
+            "pix_fmt": "yuv420p",
+            # x264's frame threads make output depend on scheduling.
+            "threads": 1,
+            "c:a": "aac",
+            "b:a": "64k",
+            "fflags": "+bitexact",
+            "flags:v": "+bitexact",
+            "flags:a": "+bitexact",
+            "map_metadata": -1,
+            **keyframe_args,
+        },
+    )
+    return output.global_args("-hide_banner", "-nostdin", "-v", "error").compile(overwrite_output=True)
+
+
+def _scene_streams(spec: SampleSpec, scene: Scene, font: Path) -> list[ffmpeg.nodes.FilterableStream]:
+    length = scene.end_s - scene.start_s
+    separator = ":" if "=" in scene.source else "="
+    video = (
+        ffmpeg.input(
+            f"{scene.source}{separator}size={spec.width}x{spec.height}:rate={spec.fps}", f="lavfi", t=length
+        )
+        .drawtext(
+            text=scene.text,
+            fontfile=str(font),
+            fontsize=max(12, spec.height // 14),
+            fontcolor="white",
+            box=1,
+            boxcolor="black@0.6",
+            boxborderw=4,
+            x="(w-text_w)/2",
+            y="h-text_h-12",
+        )
+        # Sources differ in pixel format and aspect flags; concat needs them equal.
+        .filter("setsar", 1)
+        .filter("format", "yuv420p")
+    )
+    audio = ffmpeg.input(f"sine=frequency={scene.tone_hz}:sample_rate={AUDIO_SAMPLE_RATE}", f="lavfi", t=length)
+    return [video, audio]
+
+
+def _scenes_document(specs: tuple[SampleSpec, ...]) -> dict:
+    return {
+        "videos": [
+            {
+                "file": f"{spec.name}.mp4",
+                "duration_s": float(spec.seconds),
+                "fps": spec.fps,
+                "gop": spec.gop,
+                "width": spec.width,
+                "height": spec.height,
+                "scenes": [
+                    {
+                        "index": scene.index,
+                        "label": scene.label,
+                        "text": scene.text,
+                        "tone_hz": scene.tone_hz,
+                        "start_s": scene.start_s,
+                        "end_s": scene.end_s,
+                    }
+                    for scene in scenes_of(spec)
+                ],
+            }
+            for spec in specs
+        ]
+    }
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

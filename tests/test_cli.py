@@ -1,0 +1,113 @@
+"""`lvr` as a user runs it: a subprocess, real ffmpeg, real Prefect (ephemeral API), real Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, make_video, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-src")
+    make_video(root / "a.mp4", 24, fps=25, gop=50)
+    make_video(root / "b.mp4", 16, fps=25, gop=25, source="smptebars")
+    (root / "broken.mp4").write_text("not a video")
+    return root
+
+
+def test_stages_and_config_commands():
+    out = run_cli("stages")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert [ln.split()[1] for ln in lines] == ["clip", "caption", "qa", "filter", "sft", "grpo", "eval"]
+    shown = run_cli("config", "--config", "longvila-r1", "--set", "clip.seconds=8")
+    assert shown.returncode == 0 and "seconds: 8.0" in shown.stdout and "NVILA" in shown.stdout
+
+
+def test_bad_override_exits_2_with_valid_keys(tmp_path):
+    out = run_cli("run", "--workdir", str(tmp_path / "wd"), "--set", "clip.secs=3", "--to", "clip")
+    assert out.returncode == 2
+    assert "unknown key 'clip.secs'" in out.stderr and "min_seconds" in out.stderr
+    assert not (tmp_path / "wd").exists()
+
+
+def test_run_to_clip_twice_second_is_cached(tmp_path, small_source):
+    wd = tmp_path / "wd"
+    first = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (wd / "clip" / "_manifest.json").exists()
+    status = run_cli("status", str(wd))
+    clip_line = next(ln for ln in status.stdout.splitlines() if ln.startswith("clip"))
+    assert clip_line.split()[1:4] == ["done", str(len(pd.read_parquet(wd / "clip"))), "1"]
+    assert next(ln for ln in status.stdout.splitlines() if ln.startswith("caption")).split()[1] == "missing"
+    manifest_before = (wd / "clip" / "_manifest.json").read_text()
+
+    second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (wd / "clip" / "_manifest.json").read_text() == manifest_before  # nothing was redone
+    status = run_cli("status", str(wd))
+    assert next(ln for ln in status.stdout.splitlines() if ln.startswith("clip")).split()[1] == "cached"
+
+
+def test_from_caption_without_clip_fails_clearly(tmp_path, small_source):
+    out = run_cli("run", "--source", str(small_source), "--workdir", str(tmp_path / "wd"), "--from", "qa", "--to", "qa", "--engine", "local")
+    assert out.returncode != 0
+    assert "not implemented yet" in out.stderr or "needs the output of" in out.stderr
+
+
+def test_full_run_stops_at_first_unimplemented_stage(tmp_path, small_source):
+    wd = tmp_path / "wd"
+    out = run_cli("run", "--source", str(small_source), "--workdir", str(wd))
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "stage 'caption' is not implemented yet" in out.stderr
+    assert (wd / "clip" / "_manifest.json").exists() and not (wd / "caption").exists()
+    status = run_cli("status", str(wd)).stdout
+    assert "not_implemented" in next(ln for ln in status.splitlines() if ln.startswith("caption"))
+
+
+def _clip_rows(workdir: Path) -> list[dict]:
+    df = pd.read_parquet(workdir / "clip").drop(columns=["clip_uri"])
+    return df.sort_values("clip_id").to_dict("records")
+
+
+def test_sigkill_mid_stage_then_rerun_matches_clean_run(tmp_path):
+    src = tmp_path / "src"
+    for i in range(5):
+        make_video(src / f"v{i}.mp4", 20 + 2 * i, fps=25, gop=30, size="320x240", source="testsrc2" if i % 2 else "smptebars")
+    wd = tmp_path / "killed"
+    argv = [sys.executable, "-m", "flows.cli", "run", "--source", str(src), "--workdir", str(wd), "--to", "clip",
+            "--set", "clip.mode=exact", "--set", "clip.shard_size=1"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = wd / "clip" / "_work" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(shards.glob("*/_done.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, ephemeral Prefect server included
+    proc.wait()
+    done_before = len(list(shards.glob("*/_done.json")))
+    assert 2 <= done_before < 5, "the kill must land mid-stage"
+    assert not (wd / "clip" / "_manifest.json").exists()
+
+    rerun = run_cli("run", "--source", str(src), "--workdir", str(wd), "--to", "clip", "--set", "clip.mode=exact", "--set", "clip.shard_size=1")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = json.loads((wd / "clip" / "_manifest.json").read_text())
+    assert manifest["shards"]["reused"] >= done_before and manifest["shards"]["total"] == 5
+
+    clean = tmp_path / "clean"
+    out = run_cli("run", "--source", str(src), "--workdir", str(clean), "--to", "clip", "--set", "clip.mode=exact",
+                  "--set", "clip.shard_size=1", "--engine", "local")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _clip_rows(wd) == _clip_rows(clean)
+    assert len(list((wd / "clip").glob("part-*.parquet"))) == 1
