@@ -98,15 +98,25 @@ class QAConfig(_Section):
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
     temperature: float = Field(0.6, ge=0)
     max_tokens: int = Field(8192, ge=1)
-    concurrency: int = Field(16, ge=1)
+    concurrency: int = Field(16, ge=1, description="Requests in flight per shard being processed (execution.shard_workers shards run at once).")
     stream: bool = False
-    timeout_s: float = Field(600.0, gt=0)
+    timeout_s: float = Field(600.0, gt=0, description="Deadline of one attempt of one request, streamed or not.")
     max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="First retry waits about this long, doubling each retry (a Retry-After header wins).")
+    backoff_max_s: float = Field(60.0, ge=0, description="Longest backoff between retries.")
     categories: list[Literal["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]] = Field(
         default_factory=lambda: ["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]
     )
+    question_types: list[Literal["multiple_choice", "open_ended"]] = Field(
+        default_factory=lambda: ["multiple_choice", "open_ended"],
+        description="One generation request per video, category and question type.",
+    )
+    questions_per_request: int = Field(1, ge=1, le=20, description="Questions asked for in each generation request.")
+    prompt_version: str = Field("v1", description="Folder of tasks/qa/prompts/generate holding the generation templates.")
+    refine_prompt_version: str = Field("v1", description="Folder of tasks/qa/prompts/refine holding the refinement templates.")
     refine_model: str | None = Field(None, description="Refinement model; defaults to `model`.")
-    refine_base_url: str | None = None
+    refine_base_url: str | None = Field(None, description="Refinement endpoint; defaults to `base_url`.")
+    refine_api_key_env: str | None = Field(None, description="Variable holding the refinement endpoint's key; defaults to `api_key_env`.")
     shard_size: int = Field(8, ge=1, description="Videos per shard.")
 
 

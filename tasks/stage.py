@@ -90,7 +90,7 @@ class Stage:
         return ctx.config.section(self.name)
 
     def shard_size(self, ctx: StageContext) -> int:
-        return int(self.settings(ctx).get("shard_size", 1))
+        return int(ctx.config.section(self.name).get("shard_size", 1))
 
     def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
         fps = {}

@@ -56,3 +56,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
         [sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's ephemeral server while pytest's streams are still open (its atexit hook logs
+    to a closed stream otherwise)."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            server.stop()

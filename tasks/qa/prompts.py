@@ -1,0 +1,93 @@
+"""Versioned prompt templates (files under `prompts/<kind>/<version>/`) and their rendering.
+
+A generation prompt is assembled from `system.txt`, `user.txt`, the category's
+`category_<slug>.txt` and the question type's `format_<type>.txt`; a refinement prompt from
+`refine/<version>/{system,user}.txt`. Templates use `$name` placeholders (string.Template), so JSON
+examples in them need no escaping. A prompt's version id is `<version>-<hash of the files used>`:
+editing a file without renaming its folder still yields a new id, so rows record exactly which text
+produced them, and the stage fingerprint changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from tasks.artifacts import stable_hash
+from tasks.qa.captions import VideoCaptions, caption_lines, mmss
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+CATEGORIES = ("Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative")
+QUESTION_TYPES = ("multiple_choice", "open_ended")
+QUESTION_TYPE_LABELS = {"multiple_choice": "multiple-choice with four options A-D", "open_ended": "open-ended"}
+LETTERS = ("A", "B", "C", "D")
+
+
+class PromptError(ValueError):
+    """A prompt version or template file that does not exist."""
+
+
+def available_versions(kind: str) -> list[str]:
+    root = PROMPTS_DIR / kind
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def category_slug(category: str) -> str:
+    return category.lower().replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[dict[str, Any]]
+    version: str
+
+
+class PromptSet:
+    """The template files of one version of one kind (`generate` or `refine`)."""
+
+    def __init__(self, kind: str, version: str) -> None:
+        directory = PROMPTS_DIR / kind / version
+        if not directory.is_dir():
+            raise PromptError(f"no {kind} prompt version {version!r}; available: {', '.join(available_versions(kind)) or 'none'}")
+        self.kind = kind
+        self.version = version
+        self._texts = {p.name: p.read_text() for p in sorted(directory.glob("*.txt"))}
+
+    def text(self, name: str) -> str:
+        try:
+            return self._texts[name]
+        except KeyError:
+            raise PromptError(f"{self.kind} prompt version {self.version!r} lacks {name}") from None
+
+    def version_id(self, names: list[str]) -> str:
+        return f"{self.version}-{stable_hash({n: self.text(n) for n in names}, 8)}"
+
+    def fingerprint(self) -> str:
+        return stable_hash(self._texts)
+
+
+def generation_prompt(prompts: PromptSet, video: VideoCaptions, category: str, question_type: str, n_questions: int) -> Prompt:
+    names = ["system.txt", "user.txt", f"category_{category_slug(category)}.txt", f"format_{question_type}.txt"]
+    system, user, guidance, fmt = (prompts.text(n) for n in names)
+    user_text = Template(user).substitute(
+        duration=mmss(video.duration_s),
+        captions=caption_lines(video),
+        n_questions=n_questions,
+        category=category,
+        question_type=QUESTION_TYPE_LABELS[question_type],
+        category_guidance=guidance.strip(),
+        format=Template(fmt).substitute(n_questions=n_questions).strip(),
+    )
+    messages = [{"role": "system", "content": system.strip()}, {"role": "user", "content": user_text.strip()}]
+    return Prompt(messages, prompts.version_id(names))
+
+
+def refine_prompt(prompts: PromptSet, question: str, options: list[str] | None, answer: str, reasoning: str) -> Prompt:
+    names = ["system.txt", "user.txt"]
+    options_block = "Options:\n" + "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, options)) if options else ""
+    user_text = Template(prompts.text("user.txt")).substitute(question=question, options=options_block, answer=answer, reasoning=reasoning)
+    messages = [{"role": "system", "content": prompts.text("system.txt").strip()}, {"role": "user", "content": user_text.strip()}]
+    return Prompt(messages, prompts.version_id(names))

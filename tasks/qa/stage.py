@@ -1,0 +1,221 @@
+"""QA stage: question-reasoning-answer items from all captions of a video, then refined reasoning.
+
+Items are videos. For each video and each configured category x question type, one generation
+request (`qa.questions_per_request` questions); every valid item it yields gets one refinement
+request; a refined item becomes a row with its training target. Requests of a shard run
+concurrently (asyncio, at most `qa.concurrency` in flight) and rows come out in a fixed order
+whatever order answers arrive in.
+
+Failure rows (the run goes on): an answer that does not parse or an item that fails validation
+(kind from `tasks.qa.parser`, detail = the raw answer), a request that still fails after its
+retries (`request_<kind>`, `refine_request_<kind>`), a video with fewer than two captioned clips
+(`too_few_clips`), a question asked twice for a video (`duplicate_question`). The stage stops
+instead when failing on would be wrong: the endpoint refuses us (401/403/404: the key, the model or
+the URL is wrong), the key's variable is unset, or every request of a shard failed (the endpoint is
+down): publishing a dataset of failure rows would then be cached as if complete.
+
+Every LLM answer is cached on disk (`tasks.qa.cache`) before it is used, so a rerun after a crash,
+or after a change that only concerns refinement, pays only for requests never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from data_schemas import CAPTIONS, QA
+from models.openai_client import ChatRequestError
+from tasks.artifacts import Failure, stable_hash
+from tasks.config import QAConfig
+from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
+from tasks.qa.cache import CACHE_DIR, AnswerCache
+from tasks.qa.captions import VideoCaptions, videos_from_rows
+from tasks.qa.parser import ParsedItem, ParseFailure, parse_generation, parse_refinement
+from tasks.qa.prompts import PromptError, PromptSet
+from tasks.qa.refine import build_target
+from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_stage_table
+
+log = logging.getLogger("lvr.qa")
+
+# How requests are made, not what they produce: left out of the fingerprint, so that a new endpoint,
+# key variable or concurrency reuses the finished stage (and the cache makes reruns free anyway).
+RUNTIME_SETTINGS = (
+    "shard_size", "concurrency", "stream", "timeout_s", "max_retries", "backoff_s", "backoff_max_s",
+    "base_url", "refine_base_url", "api_key_env", "refine_api_key_env",
+)
+MIN_CLIPS = 2  # the questions must need several clips
+CAPTION_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "caption"]
+
+
+def qa_id(video_id: str, category: str, question_type: str, question: str) -> str:
+    return stable_hash({"video_id": video_id, "category": category, "question_type": question_type, "question": question})
+
+
+def request_id(video_id: str, category: str, question_type: str) -> str:
+    return f"{video_id}/{category}/{question_type}"
+
+
+class QAStage(Stage):
+    name = "qa"
+    code_version = "1"
+    inputs = ("caption",)
+    output = QA
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in RUNTIME_SETTINGS:
+            settings.pop(key)
+        cfg = ctx.config.qa
+        try:  # the prompt files' text, so editing a template reruns the stage even without a new version
+            settings["prompt_files"] = {
+                GENERATE: PromptSet(GENERATE, cfg.prompt_version).fingerprint(),
+                REFINE: PromptSet(REFINE, cfg.refine_prompt_version).fingerprint(),
+            }
+        except PromptError as exc:
+            raise StageError(f"qa: {exc}") from None
+        return settings
+
+    def shard_size(self, ctx: StageContext) -> int:
+        return ctx.config.qa.shard_size  # not from settings(), which leaves it out
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        table = read_stage_table(ctx.workdir, "caption", CAPTIONS).select(CAPTION_COLUMNS)
+        return [
+            WorkItem(
+                item_id=video.video_id,
+                key=stable_hash([(c.clip_id, c.start_s, c.end_s, c.caption) for c in video.clips]),
+                payload={"video": video},
+            )
+            for video in videos_from_rows(table.to_pylist())
+        ]
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        cache = AnswerCache(ctx.workdir.fs, ctx.stage_path(self.name, CACHE_DIR))
+        rows, failures = asyncio.run(run_videos(ctx.config.qa, cache, [it.payload["video"] for it in items]))
+        return ShardResult({QA.name: QA.from_rows(rows)}, failures)
+
+
+async def run_videos(cfg: QAConfig, cache: AnswerCache, videos: list[VideoCaptions]) -> tuple[list[dict[str, Any]], list[Failure]]:
+    """Rows and failures of a batch of videos, in a deterministic order."""
+    backend = make_backend(cfg, cache)
+    try:
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(_video(cfg, backend, video)) for video in videos]
+        except ExceptionGroup as group:  # a fatal endpoint error (StageError) cancels the shard's other requests
+            raise group.exceptions[0] from None
+    finally:
+        await backend.aclose()
+    rows: list[dict[str, Any]] = []
+    failures: list[Failure] = []
+    for task in tasks:
+        video_rows, video_failures = task.result()
+        rows += video_rows
+        failures += video_failures
+    stats = backend.stats
+    log.info(
+        "qa: %d videos, %d rows, %d failures; generation %d sent / %d cached, refinement %d sent / %d cached, %d requests failed",
+        len(videos), len(rows), len(failures), stats.sent[GENERATE], stats.cached[GENERATE], stats.sent[REFINE], stats.cached[REFINE], stats.failed,
+    )
+    answered = sum(stats.sent.values()) + sum(stats.cached.values()) - stats.failed
+    if stats.failed and answered == 0:
+        reason = next((f.message for f in failures if f.error_kind.startswith(("request_", "refine_request_"))), "")
+        raise StageError(
+            f"qa: all {stats.failed} requests of this shard failed ({reason}); the endpoint looks unreachable, so nothing "
+            "is published. Fix it and rerun: answered requests are cached."
+        )
+    return rows, failures
+
+
+async def _video(cfg: QAConfig, backend: Backend, video: VideoCaptions) -> tuple[list[dict[str, Any]], list[Failure]]:
+    if len(video.clips) < MIN_CLIPS:
+        return [], [Failure(video.video_id, "too_few_clips", f"{len(video.clips)} captioned clip(s); questions need at least {MIN_CLIPS}")]
+    kinds = [(category, qtype) for category in cfg.categories for qtype in cfg.question_types]
+    results = await asyncio.gather(*(_request(cfg, backend, video, category, qtype) for category, qtype in kinds))
+    rows: list[dict[str, Any]] = []
+    failures: list[Failure] = []
+    seen: set[str] = set()
+    for request_rows, request_failures in results:
+        failures += request_failures
+        for row in request_rows:
+            if row["qa_id"] in seen:
+                failures.append(Failure(row["qa_id"], "duplicate_question", f"{video.video_id}: asked twice: {row['question']!r}"))
+                continue
+            seen.add(row["qa_id"])
+            rows.append(row)
+    return rows, failures
+
+
+async def _request(
+    cfg: QAConfig, backend: Backend, video: VideoCaptions, category: str, qtype: str
+) -> tuple[list[dict[str, Any]], list[Failure]]:
+    """One generation request, then one refinement per valid item it yields."""
+    rid = request_id(video.video_id, category, qtype)
+    try:
+        generated = await backend.generate(video, category, qtype, cfg.questions_per_request)
+    except ChatRequestError as exc:
+        return [], [Failure(rid, f"request_{exc.kind}", f"{rid}: no answer after {exc.attempts} attempt(s): {exc}")]
+    if generated is None:
+        log.debug("qa: %s cannot be formed from this video's captions", rid)
+        return [], []
+    result = generated.result
+    parsed = parse_generation(result.content, qtype, reasoning_content=result.reasoning_content, finish_reason=result.finish_reason)
+    raw = result.raw_text()
+    failures = [
+        Failure(qa_id(video.video_id, category, qtype, f.question) if f.question else rid, f.kind, f"{rid}: {f.message}", raw)
+        for f in parsed.failures
+    ]
+    ids = [qa_id(video.video_id, category, qtype, item.question) for item in parsed.items]
+    refined = await asyncio.gather(*(_refine(backend, item, item_id, rid) for item, item_id in zip(parsed.items, ids)))
+    rows = []
+    for item, item_id, outcome in zip(parsed.items, ids, refined):
+        if isinstance(outcome, Failure):
+            failures.append(outcome)
+        else:
+            rows.append(_row(item_id, video.video_id, category, qtype, item, generated, *outcome, backend))
+    return rows, failures
+
+
+async def _refine(backend: Backend, item: ParsedItem, item_id: str, rid: str) -> tuple[Answer, str] | Failure:
+    try:
+        answer = await backend.refine(item)
+    except ChatRequestError as exc:
+        return Failure(item_id, f"refine_request_{exc.kind}", f"{rid}: refinement got no answer after {exc.attempts} attempt(s): {exc}")
+    result = answer.result
+    try:
+        text = parse_refinement(result.content, reasoning_content=result.reasoning_content, finish_reason=result.finish_reason)
+    except ParseFailure as exc:
+        return Failure(item_id, exc.kind, f"{rid}: {exc.message}", result.raw_text())
+    return answer, text
+
+
+def _row(
+    item_id: str, video_id: str, category: str, qtype: str, item: ParsedItem,
+    generated: Answer, refined: Answer, refined_text: str, backend: Backend,
+) -> dict[str, Any]:
+    gen, ref = generated.result, refined.result
+    return {
+        "qa_id": item_id,
+        "video_id": video_id,
+        "category": category,
+        "question_type": qtype,
+        "question": item.question,
+        "options": list(item.options) if item.options is not None else None,
+        "answer": item.answer,
+        "reasoning": item.reasoning,
+        "refined_reasoning": refined_text,
+        "target": build_target(refined_text, item.answer),
+        "generator_model": backend.generator_model,
+        "refiner_model": backend.refiner_model,
+        "prompt_version": generated.prompt_version,
+        "refine_prompt_version": refined.prompt_version,
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "reasoning_tokens": gen.reasoning_tokens,
+        "refine_prompt_tokens": ref.prompt_tokens,
+        "refine_completion_tokens": ref.completion_tokens,
+        "refine_reasoning_tokens": ref.reasoning_tokens,
+        "generation_key": generated.key,
+        "refine_key": refined.key,
+    }

@@ -1,0 +1,254 @@
+"""The offline `template` backend: real QA items with verifiable answers, from captions alone.
+
+No model reads the captions, so nothing is understood; what can be known for certain is *where*
+each caption's words occur. Every question quotes a distinctive snippet of a clip's caption (a run
+of words found in no other clip of the video, so each quote points at exactly one moment), and its
+answer follows from the clips' order and time ranges. That works on any text, the tiny CPU model's
+token soup included. The categories are framed honestly within that limit:
+
+- Temporal: order of events. Multiple-choice: the order of three quoted moments, options being
+  orderings such as "(2), then (1), then (3)". Open-ended: which of two quoted moments comes first.
+- Goal and Purpose: the end state a sequence builds toward. Multiple-choice: starting from the
+  earliest quoted moment, which of four moments the video arrives at last. Open-ended: what the
+  video shows at its end (only when the final clip has a distinctive snippet).
+- Spatial: where in the video, i.e. which segment (time range) shows a quoted moment; options
+  are the time ranges of other clips.
+- Plot and Narrative: how moments connect. Multiple-choice: what happens between two quoted
+  moments two clips apart (options: the middle moment and other moments). Open-ended: what happens
+  right after a quoted moment.
+
+A question that a video cannot support (too few clips with distinctive snippets, e.g. a one- or
+two-clip video, or duplicate captions) is simply not drafted. The raw reasoning is written the way
+an LLM that read the captions writes it ("The caption for 00:10-00:20 describes ...") and
+`rewrite_reasoning` is the template refinement: a deterministic rewrite into steps about the video.
+Drafts are rendered as the JSON answer an LLM would give and go through the same parser and row
+building as LLM answers. Everything is seeded from the video id, so reruns are byte-identical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from tasks.artifacts import stable_hash
+from tasks.qa.captions import Clip, VideoCaptions
+from tasks.qa.prompts import LETTERS
+
+TEMPLATE_VERSION = 1
+GENERATOR_MODEL = f"lvr-template-v{TEMPLATE_VERSION}"
+REFINER_MODEL = f"lvr-template-rewrite-v{TEMPLATE_VERSION}"
+PROMPT_VERSION = f"template-v{TEMPLATE_VERSION}"
+
+SNIPPET_WORDS = (6, 10, 14)  # window sizes tried in turn: short quotes first
+MAX_SNIPPET_CHARS = 100
+_EDGE = " ,.;:!?\"'\u201c\u201d\u2018\u2019()[]"
+_UNQUOTABLE = re.compile(r"caption|</?\s*(?:think|answer)\s*>", re.IGNORECASE)
+_DANGLING = frozenset("a an the and or but of to in into on onto at by for with from over under as his her its their".split())
+_RAW_STEP = re.compile(r"^Step \d+: ")
+_RAW_SEEN = re.compile(r"The caption for (\d+:\d\d-\d+:\d\d) describes ")
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _windows(words: list[str]):
+    for size in sorted({min(s, len(words)) for s in SNIPPET_WORDS}):
+        for start in range(len(words) - size + 1):
+            window = words[start : start + size]
+            while len(window) > 1 and window[-1].casefold().strip(_EDGE) in _DANGLING:
+                window = window[:-1]  # "pours olive oil into a" reads better as "pours olive oil"
+            text = " ".join(window).strip(_EDGE)
+            if text and len(text) <= MAX_SNIPPET_CHARS:
+                yield text
+
+
+def distinctive_snippets(video: VideoCaptions) -> dict[int, str]:
+    """Clip index -> a quote from its caption that occurs in no other clip's caption."""
+    normals = [_normal(c.caption) for c in video.clips]
+    snippets: dict[int, str] = {}
+    for i, clip in enumerate(video.clips):
+        others = [n for j, n in enumerate(normals) if j != i]
+        if normals[i] in others:
+            continue  # a duplicate caption: nothing in it can single this clip out
+        for candidate in _windows(clip.caption.split()):
+            if _UNQUOTABLE.search(candidate):
+                continue
+            key = _normal(candidate)
+            if not any(key in other for other in others):
+                snippets[i] = candidate
+                break
+    return snippets
+
+
+@dataclass(frozen=True)
+class Draft:
+    question: str
+    options: tuple[str, ...] | None
+    answer: str  # a letter for multiple-choice
+    steps: tuple[str, ...]
+
+
+def _q(text: str) -> str:
+    return f"\u201c{text}\u201d"
+
+
+def _seen(clip: Clip, text: str) -> str:
+    return f"The caption for {clip.span} describes {_q(text)}"
+
+
+def _excerpt(clip: Clip, words: int = 8) -> str:
+    """The start of a clip's caption, to say what a wrong segment shows instead."""
+    parts = [w for w in clip.caption.split() if not _UNQUOTABLE.search(w)]
+    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+
+
+def _choice(correct: str, wrong: list[str], rng: random.Random) -> tuple[tuple[str, ...], str]:
+    options = [correct, *wrong]
+    rng.shuffle(options)
+    return tuple(options), LETTERS[options.index(correct)]
+
+
+def _temporal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
+    usable = sorted(snip)
+    clips = video.clips
+    if qtype == "multiple_choice":
+        if len(usable) < 3:
+            return None
+        shown = rng.sample(usable, 3)  # labelled (1), (2), (3) in this (random) order
+        in_time = sorted(range(3), key=lambda k: shown[k])
+        correct = ", then ".join(f"({k + 1})" for k in in_time)
+        perms = [", then ".join(f"({k + 1})" for k in p) for p in itertools.permutations(range(3))]
+        options, letter = _choice(correct, rng.sample([p for p in perms if p != correct], 3), rng)
+        listed = "; ".join(f"({k + 1}) {_q(snip[i])}" for k, i in enumerate(shown))
+        steps = [f"{_seen(clips[shown[k]], snip[shown[k]])}, which is moment ({k + 1})." for k in range(3)]
+        steps.append(f"Sorting these moments by time gives {correct}, which is option {letter}.")
+        return Draft(f"In what order do these moments happen in the video: {listed}?", options, letter, tuple(steps))
+    if len(usable) < 2:
+        return None
+    a, b = rng.sample(usable, 2)
+    first = min(a, b)
+    steps = (
+        f"{_seen(clips[a], snip[a])}.",
+        f"{_seen(clips[b], snip[b])}.",
+        f"{clips[first].span} comes before {clips[max(a, b)].span}, so {_q(snip[first])} happens first.",
+    )
+    return Draft(f"Which happens first in the video: {_q(snip[a])} or {_q(snip[b])}?", None, snip[first], steps)
+
+
+def _goal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
+    usable = sorted(snip)
+    clips = video.clips
+    if len(usable) < 2:
+        return None
+    start, end = usable[0], usable[-1]
+    if qtype == "multiple_choice":
+        if len(usable) < 4:
+            return None
+        pool = usable[1:-1] if len(usable) >= 5 else usable[:-1]
+        picked = sorted([end, *rng.sample(pool, 3)])
+        options, letter = _choice(snip[end], [snip[i] for i in picked if i != end], rng)
+        steps = [f"{_seen(clips[start], snip[start])}, where the sequence starts."]
+        steps += [f"{_seen(clips[i], snip[i])}." for i in picked if i != start]
+        steps.append(f"The latest of these is {clips[end].span}, so the sequence arrives at {_q(snip[end])}, option {letter}.")
+        question = f"Starting from {_q(snip[start])}, which of these moments does the video arrive at last, as the outcome of the sequence?"
+        return Draft(question, options, letter, tuple(steps))
+    if end != len(clips) - 1:
+        return None  # "at the end" is only true of the final clip
+    steps = (
+        f"{_seen(clips[start], snip[start])}, where the sequence starts.",
+        f"{_seen(clips[end], snip[end])}.",
+        f"{clips[end].span} is the final segment of the video, so the sequence ends with {_q(snip[end])}.",
+    )
+    return Draft(f"Starting from {_q(snip[start])}, what does the video show at the end of the sequence?", None, snip[end], steps)
+
+
+def _spatial(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
+    clips = video.clips
+    if not snip or len(clips) < (4 if qtype == "multiple_choice" else 2):
+        return None
+    subject = rng.choice(sorted(snip))
+    question = f"In which segment of the video (which time range) is {_q(snip[subject])} shown?"
+    if qtype == "multiple_choice":
+        others = sorted(rng.sample([i for i in range(len(clips)) if i != subject], 3))
+        options, letter = _choice(clips[subject].span, [clips[i].span for i in others], rng)
+        steps = [f"{_seen(clips[subject], snip[subject])}."]
+        steps += [f"{_seen(clips[i], _excerpt(clips[i]))}, something else." for i in others]
+        steps.append(f"So it is shown in {clips[subject].span}, option {letter}.")
+        return Draft(question, options, letter, tuple(steps))
+    neighbour = subject + 1 if subject + 1 < len(clips) else subject - 1
+    steps = (
+        f"{_seen(clips[subject], snip[subject])}.",
+        f"{_seen(clips[neighbour], _excerpt(clips[neighbour]))}, something else.",
+        f"So it is shown in {clips[subject].span}.",
+    )
+    return Draft(question, None, clips[subject].span, steps)
+
+
+def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
+    clips = video.clips
+    if qtype == "multiple_choice":
+        triples = [i for i in snip if i + 1 in snip and i + 2 in snip]
+        if not triples or len(snip) < 4:
+            return None
+        a = rng.choice(sorted(triples))
+        b, c = a + 1, a + 2
+        wrong = rng.sample(sorted(i for i in snip if i != b), 3)
+        options, letter = _choice(snip[b], [snip[i] for i in wrong], rng)
+        steps = (
+            f"{_seen(clips[a], snip[a])}.",
+            f"{_seen(clips[c], snip[c])}.",
+            f"{_seen(clips[b], snip[b])}.",
+            f"{clips[b].span} is the only segment between them, so {_q(snip[b])} is what happens in between, option {letter}.",
+        )
+        return Draft(f"What happens in the video between {_q(snip[a])} and {_q(snip[c])}?", options, letter, steps)
+    pairs = [i for i in snip if i + 1 in snip]
+    if not pairs:
+        return None
+    a = rng.choice(sorted(pairs))
+    steps = (
+        f"{_seen(clips[a], snip[a])}.",
+        f"{_seen(clips[a + 1], snip[a + 1])}, the very next segment.",
+        f"So right after {_q(snip[a])} comes {_q(snip[a + 1])}.",
+    )
+    return Draft(f"What happens right after {_q(snip[a])} in the video?", None, snip[a + 1], steps)
+
+
+_DRAFTERS = {"Temporal": _temporal, "Goal and Purpose": _goal, "Spatial": _spatial, "Plot and Narrative": _plot}
+
+
+def draft_questions(video: VideoCaptions, category: str, question_type: str, n_questions: int) -> list[Draft]:
+    """Up to `n_questions` distinct drafts; fewer (or none) when the video cannot support more."""
+    snip = distinctive_snippets(video)
+    drafts: dict[str, Draft] = {}
+    for attempt in range(4 * n_questions):
+        seed = int(stable_hash([video.video_id, category, question_type, attempt]), 16)
+        draft = _DRAFTERS[category](video, snip, question_type, random.Random(seed))
+        if draft is None:
+            break  # the video cannot support this kind of question at all
+        drafts.setdefault(draft.question, draft)
+        if len(drafts) == n_questions:
+            break
+    return list(drafts.values())
+
+
+def render_answer(drafts: list[Draft]) -> str:
+    """The drafts as the strict JSON answer the generation prompt asks an LLM for."""
+    items = []
+    for d in drafts:
+        item: dict[str, object] = {"question": d.question}
+        if d.options is not None:
+            item["options"] = dict(zip(LETTERS, d.options))
+        item["answer"] = d.answer
+        item["reasoning"] = "\n".join(f"Step {k}: {s}" for k, s in enumerate(d.steps, 1))
+        items.append(item)
+    return json.dumps({"questions": items}, ensure_ascii=False, indent=1)
+
+
+def rewrite_reasoning(raw: str) -> str:
+    """Template refinement: numbered steps that speak of watching the video, not of captions."""
+    lines = [_RAW_SEEN.sub(r"Checking the video at \1, I see ", _RAW_STEP.sub("", ln.strip())) for ln in raw.splitlines() if ln.strip()]
+    return "\n".join(f"{k}. {ln}" for k, ln in enumerate(lines, 1))
