@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("dir")
     sample.add_argument("--overwrite", action="store_true")
 
+    models = sub.add_parser("models", help="model utilities")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    tiny = models_sub.add_parser("build-tiny", help="build the tiny random-weight Qwen2.5-VL used by the CPU profile")
+    tiny.add_argument("--out", default=None, help="target folder (default: $LVR_CACHE_DIR/tiny-qwen2.5-vl)")
+    tiny.add_argument("--seed", type=int, default=None, help="a different random init (default: the standard tiny seed)")
+    tiny.add_argument("--overwrite", action="store_true")
+
     show = sub.add_parser("config", help="print a resolved config (after overrides)")
     show.add_argument("--config", default=DEFAULT_CONFIG)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -151,6 +158,17 @@ def cmd_sample_videos(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.tiny import build_tiny_qwen2_5_vl, default_tiny_dir, ensure_tiny_model
+
+    out = args.out or default_tiny_dir()
+    if args.seed is None and not args.overwrite:
+        print(ensure_tiny_model(out))  # already built: nothing to do
+    else:
+        print(build_tiny_qwen2_5_vl(out, seed=args.seed or 0, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -163,7 +181,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "sample-videos": cmd_sample_videos, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "sample-videos": cmd_sample_videos,
+            "models": cmd_models, "config": cmd_config}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,12 +82,15 @@ class CaptionConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="Sampling seed (used when temperature > 0).")
     batch_size: int = Field(4, ge=1)
     trust_remote_code: bool = False
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    send_video_url: bool = Field(False, description="openai backend: send the clip as one video_url instead of frames as images.")
     shard_size: int = Field(64, ge=1, description="Clips per shard.")
 
 

@@ -1,0 +1,213 @@
+"""Loading a Qwen-VL-style video language model through transformers, and generating from videos.
+
+One adapter serves every stage that asks a VLM about a video (captioning, difficulty filtering,
+evaluation): checkpoints load through the normal `from_pretrained` path (the tiny model included),
+video inputs come from our own preprocessing (`models/video.py`), and the vision tower's calls are
+counted so callers can prove a video was encoded once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.video import VIDEO_PREPROCESSOR_FILE, SampledFrames, VideoPreprocessConfig, build_video_inputs
+
+log = logging.getLogger("lvr.vlm")
+
+TINY = "tiny"
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says what to change."""
+
+
+def resolve_model_ref(ref: str) -> str:
+    """`tiny` is our locally built tiny Qwen2.5-VL (built on first use); anything else is a
+    checkpoint folder or a model id that `from_pretrained` resolves."""
+    if ref == TINY:
+        from models.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def needs_remote_code(model_dir: str) -> bool:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    return "auto_map" in json.loads(config.read_text())
+
+
+def load_preprocess_config(model_dir: str) -> VideoPreprocessConfig:
+    """Our preprocessing settings for a checkpoint: lvr's own file (tiny models) or the fields of a
+    Qwen2-VL `preprocessor_config.json` (released checkpoints); defaults otherwise."""
+    folder = Path(model_dir)
+    if (folder / VIDEO_PREPROCESSOR_FILE).is_file():
+        return VideoPreprocessConfig.from_pretrained(folder)
+    qwen = folder / "preprocessor_config.json"
+    if not qwen.is_file():
+        return VideoPreprocessConfig()
+    data = json.loads(qwen.read_text())
+    size = data.get("size") or {}
+    fields: dict[str, Any] = {
+        "patch_size": data.get("patch_size"),
+        "merge_size": data.get("merge_size"),
+        "temporal_patch_size": data.get("temporal_patch_size"),
+        "min_pixels": data.get("min_pixels", size.get("shortest_edge")),
+        "max_pixels": data.get("max_pixels", size.get("longest_edge")),
+        "image_mean": tuple(data["image_mean"]) if "image_mean" in data else None,
+        "image_std": tuple(data["image_std"]) if "image_std" in data else None,
+    }
+    return VideoPreprocessConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class VideoPrompt:
+    """One request: a conversation whose user turn holds one `{"type": "video"}` part, and its frames."""
+
+    messages: list[dict[str, Any]]
+    frames: SampledFrames
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens_in: int
+    tokens_out: int
+    distinct_tokens: int
+    finished: bool  # ended with EOS rather than by hitting max_new_tokens
+
+
+@dataclass
+class GenerationTiming:
+    preprocess_s: float = 0.0
+    model_s: float = 0.0
+
+
+def video_messages(prompt: str, system: str | None = None) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]})
+    return messages
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class HFVideoLM:
+    """A transformers VLM with its tokenizer and video preprocessing settings."""
+
+    model_ref: str
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    model: Any = field(init=False, repr=False)
+    tokenizer: Any = field(init=False, repr=False)
+    preprocess: VideoPreprocessConfig = field(init=False)
+    encoder_calls: int = field(init=False, default=0)
+    _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        path = resolve_model_ref(self.model_ref)
+        if needs_remote_code(path) and not self.trust_remote_code:
+            raise ModelLoadError(
+                f"{self.model_ref} ships its own modelling code (NVILA/VILA checkpoints do); loading it runs that code, "
+                "so it is refused unless `trust_remote_code: true` is set for this stage"
+            )
+        self.device = pick_device(self.device)
+        torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        if torch_dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=self.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.preprocess = load_preprocess_config(path)
+        visual = getattr(self.model, "visual", None) or getattr(getattr(self.model, "model", None), "visual", None)
+        if visual is not None:
+            visual.register_forward_hook(self._count_encoder_call)
+        self.name = self.model_ref
+
+    def _count_encoder_call(self, *_: Any) -> None:
+        self.encoder_calls += 1
+
+    def generate(
+        self,
+        prompts: Sequence[VideoPrompt],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        num_return_sequences: int = 1,
+        seed: int | None = None,
+        timing: GenerationTiming | None = None,
+    ) -> list[list[Generation]]:
+        """Batched generation; `num_return_sequences` samples per prompt. Greedy when temperature is 0."""
+        import torch
+
+        started = time.perf_counter()
+        inputs = build_video_inputs(
+            self.tokenizer, [p.messages for p in prompts], [p.frames for p in prompts], self.preprocess
+        )
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values_videos" in inputs:
+            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
+        prepared = time.perf_counter()
+        sampling = temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sampling,
+            "num_return_sequences": num_return_sequences,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        with self._lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.model.generate(**inputs, **kwargs)
+        finished_at = time.perf_counter()
+        if timing is not None:
+            timing.preprocess_s += prepared - started
+            timing.model_s += finished_at - prepared
+
+        prompt_len = inputs["input_ids"].shape[1]
+        eos_ids = self._eos_ids()
+        results: list[list[Generation]] = []
+        for i in range(len(prompts)):
+            tokens_in = int(inputs["attention_mask"][i].sum())
+            samples = []
+            for j in range(num_return_sequences):
+                new = output[i * num_return_sequences + j, prompt_len:].tolist()
+                end = next((k for k, t in enumerate(new) if t in eos_ids), None)
+                body = new if end is None else new[:end]
+                text = self.tokenizer.decode(body, skip_special_tokens=True)
+                samples.append(Generation(text.strip(), tokens_in, len(body), len(set(body)), end is not None))
+            results.append(samples)
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        if self.tokenizer.pad_token_id is not None:
+            ids.add(self.tokenizer.pad_token_id)
+        return ids

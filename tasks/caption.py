@@ -1,0 +1,106 @@
+"""Caption stage: one VLM caption per clip, resumable per shard like every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from data_schemas import CAPTIONS, CLIPS
+from models.captioners import CaptionResult, Captioner, CaptionSettings, ClipRequest, prompt_hash
+from tasks.artifacts import Failure, stable_hash
+from tasks.config import CaptionConfig
+from tasks.sources import local_copy
+from tasks.stage import ShardResult, Stage, StageContext, WorkItem, read_stage_table
+
+log = logging.getLogger("lvr.caption")
+
+# Settings that change how work is scheduled or authenticated, never what a caption says.
+EXECUTION_KEYS = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env")
+
+
+def make_captioner(cfg: CaptionConfig) -> Captioner:
+    settings = CaptionSettings(
+        prompt=cfg.prompt, num_frames=cfg.num_frames, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed,
+    )
+    if cfg.backend == "hf":
+        from models.captioners import HFCaptioner
+
+        return HFCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
+    if cfg.backend == "openai":
+        from models.captioners import OpenAICaptioner
+
+        return OpenAICaptioner.from_config(cfg, settings)
+    from models.captioners import VLLMCaptioner
+
+    return VLLMCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
+
+
+def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
+    """Why a caption must not enter the dataset, or None when it is fine."""
+    if result.error_kind:
+        return result.error_kind, result.error or ""
+    text = result.caption.strip()
+    if not text:
+        return "empty_caption", "the model returned no text"
+    words = text.split()
+    if result.distinct_tokens == 1 or (len(words) > 1 and len(set(words)) == 1):
+        return "degenerate_caption", f"a single token repeated: {text[:80]!r}"
+    return None
+
+
+class CaptionStage(Stage):
+    name = "caption"
+    code_version = "1"
+    inputs = ("clip",)
+    output = CAPTIONS
+
+    def __init__(self) -> None:
+        self._captioner: Captioner | None = None
+        self._lock = threading.Lock()
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in EXECUTION_KEYS:
+            settings.pop(key, None)
+        return settings
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        clips = read_stage_table(ctx.workdir, "clip", CLIPS).to_pylist()
+        return [
+            WorkItem(row["clip_id"], key=stable_hash(row), payload={k: row[k] for k in ("clip_id", "video_id", "clip_uri", "start_s", "end_s")})
+            for row in clips
+        ]
+
+    def captioner(self, ctx: StageContext) -> Captioner:
+        # Loaded once per stage run and shared by its shards: loading a model dwarfs a shard.
+        with self._lock:
+            if self._captioner is None:
+                self._captioner = make_captioner(ctx.config.caption)
+            return self._captioner
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        cfg = ctx.config.caption
+        captioner = self.captioner(ctx)
+        with contextlib.ExitStack() as stack:
+            requests = [ClipRequest(it.item_id, str(stack.enter_context(local_copy(it.payload["clip_uri"])))) for it in items]
+            results = captioner.caption(requests)
+        rows, failures = [], []
+        for item, result in zip(items, results):
+            problem = caption_problem(result)
+            if problem:
+                kind, message = problem
+                failures.append(Failure(item.item_id, kind, message, result.caption or None))
+                continue
+            p = item.payload
+            rows.append(
+                {
+                    "clip_id": p["clip_id"], "video_id": p["video_id"], "start_s": p["start_s"], "end_s": p["end_s"],
+                    "caption": result.caption.strip(), "model": cfg.model, "backend": cfg.backend,
+                    "prompt_hash": prompt_hash(cfg.prompt), "frames_used": result.frames_used,
+                    "tokens_in": result.tokens_in, "tokens_out": result.tokens_out, "latency_s": round(result.latency_s, 4),
+                }
+            )
+        return ShardResult({CAPTIONS.name: CAPTIONS.from_rows(rows)}, failures)
