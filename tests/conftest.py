@@ -65,3 +65,15 @@ def pytest_sessionfinish(session, exitstatus):
     if server_module is not None:
         for server in list(server_module.SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: on CPU machines they are reported as skipped, never as passed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

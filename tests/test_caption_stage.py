@@ -99,3 +99,45 @@ def test_remote_code_checkpoints_need_explicit_opt_in(tmp_path):
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="trust_remote_code: true"):
         HFVideoLM(str(model))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_caption_then_rerun_matches_clean_run(clipped, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_cli
+
+    args = ["--from", "caption", "--to", "caption", "--set", "caption.shard_size=1", "--set", "caption.batch_size=1",
+            "--set", "caption.max_new_tokens=8", "--set", "caption.num_frames=4"]
+    wd = tmp_path / "killed"
+    shutil.copytree(clipped, wd)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--workdir", str(wd), *args], cwd=REPO, env=os.environ.copy(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    shards = wd / "caption" / "_work" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(shards.glob("*/_done.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(shards.glob("*/_done.json")))
+    n_clips = len(pd.read_parquet(wd / "clip"))
+    assert 1 <= done_before < n_clips and not (wd / "caption" / "_manifest.json").exists()
+
+    rerun = run_cli("run", "--workdir", str(wd), *args, "--engine", "local")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = json.loads((wd / "caption" / "_manifest.json").read_text())
+    assert manifest["shards"] == {"total": n_clips, "reused": done_before}
+
+    clean = tmp_path / "clean"
+    shutil.copytree(clipped, clean)
+    assert run_cli("run", "--workdir", str(clean), *args, "--engine", "local").returncode == 0
+    cols = ["clip_id", "caption", "tokens_in", "tokens_out", "frames_used"]
+    killed_rows = pd.read_parquet(wd / "caption")[cols].sort_values("clip_id").reset_index(drop=True)
+    clean_rows = pd.read_parquet(clean / "caption")[cols].sort_values("clip_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(killed_rows, clean_rows)

@@ -63,9 +63,11 @@ def test_pipeline_flow_runs_clip_as_subflow_with_shard_tasks(tmp_path):
 
 
 def test_unimplemented_stage_fails_the_flow_with_its_name(tmp_path):
-    src = tmp_path / "src"
-    make_video(src / "a.mp4", 8, fps=25, gop=25)
-    with pytest.raises(StageNotImplemented, match="stage 'caption' is not implemented yet"):
-        lvr_pipeline(source=str(src), workdir=str(tmp_path / "wd"), to_stage="caption")
-    assert (tmp_path / "wd" / "clip" / "_manifest.json").exists()
-    assert not (tmp_path / "wd" / "caption").exists()
+    from tasks.registry import is_implemented
+
+    pending = [s for s in STAGE_ORDER if not is_implemented(s)]
+    if not pending:
+        pytest.skip("every stage is implemented")
+    with pytest.raises(StageNotImplemented, match=f"stage '{pending[0]}' is not implemented yet"):
+        lvr_pipeline(workdir=str(tmp_path / "wd"), from_stage=pending[0], to_stage=pending[0])
+    assert not (tmp_path / "wd" / pending[0]).exists()
