@@ -6,7 +6,6 @@ All logic lives in `tasks/`; these functions only translate parameters and hand 
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from typing import Any
 
@@ -62,17 +61,19 @@ def execute_stage(name: str, ctx: StageContext) -> StageReport:
     stage = get_stage(name)
     execution = ctx.config.execution
     logger = get_run_logger()
-    lock = threading.Lock()
 
     def progress(done: int, total: int) -> None:
-        with lock:
-            logger.info("%s: %d/%d shards done", name, done, total)
+        logger.info("%s: %d/%d shards done", name, done, total)
 
     ctx.progress = progress
     mapper = _prefect_mapper(name, execution.shard_workers, execution.shard_retries, execution.shard_retry_delay_s)
     report = run_stage(stage, ctx, map_shards=mapper)
     logger.info("%s: %s, %d rows, %d failures", name, report.status, report.rows, report.failures)
-    create_markdown_artifact(markdown=_summary_markdown(report), key=f"lvr-{name}", description=f"lvr {name} stage summary")
+    markdown = _summary_markdown(report)
+    extra = stage.report_markdown(ctx, report.manifest)
+    if extra:
+        markdown += "\n" + extra
+    create_markdown_artifact(markdown=markdown, key=f"lvr-{name}", description=f"lvr {name} stage summary")
     return report
 
 

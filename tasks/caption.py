@@ -56,6 +56,7 @@ class CaptionStage(Stage):
     code_version = "1"
     inputs = ("clip",)
     output = CAPTIONS
+    item_columns = {CAPTIONS.name: "clip_id"}
 
     def __init__(self) -> None:
         self._captioner: Captioner | None = None

@@ -27,6 +27,7 @@ class ClipStage(Stage):
     code_version = "1"
     output = CLIPS
     side_outputs = (VIDEOS,)
+    item_columns = {CLIPS.name: "source_uri", VIDEOS.name: "uri"}
 
     def __init__(self) -> None:
         self._listing: tuple[str, list[SourceVideo]] | None = None

@@ -11,6 +11,7 @@ output that a rerun would trust.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from data_schemas import FAILURES, TableSchema
+from data_schemas import FAILURES, TableSchema, validate_table
 from tasks.artifacts import (
     FAILURES_FILE,
     MANIFEST,
@@ -84,6 +86,10 @@ class Stage:
     inputs: tuple[str, ...] = ()
     output: TableSchema
     side_outputs: tuple[TableSchema, ...] = ()
+    # For item-level reuse: the column of each output table (and failures' item_id) naming the item a
+    # row came from. With it, an item already processed under the same recipe in any earlier shard
+    # is copied instead of recomputed, so a source that gained 5 videos costs about 5 videos of work.
+    item_columns: dict[str, str] = {}
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
         """What of the config this stage's output depends on (hashed into fingerprints)."""
@@ -116,6 +122,10 @@ class Stage:
         """Whole-stage post-processing over all shards' rows (e.g. cross-shard de-duplication)."""
         return tables, failures
 
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        """Stage-specific findings (tables, chart links) appended to the stage's Prefect artifact."""
+        return None
+
     def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
         if schema.name == self.output.name:
             return ctx.stage_path(self.name)
@@ -133,6 +143,7 @@ class StagePlan:
     input_fingerprints: dict[str, str]
     settings: dict[str, Any]
     cached: bool
+    recipe: str = ""  # hash of what turns an item into rows: stage, code version, settings
     shards: tuple[tuple[WorkItem, ...], ...] = ()
     shard_keys: tuple[str, ...] = ()
 
@@ -149,6 +160,8 @@ class ShardOutcome:
     rows: int
     failures: int
     work_s: float
+    items_reused: int = 0
+    items_computed: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,13 +200,11 @@ def plan_stage(stage: Stage, ctx: StageContext) -> StagePlan:
     items = sorted(stage.list_items(ctx), key=lambda it: it.item_id)
     size = max(1, stage.shard_size(ctx))
     shards = tuple(tuple(items[i : i + size]) for i in range(0, len(items), size))
+    recipe = stable_hash({"stage": stage.name, "code": stage.code_version, "settings": settings})
     # Content-addressed shard keys: a shard is reused whenever the same items meet the same
-    # settings and code, even if unrelated upstream items changed the stage fingerprint.
-    keys = tuple(
-        stable_hash({"stage": stage.name, "code": stage.code_version, "settings": settings, "items": [it.key for it in shard]})
-        for shard in shards
-    )
-    return StagePlan(stage.name, fingerprint, inputs, settings, cached=False, shards=shards, shard_keys=keys)
+    # recipe, even if unrelated upstream items changed the stage fingerprint.
+    keys = tuple(stable_hash({"recipe": recipe, "items": [it.key for it in shard]}) for shard in shards)
+    return StagePlan(stage.name, fingerprint, inputs, settings, cached=False, recipe=recipe, shards=shards, shard_keys=keys)
 
 
 def _shard_dir(ctx: StageContext, stage: Stage, key: str) -> str:
@@ -207,7 +218,74 @@ def begin_stage(stage: Stage, ctx: StageContext) -> None:
         ctx.workdir.fs.rm(path)
 
 
-def run_shard(stage: Stage, ctx: StageContext, plan: StagePlan, index: int) -> ShardOutcome:
+ItemIndex = dict[str, tuple[str, str]]  # item key -> (shard dir holding its rows, item id there)
+
+
+def build_item_index(stage: Stage, ctx: StageContext, recipe: str) -> ItemIndex:
+    """Items already processed under `recipe` in any complete shard left in the stage's work dir."""
+    fs = ctx.workdir.fs
+    root = ctx.stage_path(stage.name, WORK_DIR, "shards")
+    index: ItemIndex = {}
+    if not stage.item_columns or not fs.exists(root):
+        return index
+    for shard_dir in fs.ls(root, detail=False):
+        done = read_json(fs, f"{shard_dir}/{SHARD_DONE}")
+        if done is None or done.get("recipe") != recipe:
+            continue
+        for item_id, key in done.get("item_keys", []):
+            index[key] = (shard_dir, item_id)
+    return index
+
+
+def _reuse_items(stage: Stage, ctx: StageContext, found: dict[str, list[str]]) -> ShardResult:
+    """Rows and failures of already-processed items, read back from the shards that hold them."""
+    fs = ctx.workdir.fs
+    tables: dict[str, list[pa.Table]] = {s.name: [] for s in stage.all_outputs}
+    failures: list[Failure] = []
+    for shard_dir, item_ids in found.items():
+        wanted = pa.array(item_ids)
+        for schema in stage.all_outputs:
+            table = read_table_file(fs, f"{shard_dir}/{schema.name}.parquet", schema)
+            tables[schema.name].append(table.filter(pc.is_in(table[stage.item_columns[schema.name]], value_set=wanted)))
+        wanted_set = set(item_ids)
+        for row in read_table_file(fs, f"{shard_dir}/{FAILURES_FILE}", FAILURES).to_pylist():
+            if row["item_id"] in wanted_set:
+                failures.append(Failure(row["item_id"], row["error_kind"], row["message"], row["detail"]))
+    return ShardResult({name: pa.concat_tables(parts) for name, parts in tables.items() if parts}, failures)
+
+
+def _in_item_order(table: pa.Table, column: str, order: dict[str, int]) -> pa.Table:
+    """Rows grouped by item in the shard's item order (stable within an item): what a clean run writes."""
+    if table.num_rows == 0:
+        return table
+    positions = pa.array([order.get(v, len(order)) for v in table[column].to_pylist()])
+    return table.take(pc.sort_indices(pa.table({"p": positions, "i": pa.array(range(table.num_rows))}), sort_keys=[("p", "ascending"), ("i", "ascending")]))
+
+
+def _process_with_reuse(stage: Stage, ctx: StageContext, items: list[WorkItem], item_index: ItemIndex) -> tuple[ShardResult, int]:
+    fresh = [it for it in items if it.key not in item_index]
+    found: dict[str, list[str]] = {}
+    for it in items:
+        if it.key in item_index:
+            shard_dir, old_id = item_index[it.key]
+            found.setdefault(shard_dir, []).append(old_id)
+    result = stage.process_shard(ctx, fresh) if fresh else ShardResult({}, [])
+    if not found:
+        return result, 0
+    reused = _reuse_items(stage, ctx, found)
+    order = {it.item_id: i for i, it in enumerate(items)}
+    tables = {}
+    for schema in stage.all_outputs:
+        parts = [t for t in (reused.tables.get(schema.name), result.tables.get(schema.name)) if t is not None]
+        combined = pa.concat_tables([validate_table(t, schema) for t in parts]) if parts else schema.empty()
+        tables[schema.name] = _in_item_order(combined, stage.item_columns[schema.name], order)
+    failures = sorted(reused.failures + result.failures, key=lambda f: order.get(f.item_id, len(order)))
+    return ShardResult(tables, failures), len(items) - len(fresh)
+
+
+def run_shard(
+    stage: Stage, ctx: StageContext, plan: StagePlan, index: int, item_index: Callable[[], ItemIndex] | None = None
+) -> ShardOutcome:
     key = plan.shard_keys[index]
     shard_dir = _shard_dir(ctx, stage, key)
     fs = ctx.workdir.fs
@@ -216,7 +294,10 @@ def run_shard(stage: Stage, ctx: StageContext, plan: StagePlan, index: int) -> S
         return ShardOutcome(index, key, True, int(done["rows"]), int(done["failures"]), float(done["work_s"]))
     items = list(plan.shards[index])
     started = time.perf_counter()
-    result = stage.process_shard(ctx, items)
+    if stage.item_columns and item_index is not None:
+        result, items_reused = _process_with_reuse(stage, ctx, items, item_index())
+    else:
+        result, items_reused = stage.process_shard(ctx, items), 0
     work_s = time.perf_counter() - started
     unknown = set(result.tables) - {s.name for s in stage.all_outputs}
     if unknown:
@@ -229,10 +310,16 @@ def run_shard(stage: Stage, ctx: StageContext, plan: StagePlan, index: int) -> S
     write_json_atomic(
         fs,
         f"{shard_dir}/{SHARD_DONE}",
-        {"rows": rows, "failures": len(result.failures), "work_s": work_s, "items": [it.item_id for it in items]},
+        {
+            "rows": rows, "failures": len(result.failures), "work_s": work_s, "recipe": plan.recipe,
+            "items_reused": items_reused, "item_keys": [[it.item_id, it.key] for it in items],
+        },
     )
-    log.info("%s shard %d/%d: %d rows, %d failures in %.2fs", stage.name, index + 1, len(plan.shards), rows, len(result.failures), work_s)
-    return ShardOutcome(index, key, False, rows, len(result.failures), work_s)
+    log.info(
+        "%s shard %d/%d: %d rows, %d failures, %d items reused, in %.2fs",
+        stage.name, index + 1, len(plan.shards), rows, len(result.failures), items_reused, work_s,
+    )
+    return ShardOutcome(index, key, False, rows, len(result.failures), work_s, items_reused, len(items) - items_reused)
 
 
 def finalize_stage(
@@ -281,6 +368,8 @@ def finalize_stage(
         "failures": len(failures),
         "items": plan.n_items,
         "shards": {"total": len(outcomes), "reused": sum(o.reused for o in outcomes)},
+        # Items whose work was done by this run; the others came from earlier shards or runs.
+        "items_computed": sum(o.items_computed for o in outcomes),
         # Work time sums each shard's own processing time (as first measured, also for reused
         # shards) and the publishing step: orchestration overhead is deliberately excluded.
         "work_time_s": round(sum(o.work_s for o in outcomes) + finalize_s, 4),
@@ -324,13 +413,25 @@ def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_
     begin_stage(stage, ctx)
     n = len(plan.shards)
     done_count = 0
+    lock = threading.Lock()  # shards may finish concurrently
+
+    index_lock = threading.Lock()
+    item_index: list[ItemIndex] = []
+
+    def shared_item_index() -> ItemIndex:
+        # Built on first need (a fully cached plan never scans), then shared by every shard.
+        with index_lock:
+            if not item_index:
+                item_index.append(build_item_index(stage, ctx, plan.recipe))
+            return item_index[0]
 
     def one(index: int) -> ShardOutcome:
         nonlocal done_count
-        outcome = run_shard(stage, ctx, plan, index)
-        done_count += 1
-        if ctx.progress:
-            ctx.progress(done_count, n)
+        outcome = run_shard(stage, ctx, plan, index, shared_item_index)
+        with lock:
+            done_count += 1
+            if ctx.progress:
+                ctx.progress(done_count, n)
         return outcome
 
     outcomes = sorted(map_shards(one, list(range(n))), key=lambda o: o.index)

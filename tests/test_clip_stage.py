@@ -132,3 +132,20 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
     with pytest.raises(StageError, match="does not exist"):
         _run(tmp_path, tmp_path / "nowhere")
+
+
+def test_source_that_gained_videos_only_processes_the_new_ones(tmp_path):
+    src = tmp_path / "grow"
+    for name, seconds in (("b.mp4", 12), ("d.mp4", 13), ("f.mp4", 14)):
+        make_video(src / name, seconds, fps=25, gop=25)
+    first = _run(tmp_path, src, "clip.shard_size=2")
+    assert first.manifest["items_computed"] == 3
+    # New videos sort between the old ones, so every shard's membership changes.
+    for name, seconds in (("a.mp4", 15), ("c.mp4", 16)):
+        make_video(src / name, seconds, fps=25, gop=25, source="smptebars")
+    refresh = _run(tmp_path, src, "clip.shard_size=2")
+    assert refresh.status == "done" and refresh.manifest["items_computed"] == 2
+    clean = _run(tmp_path, src, "clip.shard_size=2", workdir="clean")
+    cols = ["clip_id", "video_id", "start_s", "end_s", "n_frames", "source_uri"]
+    assert pd.read_parquet(tmp_path / "wd" / "clip")[cols].equals(pd.read_parquet(tmp_path / "clean" / "clip")[cols])
+    assert refresh.rows == clean.rows and len(pd.read_parquet(tmp_path / "wd" / "clip" / "_videos")) == 5
