@@ -36,6 +36,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/clip.py
+	$(PY) benchmarks/caption.py
+	$(PY) benchmarks/qa.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -174,38 +174,52 @@ QA = TableSchema(
 
 FILTER_ROLLOUTS = TableSchema(
     "filter_rollouts",
-    1,
+    2,
     pa.schema(
         [
             _f("qa_id", STRING),
-            _f("run", I32),
-            _f("response", pa.large_string()),
-            _f("predicted", STRING, nullable=True),
+            _f("run", I32, doc="0 .. filter.runs-1: the sample's index within its question's batched generation."),
+            _f("response", pa.large_string(), doc="What the base model wrote."),
+            _f("predicted", pa.large_string(), nullable=True, doc="The option letter or answer text read from the response; null if none."),
             _f("correct", BOOL),
-            _f("format_ok", BOOL),
+            _f("format_ok", BOOL, doc="The response is exactly <think>...</think><answer>...</answer> (tasks.rewards.format_reward)."),
+            _f("grader", STRING, doc="choice (letter match), match (normalised text) or judge (the LLM judge decided)."),
+            _f("tokens_out", I32),
+            _f("finished", BOOL, doc="Ended with EOS rather than at max_new_tokens."),
             _f("model", STRING),
         ]
     ),
-    "Every base-model answer drawn while filtering.",
+    "Every base-model answer drawn while filtering (filter/_rollouts/).",
 )
 
 FILTER = TableSchema(
     "filter",
-    1,
+    2,
     pa.schema(
         [
             _f("qa_id", STRING),
             _f("video_id", STRING),
+            _f("video_uri", STRING, doc="The source video (clip/_videos uri): what SFT, GRPO and eval sample frames from."),
             _f("category", STRING),
-            _f("question_type", STRING),
+            _f("question_type", STRING, doc="multiple_choice or open_ended."),
+            _f("question", pa.large_string()),
+            _f("options", pa.list_(STRING), nullable=True, doc="Option texts in A-D order; null if open-ended."),
+            _f("answer", pa.large_string(), doc="The option letter, or the answer text."),
+            _f("prompt", pa.large_string(), doc="The user turn's text after the video (tasks.prompting.user_prompt)."),
+            _f("target", pa.large_string(), doc="<think>reasoning</think><answer>answer</answer>: the SFT target (from qa)."),
             _f("n_runs", I32),
             _f("n_correct", I32),
-            _f("pass_rate", F64),
-            _f("difficulty", STRING, doc="easy, medium or hard."),
+            _f("n_format_ok", I32),
+            _f("pass_rate", F64, doc="n_correct / n_runs."),
+            _f("difficulty", STRING, doc="easy, medium or hard (filter.easy_min_pass_rate / hard_max_pass_rate)."),
+            _f("reasoning_words", I32, doc="Words in the target's reasoning."),
+            _f("quality", F64, doc="SFT quality of the target's reasoning, 0 (not eligible) to 1 (tasks/filter/labels.py)."),
             _f("split", STRING, doc="sft, rl, eval or unused."),
+            _f("model", STRING, doc="The base model that answered."),
+            _f("num_frames", I32, doc="Frames the base model saw."),
         ]
     ),
-    "Difficulty labels and split per qa item.",
+    "Difficulty labels and split per qa item, with everything SFT, GRPO and eval need to train on it.",
 )
 
 TRAIN_METRICS = TableSchema(

@@ -70,10 +70,6 @@ class ChatResult:
     attempts: int
     model: str | None = None
 
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reason == "length"
-
     def raw_text(self) -> str:
         """Everything the model wrote, reasoning included: what a failure row keeps for debugging."""
         if self.reasoning_content:
@@ -155,7 +151,6 @@ class ChatClient:
         backoff_s: float = 1.0,
         backoff_max_s: float = 60.0,
         stream: bool = False,
-        seed: int | None = None,
     ) -> None:
         self.base_url = base_url
         self._api_key = api_key
@@ -167,8 +162,7 @@ class ChatClient:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.stream = stream
-        self._rng = random.Random(seed)
-        self.attempts_sent = 0
+        self._rng = random.Random()
 
     def __repr__(self) -> str:  # never the key
         return f"ChatClient(base_url={self.base_url!r}, concurrency={self.concurrency}, stream={self.stream})"
@@ -210,7 +204,6 @@ class ChatClient:
         retry = 0
         while True:
             async with self._slots:
-                self.attempts_sent += 1
                 try:
                     async with asyncio.timeout(self.timeout_s):
                         if use_stream:

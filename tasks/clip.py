@@ -86,12 +86,12 @@ class ClipStage(Stage):
             media = f"{self.media_dir(ctx)}/{video_id}"
             workdir = ctx.workdir
             if workdir.is_local:
-                files = cut_video(local, media, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset)
+                files = cut_video(local, media, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe)
                 uris = [f.path for f in files]
             else:
                 scratch = Path(tempfile.mkdtemp(prefix="lvr-clip-"))
                 try:
-                    files = cut_video(local, scratch, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset)
+                    files = cut_video(local, scratch, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe)
                     uris = []
                     for f in files:
                         target = f"{media}/{Path(f.path).name}"

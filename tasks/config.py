@@ -123,31 +123,85 @@ class QAConfig(_Section):
     shard_size: int = Field(8, ge=1, description="Videos per shard.")
 
 
+Difficulty = Literal["easy", "medium", "hard"]
+
+
 class FilterConfig(_Section):
     backend: Literal["hf", "vllm"] = "hf"
-    model: str = "tiny"
-    runs: int = Field(10, ge=1)
+    model: str = Field("tiny", description="The base model: a local checkpoint folder, a model id already on disk, or 'tiny'.")
+    trust_remote_code: bool = False
+    runs: int = Field(10, ge=1, description="Answers drawn per question, in one batched generation (num_return_sequences / vLLM n).")
     temperature: float = Field(1.0, ge=0)
-    num_frames: int = Field(16, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="Sampling seed.")
+    num_frames: int = Field(16, ge=1, description="Frames sampled across the whole source video.")
     max_new_tokens: int = Field(256, ge=1)
-    eval_fraction: float = Field(0.2, ge=0, lt=1)
-    sft_fraction: float = Field(0.33, ge=0, le=1)
+    batch_size: int = Field(4, ge=1, description="hf backend: questions per generation call, each with `runs` sequences.")
     shard_size: int = Field(32, ge=1, description="Questions per shard.")
+    easy_min_pass_rate: float = Field(1.0, ge=0, le=1, description="An item with pass_rate >= this is easy.")
+    hard_max_pass_rate: float = Field(0.0, ge=0, le=1, description="An item with pass_rate <= this is hard; in between, medium.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each category held out for evaluation.")
+    sft_fraction: float = Field(0.33, ge=0, le=1, description="Target size of the SFT split, as a share of all items.")
+    sft_difficulties: list[Difficulty] = Field(
+        default_factory=lambda: ["easy", "hard"], description="Difficulties SFT may take (after eval), best reference reasoning first."
+    )
+    rl_difficulties: list[Difficulty] = Field(default_factory=lambda: ["medium"], description="Difficulties the RL split takes from what eval and SFT leave.")
+    sft_min_reasoning_words: int = Field(10, ge=0, description="Reference reasoning shorter than this never goes to SFT.")
+    sft_max_reasoning_words: int = Field(1024, ge=1, description="Reference reasoning longer than this never goes to SFT.")
+    split_salt: str = Field("v1", description="Hash salt of the eval and SFT draws; change it to redraw them.")
+    judge_model: str | None = Field(None, description="An LLM judging open-ended answers that normalised matching calls wrong; none: no judge.")
+    judge_base_url: str | None = None
+    judge_api_key_env: str | None = Field(None, description="Name of the environment variable holding the judge's API key.")
+    judge_concurrency: int = Field(16, ge=1)
+    judge_timeout_s: float = Field(120.0, gt=0)
+    judge_max_retries: int = Field(5, ge=0)
+    report_examples: int = Field(2, ge=0, description="Example items per difficulty shown in the report.")
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> "FilterConfig":
+        if self.hard_max_pass_rate >= self.easy_min_pass_rate:
+            raise ValueError(
+                f"hard_max_pass_rate ({self.hard_max_pass_rate}) must be below easy_min_pass_rate ({self.easy_min_pass_rate})"
+            )
+        if self.sft_min_reasoning_words > self.sft_max_reasoning_words:
+            raise ValueError("sft_min_reasoning_words must not exceed sft_max_reasoning_words")
+        return self
 
 
 class SFTConfig(_Section):
-    model: str = "tiny"
-    sp_degree: int = Field(2, ge=1)
-    nproc_per_node: int = Field(2, ge=1)
-    nnodes: int = Field(1, ge=1)
+    model: str = Field("tiny", description="Base checkpoint: a local folder, a model id already on disk, or 'tiny'.")
+    sp_degree: int = Field(2, ge=1, description="Ranks sharing one sequence (Ulysses); must divide the world size and the attention heads.")
+    nproc_per_node: int = Field(2, ge=1, description="Training processes per node (one per GPU; on CPU, gloo processes).")
+    nnodes: int = Field(1, ge=1, description="Nodes; more than one needs master_addr and the worker command run on every node (see README).")
+    node_rank: int = Field(0, ge=0, description="This node's rank in a multi-node run.")
+    master_addr: str | None = Field(None, description="Address of node 0, reachable from every node (multi-node only).")
+    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on node 0 (multi-node only).")
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     learning_rate: float = Field(1e-4, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of the steps with linear warmup; cosine decay to 0 after.")
     epochs: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(0, ge=0, description="Optimizer steps; 0 means as many as `epochs` passes over the SFT split take.")
+    micro_batch_size: int = Field(1, ge=1, description="Samples per forward pass per data-parallel replica.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute text-layer activations in backward (long sequences on GPU).")
     num_frames: int = Field(16, ge=1)
-    save_every: int = Field(50, ge=1)
+    seed: int = 0
+    save_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+
+    @model_validator(mode="after")
+    def _sp_divides_world(self) -> "SFTConfig":
+        world = self.nproc_per_node * self.nnodes
+        if world % self.sp_degree:
+            raise ValueError(f"sp_degree ({self.sp_degree}) must divide nproc_per_node x nnodes ({world})")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
+        if self.nnodes > 1 and not self.master_addr:
+            raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
+        return self
 
 
 class GRPOConfig(_Section):

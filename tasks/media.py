@@ -36,6 +36,10 @@ MediaErrorKind = Literal[
 ]
 CutMode = Literal["copy", "exact"]
 
+_MIB = 1 << 20
+_FULL_HASH_MAX_BYTES = 64 * _MIB
+_HASH_SAMPLES = 32
+_SAMPLE_BYTES = 64 << 10
 _HASH_CHUNK_BYTES = 1 << 20
 _STDERR_TAIL_CHARS = 2000
 # A video whose packets stop well before its declared duration was cut short
@@ -129,13 +133,26 @@ def stderr_tail(stderr: str) -> str:
 
 
 def content_id(path: str | os.PathLike[str]) -> str:
-    """First 16 hex chars of the sha256 of the file's bytes: same bytes, same id."""
+    """A stable id from the file's bytes (first 16 hex chars of a sha256): same bytes, same id.
+
+    Files up to `_FULL_HASH_MAX_BYTES` are hashed whole. Larger ones hash their size, first and
+    last MiB and `_HASH_SAMPLES` evenly spaced 64 KiB blocks: reading a multi-GB video only to
+    name it would cost more than cutting it. Encoded video bytes are high-entropy and container
+    indexes sit at the head or tail, so two different videos collide only if crafted to.
+    """
     file = Path(path)
-    _check_readable_file(file)
+    size = _check_readable_file(file)
     digest = hashlib.sha256()
     with file.open("rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
+        if size <= _FULL_HASH_MAX_BYTES:
+            while chunk := stream.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        else:
+            digest.update(f"sampled:{size}".encode())
+            offsets = [0, size - _MIB] + [size * k // (_HASH_SAMPLES + 1) for k in range(1, _HASH_SAMPLES + 1)]
+            for offset, length in zip(offsets, [_MIB, _MIB] + [_SAMPLE_BYTES] * _HASH_SAMPLES):
+                stream.seek(offset)
+                digest.update(stream.read(length))
     return digest.hexdigest()[:16]
 
 
@@ -423,6 +440,7 @@ def cut_video(
     crf: int = 23,
     preset: str = "veryfast",
     threads: int = 0,
+    source: VideoProbe | None = None,
 ) -> list[ClipFile]:
     """Cut `src` by `plan` in one ffmpeg pass; return the clips with their true times.
 
@@ -432,7 +450,7 @@ def cut_video(
     """
     if not stem or Path(stem).name != stem:
         raise ValueError(f"stem must be a bare file name prefix, got {stem!r}")
-    source = probe_video(src)
+    source = source or probe_video(src)  # callers that planned the cut have probed already
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{stem}-", suffix=".partial", dir=out))
@@ -516,26 +534,30 @@ def _measure_segments(work: Path, out: Path, mode: CutMode, frame_s: float) -> l
 
 
 def measure_clip(path: str | os.PathLike[str]) -> tuple[float, int]:
-    """(duration in seconds, exact frame count) of a clip's first video stream."""
+    """(duration in seconds, exact frame count) of a clip's first video stream.
+
+    Read in-process with PyAV (the same libav demuxer as ffprobe, same numbers): a clip stage
+    measures every clip it writes, and an ffprobe process per clip cost more than the cut itself.
+    """
+    import av
+
     file = Path(path)
     _check_readable_file(file)
-    result = run_tool(
-        [
-            FFPROBE, "-v", "error", "-select_streams", "v:0", "-count_packets",
-            "-show_entries", "stream=duration,nb_read_packets:format=duration",
-            "-of", "json", str(file),
-        ]
-    )
-    if result.returncode != 0:
-        raise MediaError("corrupt", f"{file}: cannot be measured: {stderr_tail(result.stderr)}")
-    info = json.loads(result.stdout)
-    streams = info.get("streams", [])
-    if not streams:
-        raise MediaError("no_video_stream", f"{file}: no video stream")
-    duration = _float_or_none(streams[0].get("duration"))
-    if duration is None:
-        duration = _float_or_none(info.get("format", {}).get("duration"))
-    n_frames = _int_or_none(streams[0].get("nb_read_packets"))
-    if duration is None or n_frames is None:
-        raise MediaError("corrupt", f"{file}: duration or frame count unknown")
+    try:
+        with av.open(str(file)) as container:
+            if not container.streams.video:
+                raise MediaError("no_video_stream", f"{file}: no video stream")
+            stream = container.streams.video[0]
+            # Our clips are MP4s whose sample table gives the exact frame count without reading
+            # the data; other containers are counted packet by packet (demux() ends with an
+            # empty flush packet, which is not a frame).
+            n_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
+            if stream.duration is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                raise MediaError("corrupt", f"{file}: duration unknown")
+    except av.error.FFmpegError as exc:
+        raise MediaError("corrupt", f"{file}: cannot be measured: {exc}") from exc
     return duration, n_frames

@@ -17,7 +17,8 @@ loop, so a slow answer (`latency_s`, a hang fault) never blocks the others.
   only" is easy to express whatever order concurrent requests arrive in.
 
 The bottom of the module holds QA fixtures: captions of a cooking video and hand-written answers in
-the shapes DeepSeek-R1 really produces, and `r1_responder`, which replays them.
+the shapes DeepSeek-R1 really produces, `r1_responder`, which replays them, and `CaptionsFixture`,
+which publishes caption rows as a complete `caption/` stage for the QA stage to read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -39,6 +40,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from data_schemas import CAPTIONS
+from tasks.artifacts import stable_hash
+from tasks.stage import ShardResult, Stage, WorkItem
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,9 @@ class OpenAITestServer:
         )
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by accepted connections: without it, Nagle and the client's delayed ACK stall every
+        # response written in two parts (headers, body) by ~40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(("127.0.0.1", 0))  # loopback only, ephemeral port
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -497,3 +505,32 @@ def r1_responder(info: RequestInfo) -> Reply:
     if is_refine_request(info):
         return refined_reply(info)
     return R1_ANSWERS[request_kind(info)]
+
+
+def caption_rows(video_id: str, captions: list[tuple[float, float, str]]) -> list[dict[str, Any]]:
+    """CAPTIONS rows of one video from (start_s, end_s, caption) triples."""
+    return [
+        {"clip_id": f"{video_id}-{i:05d}", "video_id": video_id, "start_s": a, "end_s": b, "caption": c, "model": "tiny", "backend": "hf",
+         "prompt_hash": "p", "frames_used": 8, "tokens_in": 100, "tokens_out": 30, "latency_s": 0.1}
+        for i, (a, b, c) in enumerate(captions)
+    ]
+
+
+class CaptionsFixture(Stage):
+    """Stands in for the caption stage: run with `run_stage`, it publishes the rows as a complete `caption/`."""
+
+    name = "caption"
+    code_version = "test"
+    output = CAPTIONS
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def settings(self, ctx):
+        return {"rows": stable_hash(self.rows)}
+
+    def list_items(self, ctx):
+        return [WorkItem("all", stable_hash(self.rows))]
+
+    def process_shard(self, ctx, items):
+        return ShardResult({CAPTIONS.name: CAPTIONS.from_rows(self.rows)}, [])

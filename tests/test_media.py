@@ -459,3 +459,21 @@ def test_cut_unusable_source_raises_media_error(tmp_path: Path) -> None:
     with pytest.raises(MediaError) as caught:
         cut_video(tmp_path / "absent.mp4", tmp_path / "out", plan, stem="x")
     assert caught.value.kind == "missing"
+
+
+def test_content_id_of_large_files_samples_their_bytes(tmp_path):
+    from tasks import media
+
+    size = media._FULL_HASH_MAX_BYTES + 3 * media._MIB
+    data = bytearray(os.urandom(size))
+    a = tmp_path / "a.bin"
+    a.write_bytes(data)
+    b = tmp_path / "b.bin"
+    b.write_bytes(data)
+    assert media.content_id(a) == media.content_id(b)
+    data[size // 2] ^= 0xFF  # inside a sampled block (the middle one when the sample count is odd, else near it)
+    data[-1] ^= 0xFF  # inside the last MiB, always sampled
+    b.write_bytes(data)
+    assert media.content_id(a) != media.content_id(b)
+    b.write_bytes(bytes(data) + b"x")
+    assert media.content_id(b) != media.content_id(a)

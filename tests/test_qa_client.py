@@ -78,10 +78,10 @@ def test_retry_after_is_honoured(fresh):
 
 
 def test_timeout_is_retried_and_the_server_sees_the_client_give_up(fresh):
-    fresh.faults = lambda info: Fault.hang(5) if info.attempt == 0 else None
+    fresh.faults = lambda info: Fault.hang(10) if info.attempt == 0 else None
     started = time.perf_counter()
-    result = complete(fresh, timeout_s=0.3)
-    assert result.attempts == 2 and time.perf_counter() - started < 2
+    result = complete(fresh, timeout_s=1.0)
+    assert result.attempts == 2 and time.perf_counter() - started < 5
     assert fresh.statuses()[499] == 1
 
 

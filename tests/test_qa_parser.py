@@ -11,7 +11,12 @@ from tasks.qa import parser as P
 from tasks.qa.parser import ParseFailure, parse_generation, parse_refinement, resolve_choice
 
 OPTIONS = {"A": "The man opens the door", "B": "The dog runs to the garden", "C": "A car drives past", "D": "Rain starts falling"}
-MC = {"question": "What happens after the bell rings in the video?", "options": OPTIONS, "answer": "B", "reasoning": "Step 1: 00:10-00:20 the bell rings. Step 2: 00:20-00:30 the dog runs."}
+MC = {
+    "question": "What happens after the bell rings in the video?",
+    "options": OPTIONS,
+    "answer": "B",
+    "reasoning": "Step 1: 00:10-00:20 the bell rings. Step 2: 00:20-00:30 the dog runs.",
+}
 OPEN = {"question": "Where does the dog go after the bell rings?", "answer": "To the garden", "reasoning": "00:10-00:20 bell; 00:20-00:30 garden."}
 
 
@@ -35,7 +40,7 @@ def failure(content: str, qtype: str = "multiple_choice", **kw) -> P.ItemFailure
 @pytest.mark.parametrize("reply_key", list(R1_ANSWERS))
 def test_realistic_r1_transcripts(reply_key):
     reply = R1_ANSWERS[reply_key]
-    result = parse_generation(reply.content, reply_key[1], reasoning_content=reply.reasoning_content)
+    result = parse_generation(reply.content, reply_key[1])
     if reply_key == ("Plot and Narrative", "open_ended"):  # written to speak of captions
         assert [f.kind for f in result.failures] == [P.MENTIONS_CAPTIONS] and result.failures[0].question
         return
@@ -50,7 +55,7 @@ def test_realistic_r1_transcripts(reply_key):
 
 
 def test_expected_answers_of_transcripts():
-    answers = {k: parse_generation(r.content, k[1], reasoning_content=r.reasoning_content).items for k, r in R1_ANSWERS.items()}
+    answers = {k: parse_generation(r.content, k[1]).items for k, r in R1_ANSWERS.items()}
     assert answers[("Temporal", "multiple_choice")][0].answer == "B"
     assert answers[("Goal and Purpose", "multiple_choice")][0].answer == "C"  # written "(C)", trailing commas
     assert answers[("Spatial", "multiple_choice")][0].answer == "B"  # written "B. <text>" in the layout
@@ -188,22 +193,30 @@ def test_paper_layout():
 
 
 def test_paper_layout_variants():
-    markdown = LAYOUT.replace("QUESTION:", "### **Question 1:**").replace("OPTIONS:", "**Options:**").replace("ANSWER:", "**Answer:**").replace("REASONS:", "**Reasoning:**")
+    markdown = LAYOUT
+    for plain, fancy in (("QUESTION:", "### **Question 1:**"), ("OPTIONS:", "**Options:**"), ("ANSWER:", "**Answer:**"), ("REASONS:", "**Reasoning:**")):
+        markdown = markdown.replace(plain, fancy)
     assert one(markdown).answer == "B"
     two = LAYOUT + "\n" + LAYOUT.split("</think>")[1].replace("ANSWER: (B)", "ANSWER: D. Rain starts falling").replace("after the bell", "before the bell")
     result = parse_generation(two, "multiple_choice")
     assert [i.answer for i in result.items] == ["B", "D"] and not result.failures
-    inline = "QUESTION: What happens after the bell rings?\nOPTIONS: A. The man opens the door B. The dog runs to the garden C. A car drives past D. Rain starts falling\nANSWER: B\nREASONS: 00:20-00:30 the dog runs."
+    inline = (
+        "QUESTION: What happens after the bell rings?\n"
+        "OPTIONS: A. The man opens the door B. The dog runs to the garden C. A car drives past D. Rain starts falling\n"
+        "ANSWER: B\nREASONS: 00:20-00:30 the dog runs."
+    )
     assert one(inline).options == tuple(OPTIONS.values())
     open_layout = "QUESTION: Where does the dog go?\nANSWER: To the garden\nREASONS: 00:20-00:30 the dog runs to the garden."
     assert one(open_layout, "open_ended").answer == "To the garden"
-    assert failure(LAYOUT.replace("REASONS: Step 1: the bell rings at 00:10-00:20.\nStep 2: at 00:20-00:30 the dog runs to the garden.\n", "REASONS:")).kind == P.EMPTY_REASONING
+    no_reasons = LAYOUT.split("REASONS:")[0] + "REASONS:\n"
+    assert failure(no_reasons).kind == P.EMPTY_REASONING
     assert failure(LAYOUT.replace("D. Rain starts falling\n", "")).kind == P.BAD_OPTIONS
 
 
-def test_reasoning_content_separate_from_content():
-    item = one(json.dumps(MC), reasoning_content="Let me think. QUESTION: not this one. {\"question\": \"nor this\"}")
-    assert item.question == MC["question"]
+def test_only_the_answer_after_thinking_is_parsed():
+    thinking = 'Let me think. QUESTION: not this one? {"question": "nor this?", "answer": "A"}'
+    assert one(f"<think>{thinking}</think>" + json.dumps(MC)).question == MC["question"]
+    assert one(f"{thinking}</think>" + json.dumps(MC)).question == MC["question"]
 
 
 @pytest.mark.parametrize(
@@ -226,7 +239,7 @@ def test_refinement_shapes():
     steps = "1. Checking the video at 00:10-00:20, the bell rings.\n2. In the next scene the dog runs to the garden."
     assert parse_refinement(steps) == steps
     assert parse_refinement("<think>The user wants a rewrite.</think>\n\n" + steps) == steps
-    assert parse_refinement(steps, reasoning_content="thinking about captions is fine here") == steps
+    assert parse_refinement("<think>Thinking about captions is fine here.</think>" + steps) == steps
     assert parse_refinement("**Refined reasoning:**\n" + steps) == steps
     assert parse_refinement("```\n" + steps + "\n```") == steps
     assert parse_refinement(json.dumps({"reasoning": steps})) == steps

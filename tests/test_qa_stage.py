@@ -1,7 +1,7 @@
 """The QA stage end to end through the real engine: captions in, qa/ out, against a real HTTP server.
 
-The caption input is written by a small stand-in caption stage run by `run_stage`, so the QA stage
-reads a genuine `caption/` table and manifest.
+The caption input is written by a stand-in caption stage (`CaptionsFixture`) run by `run_stage`, so
+the QA stage reads a genuine `caption/` table and manifest.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_schemas import CAPTIONS, QA
-from openai_server import KITCHEN_CAPTIONS, Fault, OpenAITestServer, Reply, is_refine_request, r1_responder, request_kind
-from tasks.artifacts import Workdir, stable_hash
+from data_schemas import QA
+from openai_server import (
+    KITCHEN_CAPTIONS, CaptionsFixture, Fault, OpenAITestServer, Reply, caption_rows, is_refine_request, r1_responder, request_kind,
+)
+from tasks.artifacts import Workdir
 from tasks.config import load_config
 from tasks.qa import parser as P
-from tasks.qa.refine import TARGET_PATTERN
+from tasks.rewards import FORMAT_PATTERN
 from tasks.qa.stage import QAStage, qa_id
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest, run_stage
+from tasks.stage import StageContext, StageError, read_manifest, run_stage
 
 KEY_ENV = "LVR_TEST_QA_KEY"
 SECRET = f"sk-secret-{uuid.uuid4().hex}"
@@ -34,36 +36,8 @@ GARDEN = [
 ]
 
 
-def caption_rows(video_id: str, captions: list[tuple[float, float, str]]) -> list[dict]:
-    return [
-        {"clip_id": f"{video_id}-{i:05d}", "video_id": video_id, "start_s": a, "end_s": b, "caption": c, "model": "tiny", "backend": "hf",
-         "prompt_hash": "p", "frames_used": 8, "tokens_in": 100, "tokens_out": 30, "latency_s": 0.1}
-        for i, (a, b, c) in enumerate(captions)
-    ]
-
-
-class CaptionsFixture(Stage):
-    """Stands in for the caption stage: publishes the given rows as a complete `caption/`."""
-
-    name = "caption"
-    code_version = "test"
-    output = CAPTIONS
-
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def settings(self, ctx):
-        return {"rows": stable_hash(self.rows)}
-
-    def list_items(self, ctx):
-        return [WorkItem("all", stable_hash(self.rows))]
-
-    def process_shard(self, ctx, items):
-        return ShardResult({CAPTIONS.name: CAPTIONS.from_rows(self.rows)}, [])
-
-
 def make_ctx(root: Path, rows: list[dict], server: OpenAITestServer | None = None, **over) -> StageContext:
-    overrides = {"qa.timeout_s": 0.5, "qa.backoff_s": 0.01, "qa.concurrency": 4, **over}
+    overrides = {"qa.timeout_s": 10.0, "qa.backoff_s": 0.01, "qa.concurrency": 4, **over}
     if server is not None:
         overrides = {"qa.backend": "openai", "qa.base_url": server.base_url, "qa.api_key_env": KEY_ENV, "qa.model": "deepseek-r1", **overrides}
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", overrides))
@@ -116,7 +90,7 @@ def kitchen_faults(info):
     if kind == ("Goal and Purpose", "open_ended"):
         return Fault.malformed(MALFORMED_TEXT)
     if kind == ("Spatial", "multiple_choice") and info.attempt == 0:
-        return Fault.hang(3.0)  # past the 0.5 s timeout: retried
+        return Fault.hang(4.0)  # past the test's 1 s timeout: retried
     return None
 
 
@@ -125,7 +99,7 @@ def test_faults_become_rows_or_failure_rows_and_reruns_are_free(tmp_path, key, c
     rows = caption_rows("kitchen", KITCHEN_CAPTIONS) + caption_rows("single", KITCHEN_CAPTIONS[:1])
     root = tmp_path / "wd"
     with OpenAITestServer(r1_responder, faults=kitchen_faults, api_key=SECRET) as server:
-        ctx = make_ctx(root, rows, server)
+        ctx = make_ctx(root, rows, server, **{"qa.timeout_s": 1.0})
         report = run_stage(QAStage(), ctx)
         assert report.status == "done"
 
@@ -136,7 +110,7 @@ def test_faults_become_rows_or_failure_rows_and_reruns_are_free(tmp_path, key, c
         assert dict(zip(table["category"], table["answer"])) == {"Temporal": "B", "Goal and Purpose": "C", "Spatial": "B", "Plot and Narrative": "B"}
         for row in table.itertuples():
             assert row.qa_id == qa_id("kitchen", row.category, row.question_type, row.question)
-            assert len(row.options) == 4 and TARGET_PATTERN.match(row.target)
+            assert len(row.options) == 4 and FORMAT_PATTERN.match(row.target)
             assert row.target == f"<think>{row.refined_reasoning}</think><answer>{row.answer}</answer>"
             assert "caption" not in row.refined_reasoning.lower() and "Checking the video" in row.refined_reasoning
             assert row.generator_model == row.refiner_model == "deepseek-r1"
@@ -153,12 +127,16 @@ def test_faults_become_rows_or_failure_rows_and_reruns_are_free(tmp_path, key, c
         assert detail[P.TRUNCATED] == TRUNCATED_TEXT and detail[P.MALFORMED] == MALFORMED_TEXT  # raw text kept
         assert "The captions at 00:00-00:10" in detail[P.REFINE_MENTIONS_CAPTIONS]
         assert "According to the captions" in detail[P.MENTIONS_CAPTIONS]
-        msg = dict(zip(fails["error_kind"], fails["item_id"] + " | " + fails["message"]))
-        assert msg[P.TRUNCATED].startswith("kitchen/Temporal/open_ended | kitchen/Temporal/open_ended:")
-        assert msg["too_few_clips"].startswith("single | ")
+        # Keyed by video like the rows; the message names the request, and the qa id when there is a question.
+        assert dict(zip(fails["error_kind"], fails["item_id"])) == {k: "single" if k == "too_few_clips" else "kitchen" for k in kinds}
+        msg = dict(zip(fails["error_kind"], fails["message"]))
+        assert msg[P.TRUNCATED].startswith("kitchen/Temporal/open_ended: ")
+        caption_qa = qa_id("kitchen", "Plot and Narrative", "open_ended", "According to the captions, what is the story arc of the video?")
+        assert msg[P.MENTIONS_CAPTIONS].startswith(f"kitchen/Plot and Narrative/open_ended qa {caption_qa}: ")
 
         statuses = server.statuses()
-        assert statuses[500] == 1 and statuses[429] == 1 and statuses[503] == 1 and statuses[499] == 1
+        assert statuses[500] == 1 and statuses[429] == 1 and statuses[503] == 1
+        assert statuses[499] >= 1  # the hang (a loaded machine may time out another request too: it is retried)
         generation = [r for r in server.requests if not is_refine_request(r)]
         assert len({json.dumps(r.body, sort_keys=True) for r in generation}) == 8  # 4 categories x 2 types, once each
         assert all(r.headers["authorization"] == f"Bearer {SECRET}" for r in server.requests)
@@ -238,6 +216,21 @@ def test_crash_then_rerun_pays_only_for_unanswered_requests(tmp_path, key):
         assert server.total_requests == len(cache_files(root)) - answered  # only what was never answered
 
 
+def test_new_video_costs_only_its_own_requests(tmp_path, key):
+    rows = caption_rows("kitchen", KITCHEN_CAPTIONS) + caption_rows("garden", GARDEN)
+    with OpenAITestServer(r1_responder, api_key=SECRET) as server:
+        ctx = make_ctx(tmp_path / "wd", rows, server, **{"qa.shard_size": 2})
+        first = run_stage(QAStage(), ctx)
+        server.reset_counters()
+        ctx = make_ctx(tmp_path / "wd", caption_rows("allotment", GARDEN[1:]) + rows, server, **{"qa.shard_size": 2})
+        report = run_stage(QAStage(), ctx)  # "allotment" sorts first: every shard changes
+    assert report.manifest["items_computed"] == 1 and report.rows == first.rows + 7
+    assert report.failures == first.failures + 1  # the old videos' failure rows came along with their rows
+    generation = [r for r in server.requests if not is_refine_request(r)]
+    assert len(generation) == 8 and all("From 00:12 to 00:24: He fills" in r.text and "From 00:00" not in r.text for r in generation)
+    assert sorted(set(failures(tmp_path / "wd")["item_id"])) == ["allotment", "garden", "kitchen"]
+
+
 def test_unreachable_endpoint_stops_the_stage(tmp_path, key):
     with OpenAITestServer(r1_responder, faults=lambda info: Fault.server_error(502), api_key=SECRET) as server:
         ctx = make_ctx(tmp_path / "wd", caption_rows("garden", GARDEN), server, **{"qa.max_retries": 1})
@@ -260,17 +253,22 @@ def test_template_backend_offline_on_tiny_model_captions(tmp_path):
         "slow ly the bowl Ġx red ing <think> tom ato", "qu ick she pan steam caption zz 1 2", "green table of es ! sl ow a the",
         "slow ly the bowl Ġx red ing <think> tom ato", "</answer> pan pan table red qu zz", "ato es she green 2 1 ow sl",
     ])]
-    rows = caption_rows("kitchen", KITCHEN_CAPTIONS) + caption_rows("gibberish", gibberish) + caption_rows("pair", GARDEN[:2]) + caption_rows("single", GARDEN[:1])
+    rows = [
+        *caption_rows("kitchen", KITCHEN_CAPTIONS), *caption_rows("gibberish", gibberish),
+        *caption_rows("pair", GARDEN[:2]), *caption_rows("single", GARDEN[:1]),
+    ]
     report = run_stage(QAStage(), make_ctx(tmp_path / "a", rows))
     table = qa_table(tmp_path / "a")
     assert set(table["category"]) == {"Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"}
     assert set(table["question_type"]) == {"multiple_choice", "open_ended"}
     assert (table[table["video_id"] == "kitchen"].shape[0], table[table["video_id"] == "pair"].shape[0]) == (8, 4)
     assert (table["video_id"] == "gibberish").sum() >= 6
-    assert all(TARGET_PATTERN.match(t) for t in table["target"]) and table["qa_id"].is_unique
+    assert all(FORMAT_PATTERN.match(t) for t in table["target"]) and table["qa_id"].is_unique
     assert set(table["generator_model"]) == {"lvr-template-v1"} and set(table["prompt_version"]) == {"template-v1"}
     assert table["prompt_tokens"].isna().all() and table["generation_key"].isna().all()
     assert list(failures(tmp_path / "a")["error_kind"]) == ["too_few_clips"]
+    summary = QAStage().report_markdown(make_ctx(tmp_path / "a", rows), report.manifest)
+    assert "| Temporal | multiple_choice | 2 |" in summary  # kitchen, gibberish; two clips cannot order three moments and "| `too_few_clips` | 1 |" in summary
     assert not (tmp_path / "a" / "qa" / "_llm_cache").exists()
     # Deterministic: another workdir, same bytes of data.
     run_stage(QAStage(), make_ctx(tmp_path / "b", rows))

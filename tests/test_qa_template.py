@@ -15,7 +15,8 @@ from openai_server import KITCHEN_CAPTIONS
 from tasks.qa.captions import Clip, VideoCaptions, caption_lines, mmss
 from tasks.qa.parser import parse_generation, parse_refinement
 from tasks.qa.prompts import CATEGORIES, LETTERS, QUESTION_TYPES
-from tasks.qa.refine import TARGET_PATTERN, build_target
+from tasks.qa.refine import build_target
+from tasks.rewards import FORMAT_PATTERN
 from tasks.qa.template import distinctive_snippets, draft_questions, render_answer, rewrite_reasoning
 
 QUOTE = re.compile(r"\u201c(.*?)\u201d")
@@ -100,7 +101,7 @@ def test_every_answer_matches_the_captions(v):
                 refined = parse_refinement(rewrite_reasoning(item.reasoning))
                 assert "caption" not in refined.lower() and set(SPAN.findall(refined)) == cited
                 assert "Checking the video at" in refined
-                assert TARGET_PATTERN.match(build_target(refined, item.answer))
+                assert FORMAT_PATTERN.match(build_target(refined, item.answer))
                 produced += 1
     assert produced >= 8  # every category and type is formed on these videos, several questions each
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,7 @@ class ParseFailure(ValueError):
 
 _CAPTION_WORD = re.compile(r"\bcaption", re.IGNORECASE)
 _TAGS = re.compile(r"</?\s*(?:think|answer)\s*>", re.IGNORECASE)
+_CLOSER = re.compile(r"\s*[}\]]")
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 _KEY_ALIASES = {
     "question": ("question", "q", "query"),
@@ -100,15 +102,13 @@ _BARE_LETTER = re.compile(rf"^{_ANSWER_PHRASE}?\(?\s*([A-Da-d])\s*\)?[.!]?$")
 _LETTER_THEN_TEXT = re.compile(rf"^{_ANSWER_PHRASE}?(?:\(([A-Da-d])\)|([A-D])\s*[.):：-]|([a-d])[.)])\s*(.+)$", re.DOTALL)
 
 
-def split_thinking(content: str, reasoning_content: str | None = None) -> tuple[str, str]:
-    """(thinking, answer text) of a raw completion."""
+def strip_thinking(content: str) -> str:
+    """The answer part of a completion (thinking delivered as `reasoning_content` never reaches here)."""
     if "</think>" in content:
-        thinking, _, answer = content.rpartition("</think>")
-        return (reasoning_content or "") + thinking.replace("<think>", ""), answer.strip()
+        return content.rpartition("</think>")[2].strip()
     if "<think>" in content:  # opened and never closed: the model ran out before answering
-        before, _, thinking = content.partition("<think>")
-        return (reasoning_content or "") + thinking, before.strip()
-    return reasoning_content or "", content.strip()
+        return content.partition("<think>")[0].strip()
+    return content.strip()
 
 
 def mentions_captions(text: str) -> bool:
@@ -159,21 +159,22 @@ def _drop_trailing_commas(text: str) -> str:
             continue
         if ch == '"':
             in_string = True
-        elif ch == ",":
-            rest = text[i + 1 :].lstrip()
-            if rest[:1] in ("}", "]"):
-                continue
+        elif ch == "," and _CLOSER.match(text, i + 1):
+            continue
         out.append(ch)
     return "".join(out)
 
 
 def _loads(text: str) -> Any:
     # strict=False: R1 writes literal newlines inside JSON strings.
-    for attempt in (text, _drop_trailing_commas(text)):
-        try:
-            return json.loads(attempt, strict=False)
-        except json.JSONDecodeError:
-            pass
+    try:
+        return json.loads(text, strict=False)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return json.loads(_drop_trailing_commas(text), strict=False)
+    except json.JSONDecodeError:
+        pass
     # Typographic quotes used as JSON delimiters; only tried last, since they are legal inside strings.
     smart = text.replace("\u201c", '"').replace("\u201d", '"')
     if smart != text:
@@ -181,16 +182,14 @@ def _loads(text: str) -> Any:
     raise ValueError("not JSON")
 
 
-def _json_values(text: str) -> list[Any]:
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    values = []
-    for candidate in candidates:
+def _json_values(text: str) -> Iterator[Any]:
+    """Every JSON value in the text, fenced ones first (lazily: the first good one usually ends the search)."""
+    for candidate in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
         for span in _balanced_spans(candidate):
             try:
-                values.append(_loads(span))
+                yield _loads(span)
             except ValueError:
                 continue
-    return values
 
 
 def _norm_key(key: str) -> str:
@@ -234,26 +233,21 @@ def _records(value: Any) -> list[dict[str, Any]]:
 
 
 def _layout_records(text: str) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    current: dict[str, list[str]] | None = None
+    """Records of labelled sections; each QUESTION label starts a new record."""
+    records: list[dict[str, list[str]]] = []
     field = None
     for line in text.splitlines():
         m = _LAYOUT_LABEL.match(line)
         if m:
             label = m.group("label").lower()
             field = {"choices": "options", "correct answer": "answer", "reasons": "reasoning", "reason": "reasoning"}.get(label, label)
-            if field == "question" or current is None:
-                current = {}
-                records.append(current)  # type: ignore[arg-type]
-            current[field] = [m.group("rest")]
-        elif current is not None and field is not None:
-            current[field].append(line)
-    out = []
-    for rec in records:
-        joined = {k: "\n".join(v).strip().strip("*").strip() for k, v in rec.items()}
-        if "question" in joined:
-            out.append(joined)
-    return out
+            if field == "question" or not records:
+                records.append({})
+            records[-1][field] = [m.group("rest")]
+        elif records and field is not None:
+            records[-1][field].append(line)
+    joined = [{k: "\n".join(v).strip().strip("*").strip() for k, v in rec.items()} for rec in records]
+    return [rec for rec in joined if "question" in rec]
 
 
 def extract_records(answer_text: str) -> list[dict[str, Any]]:
@@ -379,11 +373,11 @@ def validate_record(record: dict[str, Any], question_type: str) -> ParsedItem:
     return ParsedItem(question, tuple(options) if options is not None else None, answer, reasoning)
 
 
-def parse_generation(content: str, question_type: str, *, reasoning_content: str | None = None, finish_reason: str | None = "stop") -> ParseResult:
+def parse_generation(content: str, question_type: str, *, finish_reason: str | None = "stop") -> ParseResult:
     """All valid items of one generation answer, and one failure per invalid item (or for the whole)."""
     if finish_reason == "length":
         return ParseResult([], [ItemFailure(TRUNCATED, "the answer was cut at the token limit (finish_reason=length)")])
-    _, answer_text = split_thinking(content, reasoning_content)
+    answer_text = strip_thinking(content)
     if not answer_text:
         return ParseResult([], [ItemFailure(NO_ANSWER, "the model wrote no answer after its thinking")])
     records = extract_records(answer_text)
@@ -402,11 +396,11 @@ def parse_generation(content: str, question_type: str, *, reasoning_content: str
 _HEADING = re.compile(r"^\s*[*#_ ]*(?:refined|rewritten|revised|concise)?\s*reasoning\s*[*_ ]*:[*_ ]*", re.IGNORECASE)
 
 
-def parse_refinement(content: str, *, reasoning_content: str | None = None, finish_reason: str | None = "stop") -> str:
+def parse_refinement(content: str, *, finish_reason: str | None = "stop") -> str:
     """The rewritten reasoning of a refinement answer; ParseFailure if unusable as a training target."""
     if finish_reason == "length":
         raise ParseFailure(REFINE_TRUNCATED, "the refinement was cut at the token limit (finish_reason=length)")
-    _, text = split_thinking(content, reasoning_content)
+    text = strip_thinking(content)
     fenced = _FENCE.search(text)
     if fenced and not text[: fenced.start()].strip():
         text = fenced.group(1)

@@ -1,18 +1,15 @@
 """The refinement step's contract: what the refiner is told the answer is, and the training target.
 
-The target is exactly what the GRPO format reward checks, `TARGET_PATTERN`:
-`<think>{refined reasoning}</think><answer>{answer}</answer>`, the answer being the option letter
-for multiple-choice questions and the answer text for open-ended ones.
+The target is `<think>{refined reasoning}</think><answer>{answer}</answer>`, the answer being the
+option letter for multiple-choice questions and the answer text for open-ended ones: exactly what
+the GRPO format reward checks (`tasks.rewards.FORMAT_PATTERN`).
 """
 
 from __future__ import annotations
 
-import re
-
 from tasks.qa.parser import ParsedItem
 from tasks.qa.prompts import LETTERS
-
-TARGET_PATTERN = re.compile(r"^<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>$", re.DOTALL)
+from tasks.rewards import FORMAT_PATTERN
 
 
 def display_answer(item: ParsedItem) -> str:
@@ -25,5 +22,5 @@ def display_answer(item: ParsedItem) -> str:
 def build_target(refined_reasoning: str, answer: str) -> str:
     target = f"<think>{refined_reasoning.strip()}</think><answer>{answer.strip()}</answer>"
     # The parser rejects tags in answers and refinements; this guards the format the reward relies on.
-    assert TARGET_PATTERN.match(target), target
+    assert FORMAT_PATTERN.match(target), target
     return target

@@ -6,9 +6,11 @@ request; a refined item becomes a row with its training target. Requests of a sh
 concurrently (asyncio, at most `qa.concurrency` in flight) and rows come out in a fixed order
 whatever order answers arrive in.
 
-Failure rows (the run goes on): an answer that does not parse or an item that fails validation
-(kind from `tasks.qa.parser`, detail = the raw answer), a request that still fails after its
-retries (`request_<kind>`, `refine_request_<kind>`), a video with fewer than two captioned clips
+Failure rows (the run goes on), keyed by video id like the rows (so the engine can reuse a video's
+rows and failures together), the message naming the request (`<video>/<category>/<type>`) and the
+qa id when there is one: an answer that does not parse or an item that fails validation (kind from
+`tasks.qa.parser`, detail = the raw answer), a request that still fails after its retries
+(`request_<kind>`, `refine_request_<kind>`), a video with fewer than two captioned clips
 (`too_few_clips`), a question asked twice for a video (`duplicate_question`). The stage stops
 instead when failing on would be wrong: the endpoint refuses us (401/403/404: the key, the model or
 the URL is wrong), the key's variable is unset, or every request of a shard failed (the endpoint is
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import Any
 
-from data_schemas import CAPTIONS, QA
+from data_schemas import CAPTIONS, FAILURES, QA
 from models.openai_client import ChatRequestError
-from tasks.artifacts import Failure, stable_hash
+from tasks.artifacts import FAILURES_FILE, Failure, read_table_file, stable_hash
 from tasks.config import QAConfig
 from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
 from tasks.qa.cache import CACHE_DIR, AnswerCache
@@ -61,6 +64,7 @@ class QAStage(Stage):
     code_version = "1"
     inputs = ("caption",)
     output = QA
+    item_columns = {QA.name: "video_id"}
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
         settings = ctx.config.section(self.name)
@@ -75,9 +79,6 @@ class QAStage(Stage):
         except PromptError as exc:
             raise StageError(f"qa: {exc}") from None
         return settings
-
-    def shard_size(self, ctx: StageContext) -> int:
-        return ctx.config.qa.shard_size  # not from settings(), which leaves it out
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:
         table = read_stage_table(ctx.workdir, "caption", CAPTIONS).select(CAPTION_COLUMNS)
@@ -94,6 +95,15 @@ class QAStage(Stage):
         cache = AnswerCache(ctx.workdir.fs, ctx.stage_path(self.name, CACHE_DIR))
         rows, failures = asyncio.run(run_videos(ctx.config.qa, cache, [it.payload["video"] for it in items]))
         return ShardResult({QA.name: QA.from_rows(rows)}, failures)
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        """Items per category and question type, and failures per kind: where generation goes wrong."""
+        items = Counter(zip(*read_stage_table(ctx.workdir, self.name, QA).select(["category", "question_type"]).to_pydict().values()))
+        kinds = Counter(read_table_file(ctx.workdir.fs, ctx.stage_path(self.name, FAILURES_FILE), FAILURES).column("error_kind").to_pylist())
+        lines = ["| category | question type | items |", "|---|---|---|"]
+        lines += [f"| {c} | {t} | {n} |" for (c, t), n in sorted(items.items())]
+        lines += ["", "| failure kind | count |", "|---|---|"] + [f"| `{k}` | {n} |" for k, n in kinds.most_common()]
+        return "\n".join(lines)
 
 
 async def run_videos(cfg: QAConfig, cache: AnswerCache, videos: list[VideoCaptions]) -> tuple[list[dict[str, Any]], list[Failure]]:
@@ -140,7 +150,7 @@ async def _video(cfg: QAConfig, backend: Backend, video: VideoCaptions) -> tuple
         failures += request_failures
         for row in request_rows:
             if row["qa_id"] in seen:
-                failures.append(Failure(row["qa_id"], "duplicate_question", f"{video.video_id}: asked twice: {row['question']!r}"))
+                failures.append(Failure(video.video_id, "duplicate_question", f"qa {row['qa_id']}: asked twice: {row['question']!r}"))
                 continue
             seen.add(row["qa_id"])
             rows.append(row)
@@ -155,19 +165,19 @@ async def _request(
     try:
         generated = await backend.generate(video, category, qtype, cfg.questions_per_request)
     except ChatRequestError as exc:
-        return [], [Failure(rid, f"request_{exc.kind}", f"{rid}: no answer after {exc.attempts} attempt(s): {exc}")]
+        return [], [Failure(video.video_id, f"request_{exc.kind}", f"{rid}: no answer after {exc.attempts} attempt(s): {exc}")]
     if generated is None:
         log.debug("qa: %s cannot be formed from this video's captions", rid)
         return [], []
     result = generated.result
-    parsed = parse_generation(result.content, qtype, reasoning_content=result.reasoning_content, finish_reason=result.finish_reason)
+    parsed = parse_generation(result.content, qtype, finish_reason=result.finish_reason)
     raw = result.raw_text()
     failures = [
-        Failure(qa_id(video.video_id, category, qtype, f.question) if f.question else rid, f.kind, f"{rid}: {f.message}", raw)
+        Failure(video.video_id, f.kind, f"{_where(rid, video.video_id, category, qtype, f.question)}: {f.message}", raw)
         for f in parsed.failures
     ]
     ids = [qa_id(video.video_id, category, qtype, item.question) for item in parsed.items]
-    refined = await asyncio.gather(*(_refine(backend, item, item_id, rid) for item, item_id in zip(parsed.items, ids)))
+    refined = await asyncio.gather(*(_refine(backend, item, video.video_id, f"{rid} qa {i}") for item, i in zip(parsed.items, ids)))
     rows = []
     for item, item_id, outcome in zip(parsed.items, ids, refined):
         if isinstance(outcome, Failure):
@@ -177,16 +187,20 @@ async def _request(
     return rows, failures
 
 
-async def _refine(backend: Backend, item: ParsedItem, item_id: str, rid: str) -> tuple[Answer, str] | Failure:
+def _where(rid: str, video_id: str, category: str, qtype: str, question: str | None) -> str:
+    return f"{rid} qa {qa_id(video_id, category, qtype, question)}" if question else rid
+
+
+async def _refine(backend: Backend, item: ParsedItem, video_id: str, where: str) -> tuple[Answer, str] | Failure:
     try:
         answer = await backend.refine(item)
     except ChatRequestError as exc:
-        return Failure(item_id, f"refine_request_{exc.kind}", f"{rid}: refinement got no answer after {exc.attempts} attempt(s): {exc}")
+        return Failure(video_id, f"refine_request_{exc.kind}", f"{where}: refinement got no answer after {exc.attempts} attempt(s): {exc}")
     result = answer.result
     try:
-        text = parse_refinement(result.content, reasoning_content=result.reasoning_content, finish_reason=result.finish_reason)
+        text = parse_refinement(result.content, finish_reason=result.finish_reason)
     except ParseFailure as exc:
-        return Failure(item_id, exc.kind, f"{rid}: {exc.message}", result.raw_text())
+        return Failure(video_id, exc.kind, f"{where}: {exc.message}", result.raw_text())
     return answer, text
 
 

@@ -31,6 +31,7 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tasks.artifacts import stable_hash
@@ -55,7 +56,7 @@ def _normal(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def _windows(words: list[str]):
+def _windows(words: list[str]) -> Iterator[str]:
     for size in sorted({min(s, len(words)) for s in SNIPPET_WORDS}):
         for start in range(len(words) - size + 1):
             window = words[start : start + size]
