@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from typing import Any
 
@@ -38,11 +39,21 @@ def make_captioner(cfg: CaptionConfig) -> Captioner:
     return VLLMCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
 
 
+# C0 control characters other than tab/newline, and the tags our training targets are made of:
+# a caption carrying them would corrupt every target built from it.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_RESERVED_TAGS = re.compile(r"</?(?:think|answer)>")
+
+
+def clean_caption(text: str) -> str:
+    return _RESERVED_TAGS.sub(" ", _CONTROL.sub("", text)).strip()
+
+
 def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
     """Why a caption must not enter the dataset, or None when it is fine."""
     if result.error_kind:
         return result.error_kind, result.error or ""
-    text = result.caption.strip()
+    text = clean_caption(result.caption)
     if not text:
         return "empty_caption", "the model returned no text"
     words = text.split()
@@ -53,7 +64,7 @@ def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
 
 class CaptionStage(Stage):
     name = "caption"
-    code_version = "1"
+    code_version = "2"  # 2: control characters and reasoning tags removed from captions
     inputs = ("clip",)
     output = CAPTIONS
     item_columns = {CAPTIONS.name: "clip_id"}
@@ -99,7 +110,7 @@ class CaptionStage(Stage):
             rows.append(
                 {
                     "clip_id": p["clip_id"], "video_id": p["video_id"], "start_s": p["start_s"], "end_s": p["end_s"],
-                    "caption": result.caption.strip(), "model": cfg.model, "backend": cfg.backend,
+                    "caption": clean_caption(result.caption), "model": cfg.model, "backend": cfg.backend,
                     "prompt_hash": prompt_hash(cfg.prompt), "frames_used": result.frames_used,
                     "tokens_in": result.tokens_in, "tokens_out": result.tokens_out, "latency_s": round(result.latency_s, 4),
                 }

@@ -24,7 +24,7 @@ MEDIA_DIR = "_media"
 
 class ClipStage(Stage):
     name = "clip"
-    code_version = "1"
+    code_version = "2"  # 2: sampled content ids for files over 64 MiB
     output = CLIPS
     side_outputs = (VIDEOS,)
     item_columns = {CLIPS.name: "source_uri", VIDEOS.name: "uri"}

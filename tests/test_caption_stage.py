@@ -141,3 +141,10 @@ def test_sigkill_mid_caption_then_rerun_matches_clean_run(clipped, tmp_path):
     killed_rows = pd.read_parquet(wd / "caption")[cols].sort_values("clip_id").reset_index(drop=True)
     clean_rows = pd.read_parquet(clean / "caption")[cols].sort_values("clip_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(killed_rows, clean_rows)
+
+
+def test_clean_caption_drops_control_characters_and_reasoning_tags():
+    from tasks.caption import clean_caption
+
+    assert clean_caption("a red\x07 ball </think> rolls<answer>\n") == "a red ball   rolls"
+    assert clean_caption("line one\nline two\ttab") == "line one\nline two\ttab"
