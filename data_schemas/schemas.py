@@ -239,23 +239,50 @@ TRAIN_METRICS = TableSchema(
 
 EVAL_ITEMS = TableSchema(
     "eval_items",
+    2,
+    pa.schema(
+        [
+            _f("eval_id", STRING, doc="<model>::<num_frames, 5 digits>::<qa_id>: one model's answer to one item at one frame count."),
+            _f("model", STRING, doc="The eval.models entry: base, sft, grpo, or a checkpoint path / model id."),
+            _f("model_path", STRING, doc="What was loaded: the resolved checkpoint folder or model id."),
+            _f("qa_id", STRING),
+            _f("video_id", STRING),
+            _f("category", STRING),
+            _f("question_type", STRING, doc="multiple_choice or open_ended."),
+            _f("num_frames", I32, doc="Frames asked for across the whole source video (the frames-sweep axis)."),
+            _f("frames_used", I32, doc="Frames the model saw (read_frames rounds up to the temporal patch and caps at the video's frames)."),
+            _f("samples", I32, doc="Answers drawn (1: greedy; more: sampled, then majority vote)."),
+            _f("prediction", pa.large_string(), nullable=True, doc="The option letter or answer text read from the response (the majority's); null if none."),
+            _f("correct", BOOL, doc="tasks.rewards' verdict on the prediction."),
+            _f("votes", I32, doc="Samples that gave the prediction."),
+            _f("n_correct", I32, doc="Samples that were right (pass@k is n_correct > 0)."),
+            _f("format_ok", BOOL, doc="The chosen response is exactly <think>...</think><answer>...</answer>."),
+            _f("response", pa.large_string(), doc="The chosen response: the first sample that gave the prediction (else the first sample)."),
+            _f("response_length", I32, doc="Tokens of the chosen response."),
+            _f("finished", BOOL, doc="The chosen response ended with EOS rather than at eval.max_new_tokens."),
+        ]
+    ),
+    "Per model, frame count and eval item: the model's answer and whether it was right.",
+)
+
+EVAL_SUMMARY = TableSchema(
+    "eval_summary",
     1,
     pa.schema(
         [
             _f("model", STRING),
-            _f("qa_id", STRING),
-            _f("category", STRING),
+            _f("category", STRING, doc="A reasoning category, or Overall (every item of the model at that frame count)."),
             _f("num_frames", I32),
-            _f("prediction", pa.large_string()),
-            _f("correct", BOOL),
-            _f("response_length", I32),
+            _f("n", I32, doc="Items answered (items that failed, e.g. an unreadable video, are in eval/_failures.parquet)."),
+            _f("correct", I32),
+            _f("accuracy", F64, doc="correct / n."),
         ]
     ),
-    "Per model and eval item: the prediction and whether it was right.",
+    "Accuracy per model, category and frame count (eval/_summary/).",
 )
 
 SCHEMAS: dict[str, TableSchema] = {
-    s.name: s for s in (FAILURES, VIDEOS, CLIPS, CAPTIONS, QA, FILTER_ROLLOUTS, FILTER, TRAIN_METRICS, EVAL_ITEMS)
+    s.name: s for s in (FAILURES, VIDEOS, CLIPS, CAPTIONS, QA, FILTER_ROLLOUTS, FILTER, TRAIN_METRICS, EVAL_ITEMS, EVAL_SUMMARY)
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -220,10 +220,37 @@ class GRPOConfig(_Section):
 
 
 class EvalConfig(_Section):
-    models: list[str] = Field(default_factory=lambda: ["base", "sft", "grpo"])
-    samples: int = Field(1, ge=1)
-    num_frames: int = Field(16, ge=1)
-    frames_sweep: list[int] = Field(default_factory=list)
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "sft", "grpo"],
+        description="Models to score: base (filter.model), sft (<workdir>/sft/model), grpo (<workdir>/grpo/model), or a "
+        "checkpoint folder / model id. sft and grpo are skipped with a note when their stage has not produced a model.",
+    )
+    num_frames: int = Field(16, ge=1, description="Frames sampled across the whole source video.")
+    frames_sweep: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="More frame counts to score every model at (accuracy versus frames); costs one pass each."
+    )
+    samples: int = Field(1, ge=1, description="Answers per question: 1 is greedy; more are sampled and the majority answer is graded.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature when samples > 1.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when samples > 1.")
+    seed: int = Field(0, description="Sampling seed (samples > 1).")
+    max_new_tokens: int = Field(1024, ge=1)
+    batch_size: int = Field(4, ge=1, description="Questions per generation call.")
+    trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own modelling code (NVILA/VILA).")
+    shard_size: int = Field(32, ge=1, description="Questions per shard (of one model at one frame count).")
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> "EvalConfig":
+        if not self.models:
+            raise ValueError("models must name at least one model")
+        repeated = sorted({m for m in self.models if self.models.count(m) > 1})
+        if repeated:
+            raise ValueError(f"models lists {', '.join(repeated)} more than once")
+        return self
+
+    @property
+    def frame_counts(self) -> list[int]:
+        """Every frame count scored: `num_frames` and the sweep, ascending."""
+        return sorted({self.num_frames, *self.frames_sweep})
 
 
 class PipelineConfig(_Section):

@@ -256,9 +256,13 @@ async def judge_grades(judge: LLMJudge, key: AnswerKey, grades: Sequence[Grade])
     Raises what the judge raises (`ChatRequestError`, `JudgeError`)."""
     if key.question_type != OPEN_ENDED:
         return list(grades)
-    ask = sorted({normalize_answer(g.predicted or ""): g.predicted for g in grades if not g.correct and normalize_answer(g.predicted or "")}.items())
-    verdicts = await asyncio.gather(*(judge(key.question, key.answer, candidate) for _, candidate in ask))
-    decided = {normal: verdict for (normal, _), verdict in zip(ask, verdicts)}
+    candidates: dict[str, str] = {}  # normalised prediction -> one way it was written
+    for g in grades:
+        normal = normalize_answer(g.predicted or "")
+        if not g.correct and normal:
+            candidates.setdefault(normal, g.predicted or "")
+    verdicts = await asyncio.gather(*(judge(key.question, key.answer, text) for text in candidates.values()))
+    decided = dict(zip(candidates, verdicts))
     out = []
     for g in grades:
         normal = normalize_answer(g.predicted or "")

@@ -95,6 +95,12 @@ class Stage:
         """What of the config this stage's output depends on (hashed into fingerprints)."""
         return ctx.config.section(self.name)
 
+    def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
+        """What of the settings a shard's result depends on (hashed into shard keys). Narrower than
+        `settings` for stages whose `finalize` uses settings the shards do not: changing only those
+        reruns the stage but reuses every shard."""
+        return self.settings(ctx)
+
     def shard_size(self, ctx: StageContext) -> int:
         return int(ctx.config.section(self.name).get("shard_size", 1))
 
@@ -131,6 +137,15 @@ class Stage:
             return ctx.stage_path(self.name)
         return ctx.stage_path(self.name, f"_{schema.name}")
 
+    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
+        """Write one of the stage's final tables where readers look for it; returns the files.
+
+        Default: part files in `table_dir`. A stage whose folder also holds other outputs (a
+        training stage's `model/`, which Arrow's dataset discovery would try to read) writes a
+        single named file instead.
+        """
+        return write_dataset(ctx.workdir.fs, self.table_dir(ctx, schema), table, schema)
+
     @property
     def all_outputs(self) -> tuple[TableSchema, ...]:
         return (self.output, *self.side_outputs)
@@ -143,7 +158,7 @@ class StagePlan:
     input_fingerprints: dict[str, str]
     settings: dict[str, Any]
     cached: bool
-    recipe: str = ""  # hash of what turns an item into rows: stage, code version, settings
+    recipe: str = ""  # hash of what turns an item into rows: stage, code version, shard settings
     shards: tuple[tuple[WorkItem, ...], ...] = ()
     shard_keys: tuple[str, ...] = ()
 
@@ -200,7 +215,7 @@ def plan_stage(stage: Stage, ctx: StageContext) -> StagePlan:
     items = sorted(stage.list_items(ctx), key=lambda it: it.item_id)
     size = max(1, stage.shard_size(ctx))
     shards = tuple(tuple(items[i : i + size]) for i in range(0, len(items), size))
-    recipe = stable_hash({"stage": stage.name, "code": stage.code_version, "settings": settings})
+    recipe = stable_hash({"stage": stage.name, "code": stage.code_version, "settings": stage.shard_settings(ctx)})
     # Content-addressed shard keys: a shard is reused whenever the same items meet the same
     # recipe, even if unrelated upstream items changed the stage fingerprint.
     keys = tuple(stable_hash({"recipe": recipe, "items": [it.key for it in shard]}) for shard in shards)
@@ -341,8 +356,8 @@ def finalize_stage(
 
     table_info = {}
     for schema in stage.all_outputs:
-        directory = stage.table_dir(ctx, schema)
-        files = write_dataset(fs, directory, tables[schema.name], schema)
+        files = stage.publish_table(ctx, schema, tables[schema.name])
+        directory = files[0].rsplit("/", 1)[0]
         table_info[schema.name] = {
             "schema": schema.name,
             "schema_version": schema.version,

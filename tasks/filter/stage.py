@@ -1,0 +1,243 @@
+"""Filter stage: the base model answers every question `filter.runs` times; labels, splits, exports, report.
+
+Items are QA rows (item id = qa id). A shard reads each of its videos once (`filter.num_frames`
+frames across the whole source video, with the one frame-sampling function), puts every question
+to the base model in the training prompt format (`tasks.prompting`) and draws all of its answers
+in one batched generation (`tasks.filter.rollouts`), grades them (`tasks.rewards`; optionally an
+LLM judge for open-ended answers) and writes one row per question (`filter/`) and one per answer
+(`filter/_rollouts/`).
+
+Labels and splits need the whole dataset, so `finalize` sets them (`tasks.filter.labels`; shard
+results hold "pending"), then writes the exports (`filter/_exports/`, `tasks.exports`) and the
+report (`<workdir>/report/filter.md` and PNGs) before the engine publishes. Only the rollout
+settings key the shards (`shard_settings`): changing thresholds, split rules or the report reruns
+the stage in seconds, reusing every answer already drawn.
+
+Failure rows (the run goes on): a question whose video is not in `clip/_videos`
+(`unknown_video`) or cannot be read (`unreadable_video`), a malformed item (`bad_item`), a judge
+that gives no usable verdict (`judge_<kind>`). The stage stops instead when the judge endpoint
+refuses us (401/403/404) or its key's variable is unset: every item would fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from data_schemas import FILTER, FILTER_ROLLOUTS, QA, VIDEOS, TableSchema
+from models.video import FrameSampling, SampledFrames, read_frames
+from models.vlm import Generation
+from tasks.artifacts import Failure, stable_hash
+from tasks.config import FilterConfig
+from tasks.exports import EXPORTS_DIR, write_exports
+from tasks.filter.labels import label_rows, reasoning_words
+from tasks.filter.report import REPORT_FILE, write_filter_report
+from tasks.filter.rollouts import RolloutRequest, Sampler, make_sampler
+from tasks.prompting import LETTERS, MULTIPLE_CHOICE, OPEN_ENDED, prompt_fingerprint, prompt_messages, user_prompt
+from tasks.report_charts import inline_images, read_report_file
+from tasks.rewards import AnswerKey, Grade, JudgeError, LLMJudge, grade, judge_grades
+from tasks.sources import local_copy
+from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_stage_table
+
+log = logging.getLogger("lvr.filter")
+
+# How the judge is reached, not what it decides: left out of the fingerprint.
+RUNTIME_SETTINGS = ("shard_size", "judge_base_url", "judge_api_key_env", "judge_concurrency", "judge_timeout_s", "judge_max_retries")
+# What an answer depends on; everything else only changes labels, splits, exports or the report.
+ROLLOUT_SETTINGS = (
+    "backend", "model", "trust_remote_code", "runs", "temperature", "top_p", "seed", "num_frames", "max_new_tokens",
+    "batch_size", "judge_model", "prompt_version",
+)
+ITEM_COLUMNS = ("qa_id", "video_id", "category", "question_type", "question", "options", "answer", "target")
+PENDING = "pending"  # difficulty and split of a shard row, until finalize labels the whole dataset
+ROLLOUTS_DIR = "_rollouts"
+
+
+def item_problem(p: dict[str, Any]) -> str | None:
+    """Why a QA row cannot be put to the model, or None."""
+    if p["question_type"] == OPEN_ENDED:
+        return None if p["answer"].strip() else "empty answer"
+    if p["question_type"] != MULTIPLE_CHOICE:
+        return f"unknown question type {p['question_type']!r}"
+    options = p["options"] or []
+    if len(options) < 2 or len(options) > len(LETTERS):
+        return f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {len(options)}"
+    if p["answer"].strip().upper() not in LETTERS[: len(options)]:
+        return f"answer {p['answer']!r} is not one of the option letters {LETTERS[: len(options)]}"
+    return None
+
+
+def judge_all(cfg: FilterConfig, pending: Sequence[tuple[AnswerKey, list[Grade]]]) -> list[list[Grade] | BaseException]:
+    """The judge's verdicts on the open-ended misses of every item; an item's exception in its place."""
+    from models.openai_client import ChatClient, MissingAPIKey, read_api_key
+
+    assert cfg.judge_model is not None
+    try:
+        api_key = read_api_key(cfg.judge_api_key_env)
+    except MissingAPIKey as exc:
+        raise StageError(f"filter: judge: {exc}") from None
+
+    async def run() -> list[list[Grade] | BaseException]:
+        async with ChatClient(
+            base_url=cfg.judge_base_url, api_key=api_key, concurrency=cfg.judge_concurrency, timeout_s=cfg.judge_timeout_s,
+            max_retries=cfg.judge_max_retries,
+        ) as client:
+            judge = LLMJudge(client, cfg.judge_model)
+            return await asyncio.gather(*(judge_grades(judge, key, grades) for key, grades in pending), return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+def read_item_videos(items: Sequence[WorkItem], num_frames: int) -> tuple[list[tuple[WorkItem, SampledFrames]], list[Failure]]:
+    """Each good item with its video's frames (read once per video; items of one video kept
+    together, so a batch of them shares one encoding), and failure rows for the others."""
+    failures: list[Failure] = []
+    by_video: dict[str | None, list[WorkItem]] = {}
+    for item in items:
+        problem = item_problem(item.payload)
+        if problem:
+            failures.append(Failure(item.item_id, "bad_item", problem))
+        else:
+            by_video.setdefault(item.payload["video_uri"], []).append(item)
+    ready: list[tuple[WorkItem, SampledFrames]] = []
+    for uri, group in by_video.items():
+        if uri is None:
+            failures += [Failure(it.item_id, "unknown_video", f"video {it.payload['video_id']} is not in clip/_videos") for it in group]
+            continue
+        try:
+            with local_copy(uri) as path:
+                frames = read_frames(str(path), FrameSampling(num_frames=num_frames))
+        except Exception as exc:  # a missing or corrupt video fails its questions, not the shard
+            failures += [Failure(it.item_id, "unreadable_video", f"{uri}: {type(exc).__name__}: {exc}") for it in group]
+            continue
+        ready += [(it, frames) for it in group]
+    return ready, failures
+
+
+class FilterStage(Stage):
+    name = "filter"
+    code_version = "1"
+    inputs = ("qa", "clip")
+    output = FILTER
+    side_outputs = (FILTER_ROLLOUTS,)
+    item_columns = {FILTER.name: "qa_id", FILTER_ROLLOUTS.name: "qa_id"}
+
+    def __init__(self) -> None:
+        self._sampler: Sampler | None = None
+        self._lock = threading.Lock()
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in RUNTIME_SETTINGS:
+            settings.pop(key)
+        settings["prompt_version"] = prompt_fingerprint()
+        return settings
+
+    def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = self.settings(ctx)
+        return {key: settings[key] for key in ROLLOUT_SETTINGS}
+
+    def shard_size(self, ctx: StageContext) -> int:
+        return ctx.config.filter.shard_size  # not from settings(), which leaves it out
+
+    def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
+        if schema.name == FILTER_ROLLOUTS.name:
+            return ctx.stage_path(self.name, ROLLOUTS_DIR)
+        return super().table_dir(ctx, schema)
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        videos = {r["video_id"]: r["uri"] for r in read_stage_table(ctx.workdir, "clip", VIDEOS, "_videos").to_pylist()}
+        items = []
+        for row in read_stage_table(ctx.workdir, "qa", QA).select(list(ITEM_COLUMNS)).to_pylist():
+            payload = {**row, "video_uri": videos.get(row["video_id"])}
+            items.append(WorkItem(row["qa_id"], key=stable_hash(payload), payload=payload))
+        return items
+
+    def sampler(self, ctx: StageContext) -> Sampler:
+        # Loaded once per stage run and shared by its shards: loading a model dwarfs a shard.
+        with self._lock:
+            if self._sampler is None:
+                self._sampler = make_sampler(ctx.config.filter)
+            return self._sampler
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        cfg = ctx.config.filter
+        ready, failures = read_item_videos(items, cfg.num_frames)
+        requests = [
+            RolloutRequest(it.item_id, prompt_messages(it.payload["question"], it.payload["question_type"], it.payload["options"]), frames)
+            for it, frames in ready
+        ]
+        generations = self.sampler(ctx).sample(requests) if requests else []
+        keys = [AnswerKey.from_row(it.payload) for it, _ in ready]
+        plain = [[grade(g.text, key) for g in gens] for key, gens in zip(keys, generations)]
+        grades: list[list[Grade] | BaseException] = judge_all(cfg, list(zip(keys, plain))) if cfg.judge_model else list(plain)
+
+        rows: list[dict[str, Any]] = []
+        rollouts: list[dict[str, Any]] = []
+        for (item, frames), gens, item_grades in zip(ready, generations, grades):
+            if isinstance(item_grades, BaseException):
+                failures.append(self._judge_failure(item.item_id, item_grades))
+                continue
+            rows.append(self._row(cfg, item, frames, item_grades))
+            rollouts += [self._rollout(cfg, item.item_id, run, gen, g) for run, (gen, g) in enumerate(zip(gens, item_grades))]
+        return ShardResult({FILTER.name: FILTER.from_rows(rows), FILTER_ROLLOUTS.name: FILTER_ROLLOUTS.from_rows(rollouts)}, failures)
+
+    @staticmethod
+    def _judge_failure(item_id: str, exc: BaseException) -> Failure:
+        from models.openai_client import ChatRequestError
+
+        if isinstance(exc, ChatRequestError):
+            if exc.fatal:
+                raise StageError(f"filter: the judge endpoint refused the request ({exc}); check judge_base_url, judge_model and the key") from exc
+            return Failure(item_id, f"judge_{exc.kind}", f"the judge gave no answer after {exc.attempts} attempt(s): {exc}")
+        if isinstance(exc, JudgeError):
+            return Failure(item_id, "judge_unparseable", str(exc))
+        raise exc
+
+    @staticmethod
+    def _row(cfg: FilterConfig, item: WorkItem, frames: SampledFrames, grades: list[Grade]) -> dict[str, Any]:
+        p = item.payload
+        n_correct = sum(g.correct for g in grades)
+        return {
+            **{k: p[k] for k in ITEM_COLUMNS},
+            "video_uri": p["video_uri"],
+            "prompt": user_prompt(p["question"], p["question_type"], p["options"]),
+            "n_runs": len(grades),
+            "n_correct": n_correct,
+            "n_format_ok": sum(g.format_ok for g in grades),
+            "pass_rate": n_correct / len(grades),
+            "difficulty": PENDING,
+            "reasoning_words": reasoning_words(p["target"]),
+            "quality": 0.0,
+            "split": PENDING,
+            "model": cfg.model,
+            "num_frames": len(frames),
+        }
+
+    @staticmethod
+    def _rollout(cfg: FilterConfig, qa_id: str, run: int, gen: Generation, g: Grade) -> dict[str, Any]:
+        return {
+            "qa_id": qa_id, "run": run, "response": gen.text, "predicted": g.predicted, "correct": g.correct,
+            "format_ok": g.format_ok, "grader": g.method, "tokens_out": gen.tokens_out, "finished": gen.finished, "model": cfg.model,
+        }
+
+    def finalize(
+        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
+    ) -> tuple[dict[str, pa.Table], list[Failure]]:
+        cfg = ctx.config.filter
+        rows = label_rows(tables[FILTER.name].to_pylist(), cfg)
+        rollouts = tables[FILTER_ROLLOUTS.name].sort_by([("qa_id", "ascending"), ("run", "ascending")])
+        exports = ctx.stage_path(self.name, EXPORTS_DIR)
+        write_exports(ctx.workdir.fs, exports, rows)
+        write_filter_report(ctx.workdir, rows, rollouts, failures, cfg, ctx.workdir.uri(self.name, EXPORTS_DIR))
+        log.info("filter: %d items labelled; exports in %s, report in %s", len(rows), exports, ctx.workdir.uri("report", REPORT_FILE))
+        return {FILTER.name: FILTER.from_rows(rows), FILTER_ROLLOUTS.name: rollouts}, failures
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        data = read_report_file(ctx.workdir, REPORT_FILE)
+        return inline_images(data.decode(), ctx.workdir) if data is not None else None
