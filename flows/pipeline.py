@@ -13,12 +13,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.artifacts import Workdir
-from tasks.config import STAGE_ORDER, StageName, load_config
+from tasks.config import STAGE_ORDER, ExecutionConfig, StageName, load_config
 from tasks.pipeline import resolve_source, run_pipeline
 from tasks.registry import get_stage
-from tasks.stage import ShardOutcome, StageContext, StageReport, read_manifest, run_stage
+from tasks.stage import ShardOutcome, ShardWork, StageContext, StageError, StageReport, read_manifest, run_stage
 
 
 @task(name="shard", task_run_name="{stage}-shard-{index}", cache_policy=NO_CACHE, persist_result=False)
@@ -26,18 +27,36 @@ def shard_task(stage: str, index: int, work: Any) -> ShardOutcome:
     return work(index)
 
 
-def _prefect_mapper(stage: str, workers: int, retries: int, retry_delay_s: float):
-    """Shards as Prefect tasks, at most `workers` in flight whatever task runner the flow has."""
-    shard = shard_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+def shard_task_runner(execution: ExecutionConfig) -> TaskRunner:
+    """Where shard tasks run: threads of this process, worker processes, or a Ray cluster."""
+    if execution.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise StageError("execution.task_runner=ray needs the `ray` extra: pip install -c constraints.txt '.[ray]'") from exc
+        return RayTaskRunner(address=execution.ray_address)
+    if execution.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=execution.shard_workers)
+    return ThreadPoolTaskRunner(max_workers=execution.shard_workers)
 
-    def map_shards(fn, indices: list[int]) -> list[ShardOutcome]:
+
+def _prefect_mapper(stage: str, execution: ExecutionConfig):
+    """Shards as Prefect tasks with retries, at most `shard_workers` in flight."""
+    shard = shard_task.with_options(retries=execution.shard_retries, retry_delay_seconds=execution.shard_retry_delay_s)
+    in_process = execution.task_runner == "threads"
+
+    def map_shards(work: ShardWork, indices: list[int]) -> list[ShardOutcome]:
         pending = deque(indices)
         running: deque = deque()
         outcomes = []
-        while pending or running:
-            while pending and len(running) < workers:
-                running.append(shard.submit(stage, pending.popleft(), fn))
-            outcomes.append(running.popleft().result())
+        with shard_task_runner(execution) as runner:
+            while pending or running:
+                while pending and len(running) < execution.shard_workers:
+                    running.append(runner.submit(shard, {"stage": stage, "index": pending.popleft(), "work": work}))
+                outcome = running.popleft().result()
+                if not in_process:
+                    work.record(outcome)  # the remote copy cannot report progress here
+                outcomes.append(outcome)
         return outcomes
 
     return map_shards
@@ -66,8 +85,7 @@ def execute_stage(name: str, ctx: StageContext) -> StageReport:
         logger.info("%s: %d/%d shards done", name, done, total)
 
     ctx.progress = progress
-    mapper = _prefect_mapper(name, execution.shard_workers, execution.shard_retries, execution.shard_retry_delay_s)
-    report = run_stage(stage, ctx, map_shards=mapper)
+    report = run_stage(stage, ctx, map_shards=_prefect_mapper(name, execution))
     logger.info("%s: %s, %d rows, %d failures", name, report.status, report.rows, report.failures)
     markdown = _summary_markdown(report)
     extra = stage.report_markdown(ctx, report.manifest)

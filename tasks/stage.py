@@ -408,11 +408,83 @@ def _collect_garbage(stage: Stage, ctx: StageContext, plan: StagePlan) -> None:
             fs.rm(path, recursive=True)
 
 
-ShardMapper = Callable[[Callable[[int], ShardOutcome], list[int]], list[ShardOutcome]]
+class ShardWork:
+    """One stage run's shard work as a callable `work(index) -> ShardOutcome`.
+
+    In-process (serial or thread pool) it uses the live stage, so a model loaded for one shard
+    serves the next. Pickled for another process (a Ray worker), it travels as plain data (stage
+    name, workdir URL, config, source, plan) and rebuilds the stage there, once per process and
+    recipe. Progress is recorded by whoever holds the original: `__call__` in-process, the
+    dispatcher via `record` for remote runs.
+    """
+
+    def __init__(self, stage: Stage, ctx: StageContext, plan: StagePlan) -> None:
+        self.stage, self.ctx, self.plan = stage, ctx, plan
+        self._lock = threading.Lock()
+        self._item_index: ItemIndex | None = None
+        self._done = 0
+        self._local = True
+
+    def item_index(self) -> ItemIndex:
+        # Built on first need (a plan whose shards are all done never scans), then shared.
+        with self._lock:
+            if self._item_index is None:
+                self._item_index = build_item_index(self.stage, self.ctx, self.plan.recipe)
+            return self._item_index
+
+    def run(self, index: int) -> ShardOutcome:
+        return run_shard(self.stage, self.ctx, self.plan, index, self.item_index)
+
+    def __call__(self, index: int) -> ShardOutcome:
+        outcome = self.run(index)
+        if self._local:
+            self.record(outcome)
+        return outcome
+
+    def record(self, outcome: ShardOutcome) -> None:
+        with self._lock:
+            self._done += 1
+            done = self._done
+        if self.ctx.progress:
+            self.ctx.progress(done, len(self.plan.shards))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name, "workdir": self.ctx.workdir.url, "config": self.ctx.config.model_dump(mode="json"),
+            "source": self.ctx.source, "plan": self.plan,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tasks.config import PipelineConfig
+
+        self.stage = _process_stage(state["stage"], state["plan"].recipe)
+        self.ctx = StageContext(Workdir(state["workdir"]), PipelineConfig.model_validate(state["config"]), state["source"])
+        self.plan = state["plan"]
+        self._lock = threading.Lock()
+        self._item_index = None
+        self._done = 0
+        self._local = False
 
 
-def serial_map(fn: Callable[[int], ShardOutcome], indices: list[int]) -> list[ShardOutcome]:
-    return [fn(i) for i in indices]
+_PROCESS_STAGES: dict[tuple[str, str], Stage] = {}
+_PROCESS_STAGES_LOCK = threading.Lock()
+
+
+def _process_stage(name: str, recipe: str) -> Stage:
+    """One stage instance per worker process and recipe, so its model loads once per process."""
+    from tasks.registry import get_stage
+
+    with _PROCESS_STAGES_LOCK:
+        if (name, recipe) not in _PROCESS_STAGES:
+            _PROCESS_STAGES[(name, recipe)] = get_stage(name)
+        return _PROCESS_STAGES[(name, recipe)]
+
+
+ShardMapper = Callable[[ShardWork, list[int]], list[ShardOutcome]]
+
+
+def serial_map(work: ShardWork, indices: list[int]) -> list[ShardOutcome]:
+    return [work(i) for i in indices]
 
 
 def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_map) -> StageReport:
@@ -426,30 +498,8 @@ def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_
         log.info("%s: cached (fingerprint %s)", stage.name, plan.fingerprint)
         return StageReport(stage.name, "cached", manifest)
     begin_stage(stage, ctx)
-    n = len(plan.shards)
-    done_count = 0
-    lock = threading.Lock()  # shards may finish concurrently
-
-    index_lock = threading.Lock()
-    item_index: list[ItemIndex] = []
-
-    def shared_item_index() -> ItemIndex:
-        # Built on first need (a fully cached plan never scans), then shared by every shard.
-        with index_lock:
-            if not item_index:
-                item_index.append(build_item_index(stage, ctx, plan.recipe))
-            return item_index[0]
-
-    def one(index: int) -> ShardOutcome:
-        nonlocal done_count
-        outcome = run_shard(stage, ctx, plan, index, shared_item_index)
-        with lock:
-            done_count += 1
-            if ctx.progress:
-                ctx.progress(done_count, n)
-        return outcome
-
-    outcomes = sorted(map_shards(one, list(range(n))), key=lambda o: o.index)
+    work = ShardWork(stage, ctx, plan)
+    outcomes = sorted(map_shards(work, list(range(len(plan.shards)))), key=lambda o: o.index)
     manifest = finalize_stage(stage, ctx, plan, outcomes, started_at, started)
     return StageReport(stage.name, "done", manifest)
 

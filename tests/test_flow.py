@@ -71,3 +71,19 @@ def test_unimplemented_stage_fails_the_flow_with_its_name(tmp_path):
     with pytest.raises(StageNotImplemented, match=f"stage '{pending[0]}' is not implemented yet"):
         lvr_pipeline(workdir=str(tmp_path / "wd"), from_stage=pending[0], to_stage=pending[0])
     assert not (tmp_path / "wd" / pending[0]).exists()
+
+
+def test_shards_in_worker_processes_give_the_same_rows(tmp_path):
+    """`execution.task_runner=processes`: shard work is pickled as data and rebuilt in another process."""
+    src = tmp_path / "src"
+    make_video(src / "a.mp4", 12, fps=25, gop=25)
+    make_video(src / "b.mp4", 11, fps=25, gop=25, source="smptebars")
+    common = ["clip.shard_size=1"]
+    threads = lvr_pipeline(source=str(src), workdir=str(tmp_path / "threads"), to_stage="clip", overrides=common)
+    procs = lvr_pipeline(
+        source=str(src), workdir=str(tmp_path / "procs"), to_stage="clip",
+        overrides=[*common, "execution.task_runner=processes", "execution.shard_workers=2"],
+    )
+    assert procs["results"]["clip"]["rows"] == threads["results"]["clip"]["rows"] > 0
+    cols = ["clip_id", "start_s", "end_s", "n_frames"]
+    assert pd.read_parquet(tmp_path / "procs" / "clip")[cols].equals(pd.read_parquet(tmp_path / "threads" / "clip")[cols])
