@@ -14,12 +14,14 @@ PYTEST_ARGS ?=
 
 setup: system-deps $(STAMP)
 
-# Debian's ffmpeg (ffprobe too) and the font the sample videos burn labels with.
+# Debian's ffmpeg (ffprobe too), the font the sample videos burn labels with, and chromium
+# (the report test renders the HTML report headless).
 system-deps:
-	@if ! command -v ffprobe >/dev/null 2>&1 || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then \
-		echo "installing ffmpeg and fonts-dejavu-core from Debian"; \
+	@if ! command -v ffprobe >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 \
+		|| [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then \
+		echo "installing ffmpeg, fonts-dejavu-core and chromium from Debian"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg fonts-dejavu-core >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg fonts-dejavu-core chromium >/dev/null; \
 	fi
 
 $(STAMP):

@@ -4,6 +4,7 @@ from data_schemas.schemas import (
     CAPTIONS,
     CLIPS,
     EVAL_ITEMS,
+    EVAL_SUMMARY,
     FAILURES,
     FILTER,
     FILTER_ROLLOUTS,
@@ -18,6 +19,6 @@ from data_schemas.schemas import (
 )
 
 __all__ = [
-    "CAPTIONS", "CLIPS", "EVAL_ITEMS", "FAILURES", "FILTER", "FILTER_ROLLOUTS", "QA", "SCHEMAS",
+    "CAPTIONS", "CLIPS", "EVAL_ITEMS", "EVAL_SUMMARY", "FAILURES", "FILTER", "FILTER_ROLLOUTS", "QA", "SCHEMAS",
     "TRAIN_METRICS", "VIDEOS", "SchemaError", "TableSchema", "get_schema", "validate_table",
 ]

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per-stage status of a workdir")
     status.add_argument("workdir")
 
+    report = sub.add_parser("report", help="rebuild <workdir>/report/index.html")
+    report.add_argument("workdir")
+
     sample = sub.add_parser("sample-videos", help="write the built-in synthetic sample videos")
     sample.add_argument("dir")
     sample.add_argument("--overwrite", action="store_true")
@@ -141,6 +144,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.artifacts import Workdir
+    from tasks.report import build_report
+
+    if not Workdir(args.workdir).exists():
+        print(f"lvr: no workdir at {args.workdir}", file=sys.stderr)
+        return EXIT_USAGE
+    print(build_report(args.workdir))
+    return 0
+
+
 def cmd_stages(_: argparse.Namespace) -> int:
     from tasks.registry import is_implemented
 
@@ -181,7 +195,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "sample-videos": cmd_sample_videos,
+COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "sample-videos": cmd_sample_videos,
             "models": cmd_models, "config": cmd_config}
 
 

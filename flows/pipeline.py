@@ -10,7 +10,12 @@ from collections import deque
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -19,6 +24,7 @@ from tasks.artifacts import Workdir
 from tasks.config import STAGE_ORDER, ExecutionConfig, StageName, load_config
 from tasks.pipeline import resolve_source, run_pipeline
 from tasks.registry import get_stage
+from tasks.report.progress import FanOut, TerminalProgress, engine_progress
 from tasks.stage import ShardOutcome, ShardWork, StageContext, StageError, StageReport, read_manifest, run_stage
 
 
@@ -75,16 +81,36 @@ def _summary_markdown(report: StageReport) -> str:
     )
 
 
+class PrefectProgress:
+    """A stage's progress as a Prefect progress artifact (the bar in the flow run's UI)."""
+
+    def __init__(self) -> None:
+        self.artifact_id = None
+        self.total = 0
+        self.done = 0
+
+    def start(self, stage: str, total: int, unit: str = "shards") -> None:
+        self.total, self.done = total, 0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=f"lvr-{stage}-progress", description=f"lvr {stage}: {unit} done"
+        )
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, progress=100.0 * self.done / max(1, self.total))
+
+    def finish(self) -> None:
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, progress=100.0)
+
+
 def execute_stage(name: str, ctx: StageContext) -> StageReport:
     """Run one stage with its shards as Prefect tasks; must be called inside a flow run."""
     stage = get_stage(name)
     execution = ctx.config.execution
     logger = get_run_logger()
-
-    def progress(done: int, total: int) -> None:
-        logger.info("%s: %d/%d shards done", name, done, total)
-
-    ctx.progress = progress
+    ctx.progress = engine_progress(FanOut([TerminalProgress(), PrefectProgress()]), name)
     report = run_stage(stage, ctx, map_shards=_prefect_mapper(name, execution))
     logger.info("%s: %s, %d rows, %d failures", name, report.status, report.rows, report.failures)
     markdown = _summary_markdown(report)
@@ -92,6 +118,9 @@ def execute_stage(name: str, ctx: StageContext) -> StageReport:
     if extra:
         markdown += "\n" + extra
     create_markdown_artifact(markdown=markdown, key=f"lvr-{name}", description=f"lvr {name} stage summary")
+    rows = stage.report_table(ctx, report.manifest)
+    if rows:
+        create_table_artifact(table=rows, key=f"lvr-{name}-table", description=f"lvr {name} results")
     return report
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from tasks.artifacts import MANIFEST, WORK_DIR, Workdir, read_json, write_json_atomic
 from tasks.config import STAGE_ORDER, PipelineConfig, cache_dir
 from tasks.registry import get_stage
+from tasks.report import update_report
 from tasks.stage import StageContext, StageNotImplemented, StageReport, read_manifest, run_stage
 
 log = logging.getLogger("lvr.pipeline")
@@ -102,6 +103,7 @@ def run_pipeline(
                 "wall_time_s": report.manifest.get("wall_time_s"),
             }
             record.save(workdir)
+            update_report(workdir)
         record.status = "completed"
     except BaseException:
         record.status = "failed"
@@ -109,6 +111,7 @@ def run_pipeline(
     finally:
         record.finished_at = datetime.now(timezone.utc).isoformat()
         record.save(workdir)
+        update_report(workdir)  # a failed run's report shows where it stopped
     return record
 
 

@@ -132,6 +132,10 @@ class Stage:
         """Stage-specific findings (tables, chart links) appended to the stage's Prefect artifact."""
         return None
 
+    def report_table(self, ctx: StageContext, manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Rows for a Prefect table artifact of the stage's results (e.g. accuracy per category)."""
+        return None
+
     def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
         if schema.name == self.output.name:
             return ctx.stage_path(self.name)
@@ -499,6 +503,8 @@ def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_
         return StageReport(stage.name, "cached", manifest)
     begin_stage(stage, ctx)
     work = ShardWork(stage, ctx, plan)
+    if ctx.progress:
+        ctx.progress(0, len(plan.shards))  # progress shows from the start, not after the first shard
     outcomes = sorted(map_shards(work, list(range(len(plan.shards)))), key=lambda o: o.index)
     manifest = finalize_stage(stage, ctx, plan, outcomes, started_at, started)
     return StageReport(stage.name, "done", manifest)

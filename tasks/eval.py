@@ -1,0 +1,391 @@
+"""Eval stage: every model of `eval.models` answers the eval split; accuracy per reasoning category.
+
+Items are (model, frame count, eval question) triples, id `<model>::<frames>::<qa_id>`, so shards
+hold one model at one frame count (ids sort that way) and a model loads once per stage run.
+A shard reads each video once per frame count (the one frame-sampling function, across the whole
+source video as in training), puts each question to the model with the prompt the filter stage
+stored for it (the training prompt, `tasks.prompting`), draws `eval.samples` answers from one
+encoding of the video (greedy for one sample), takes the majority answer and grades it with
+`tasks.rewards.grade`. Outputs: `eval/` (EVAL_ITEMS, one row per item), `eval/_summary/`
+(EVAL_SUMMARY: model x category x frames, and an Overall row), `report/eval.md` with its charts.
+
+Models: `base` is `filter.model` (the model the dataset was filtered with), `sft` / `grpo` the
+model the stage of that name wrote under the workdir, anything else a checkpoint folder or model
+id. A missing sft / grpo model is skipped with a note; once it exists, its manifest fingerprint
+enters the stage's inputs and the items' keys, so retraining reruns exactly that model's items.
+
+Failure rows (the run goes on): a malformed item (`bad_item`), a video that is unknown
+(`unknown_video`) or unreadable (`unreadable_video`). A model that cannot be loaded stops the stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TableSchema
+from models.vlm import Generation, HFVideoLM, VideoPrompt, video_messages
+from tasks.artifacts import Failure, Workdir, stable_hash
+from tasks.config import EvalConfig
+from tasks.filter.labels import EVAL
+from tasks.filter.rollouts import sampling_seed
+from tasks.filter.stage import read_item_videos
+from tasks.prompting import MULTIPLE_CHOICE
+from tasks.qa.prompts import CATEGORIES
+from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
+from tasks.report_charts import inline_images, markdown_table, read_report_file, write_report_file
+from tasks.rewards import AnswerKey, Grade, grade, normalize_answer
+from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest, read_stage_table
+
+log = logging.getLogger("lvr.eval")
+
+BASE = "base"
+TRAINED_STAGES = ("sft", "grpo")  # eval.models keywords naming the model a stage of the same name trains
+MODEL_DIR = "model"  # where sft and grpo save their model (tasks.sft.trainer.MODEL_DIR)
+OVERALL = "Overall"
+SUMMARY_DIR = "_summary"
+REPORT_FILE = "eval.md"
+# How work is grouped and what models may run, not what they answer.
+EXECUTION_KEYS = ("shard_size", "trust_remote_code")
+# What one answer depends on besides its model, frame count and question (those key the items).
+ANSWER_SETTINGS = ("samples", "temperature", "top_p", "seed", "max_new_tokens", "batch_size")
+SAMPLING_KEYS = ("temperature", "top_p", "seed")  # unused by greedy answers (samples == 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# What is evaluated
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalExample:
+    """One eval question and what it takes to pose and grade it."""
+
+    qa_id: str
+    video_id: str
+    video_uri: str
+    category: str
+    question_type: str
+    question: str
+    options: list[str] | None
+    answer: str
+    prompt: str  # the user turn's text after the video, as the model was trained with it
+
+
+def eval_examples(filter_rows: Iterable[dict[str, Any]]) -> list[EvalExample]:
+    """The eval split of the filter table, by qa_id: the only place that maps the filter table's
+    columns to eval questions."""
+    examples = [
+        EvalExample(
+            r["qa_id"], r["video_id"], r["video_uri"], r["category"], r["question_type"], r["question"],
+            list(r["options"]) if r["options"] is not None else None, r["answer"], r["prompt"],
+        )
+        for r in filter_rows
+        if r["split"] == EVAL
+    ]
+    return sorted(examples, key=lambda e: e.qa_id)
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    label: str  # the eval.models entry
+    path: str  # what HFVideoLM loads
+    identity: str  # changes whenever the weights behind `path` may have changed
+
+
+def _folder_signature(path: Path) -> str:
+    """Names, sizes and modification times of a checkpoint folder's files: cheap, and it changes
+    when the folder is rewritten (hashing the weights of a 7B model would not be cheap)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return stable_hash([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[list[EvalModel], list[str]]:
+    """The models to score, in `eval.models` order, and a note per entry skipped."""
+    models, notes = [], []
+    for entry in cfg.models:
+        if entry == BASE:
+            models.append(EvalModel(entry, base_model, stable_hash({"ref": base_model})))
+        elif entry in TRAINED_STAGES:
+            manifest = read_manifest(workdir, entry)
+            if manifest is None or not workdir.exists(entry, MODEL_DIR):
+                notes.append(f"{entry}: skipped, the {entry} stage has not produced {workdir.uri(entry, MODEL_DIR)} yet")
+                continue
+            models.append(EvalModel(entry, workdir.path(entry, MODEL_DIR), manifest["fingerprint"]))
+        else:
+            folder = Path(entry).expanduser()
+            identity = _folder_signature(folder) if folder.is_dir() else ""
+            models.append(EvalModel(entry, str(folder.resolve()) if folder.exists() else entry, stable_hash({"ref": entry, "files": identity})))
+    return models, notes
+
+
+def eval_id(model: str, num_frames: int, qa_id: str) -> str:
+    return f"{model}::{num_frames:05d}::{qa_id}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Answering and grading
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalRequest:
+    qa_id: str
+    prompt: VideoPrompt
+
+
+class Answerer(Protocol):
+    def answer(self, requests: Sequence[EvalRequest]) -> list[list[Generation]]:
+        """`eval.samples` generations per request, in request order."""
+        ...
+
+
+@dataclass
+class HFAnswerer:
+    """transformers on this machine: `batch_size` questions per call, each call's videos through
+    the vision tower once, all samples drawn from that encoding."""
+
+    lm: HFVideoLM
+    cfg: EvalConfig
+
+    def answer(self, requests: Sequence[EvalRequest]) -> list[list[Generation]]:
+        cfg = self.cfg
+        sampled = cfg.samples > 1
+        results: list[list[Generation]] = []
+        for start in range(0, len(requests), cfg.batch_size):
+            batch = requests[start : start + cfg.batch_size]
+            encoded = self.lm.encode([r.prompt for r in batch])
+            results += self.lm.generate_encoded(
+                encoded, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.samples,
+                temperature=cfg.temperature if sampled else 0.0, top_p=cfg.top_p,
+                seed=sampling_seed([r.qa_id for r in batch], cfg.seed) if sampled else None,
+            )
+        return results
+
+
+def vote_key(g: Grade, question_type: str) -> str | None:
+    """What two answers must share to count as the same answer; None for no answer."""
+    if g.predicted is None:
+        return None
+    if question_type == MULTIPLE_CHOICE:
+        return g.predicted
+    return normalize_answer(g.predicted) or None
+
+
+def majority(grades: Sequence[Grade], question_type: str) -> tuple[int, int] | None:
+    """(index of the first sample giving the most frequent answer, how many gave it); ties go to
+    the answer given first. None when no sample has an answer."""
+    keys = [vote_key(g, question_type) for g in grades]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    winner, votes = counts.most_common(1)[0]  # stable: equal counts keep first-seen order
+    return keys.index(winner), votes
+
+
+def eval_row(model: EvalModel, payload: dict[str, Any], frames_used: int, generations: Sequence[Generation]) -> dict[str, Any]:
+    key = AnswerKey.from_row(payload)
+    grades = [grade(g.text, key) for g in generations]
+    voted = majority(grades, key.question_type)
+    chosen = voted[0] if voted else 0
+    return {
+        "eval_id": eval_id(model.label, payload["num_frames"], payload["qa_id"]),
+        "model": model.label, "model_path": model.path, "qa_id": payload["qa_id"], "video_id": payload["video_id"],
+        "category": payload["category"], "question_type": key.question_type, "num_frames": payload["num_frames"],
+        "frames_used": frames_used, "samples": len(generations),
+        "prediction": grades[chosen].predicted if voted else None,
+        "correct": grades[chosen].correct if voted else False,
+        "votes": voted[1] if voted else 0,
+        "n_correct": sum(g.correct for g in grades),
+        "format_ok": grades[chosen].format_ok,
+        "response": generations[chosen].text,
+        "response_length": generations[chosen].tokens_out,
+        "finished": generations[chosen].finished,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary
+# ------------------------------------------------------------------------------------------------
+def category_order(categories: Iterable[str]) -> list[str]:
+    """The paper's categories first (Table 2's order), any others alphabetically."""
+    present = set(categories)
+    return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
+
+
+def summarize(rows: Sequence[dict[str, Any]], model_order: Sequence[str]) -> list[dict[str, Any]]:
+    """EVAL_SUMMARY rows: per model (in `model_order`), frame count and category, then Overall."""
+    cells: dict[tuple[str, int, str], list[bool]] = {}
+    for r in rows:
+        for category in (r["category"], OVERALL):
+            cells.setdefault((r["model"], r["num_frames"], category), []).append(r["correct"])
+    order = {m: i for i, m in enumerate(model_order)}
+    out = []
+    for model, num_frames in sorted({(m, f) for m, f, _ in cells}, key=lambda mf: (order.get(mf[0], len(order)), mf[0], mf[1])):
+        categories = category_order(c for m, f, c in cells if (m, f) == (model, num_frames) and c != OVERALL)
+        for category in [*categories, OVERALL]:
+            verdicts = cells[(model, num_frames, category)]
+            out.append({
+                "model": model, "category": category, "num_frames": num_frames, "n": len(verdicts),
+                "correct": sum(verdicts), "accuracy": sum(verdicts) / len(verdicts),
+            })
+    return out
+
+
+def accuracy_table(summary: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per model and frame count, one column per category: `accuracy% (correct/n)`."""
+    table: dict[tuple[str, int], dict[str, str]] = {}
+    for r in summary:
+        row = table.setdefault((r["model"], r["num_frames"]), {"model": r["model"], "frames": str(r["num_frames"])})
+        row[r["category"]] = f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['n']})"
+    return list(table.values())
+
+
+def eval_markdown(summary: Sequence[dict[str, Any]], cfg: EvalConfig, notes: Sequence[str], failures: Sequence[Failure]) -> str:
+    rows = accuracy_table(summary)
+    columns = ["model", "frames", *category_order(r["category"] for r in summary if r["category"] != OVERALL), OVERALL]
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(f.error_kind for f in failures).items())) or "none"
+    answering = "greedy" if cfg.samples == 1 else f"majority of {cfg.samples} samples (temperature {cfg.temperature:g})"
+    parts = [
+        "# Evaluation",
+        f"Eval split answered {answering} with at most {cfg.max_new_tokens} new tokens; frames per video: "
+        f"{', '.join(map(str, cfg.frame_counts))}. Failures: {kinds}.",
+        *(["\n".join(f"- {note}" for note in notes)] if notes else []),
+        markdown_table(columns, [[r.get(c, "-") for c in columns] for r in rows]) if rows else "No eval items were answered.",
+    ]
+    if summary:
+        parts.append(f"![accuracy per category]({ACCURACY_PNG})")
+    if len(cfg.frame_counts) > 1:
+        parts.append(f"![accuracy versus frames]({FRAMES_PNG})")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_eval_charts(workdir: Workdir, summary: Sequence[dict[str, Any]], num_frames: int) -> list[str]:
+    """The evaluation charts under `<workdir>/report/`; returns the files written."""
+    written = []
+    for name, png in ((ACCURACY_PNG, accuracy_chart(summary, num_frames)), (FRAMES_PNG, frames_chart(summary, OVERALL))):
+        if png is not None:
+            written.append(write_report_file(workdir, name, png))
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+class EvalStage(Stage):
+    name = "eval"
+    code_version = "1"
+    inputs = ("filter",)  # plus sft / grpo when eval.models asks for them and they exist
+    output = EVAL_ITEMS
+    side_outputs = (EVAL_SUMMARY,)
+    # Summary rows are made in finalize, so shards hold none; "model" only satisfies the engine's
+    # rule that every output names a column to reuse rows by.
+    item_columns = {EVAL_ITEMS.name: "eval_id", EVAL_SUMMARY.name: "model"}
+
+    def __init__(self) -> None:
+        self._answerers: OrderedDict[str, Answerer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def models(self, ctx: StageContext) -> tuple[list[EvalModel], list[str]]:
+        return resolve_models(ctx.workdir, ctx.config.eval, ctx.config.filter.model)
+
+    def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
+        fingerprints = super().input_fingerprints(ctx)
+        for model in self.models(ctx)[0]:
+            if model.label in TRAINED_STAGES:
+                fingerprints[model.label] = model.identity
+        return fingerprints
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in EXECUTION_KEYS + (SAMPLING_KEYS if settings["samples"] == 1 else ()):
+            settings.pop(key)
+        models, notes = self.models(ctx)
+        settings["models"] = [asdict(m) for m in models]
+        settings["skipped"] = notes
+        return settings
+
+    def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = self.settings(ctx)
+        return {key: settings[key] for key in ANSWER_SETTINGS if key in settings}
+
+    def shard_size(self, ctx: StageContext) -> int:
+        return ctx.config.eval.shard_size
+
+    def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
+        if schema.name == EVAL_SUMMARY.name:
+            return ctx.stage_path(self.name, SUMMARY_DIR)
+        return super().table_dir(ctx, schema)
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        examples = eval_examples(read_stage_table(ctx.workdir, "filter", FILTER).to_pylist())
+        models, notes = self.models(ctx)
+        for note in notes:
+            log.info("eval: %s", note)
+        if not examples:
+            log.warning("eval: the filter stage put no item in the eval split; nothing to score")
+        items = []
+        for model in models:
+            for num_frames in ctx.config.eval.frame_counts:
+                for example in examples:
+                    payload = {**asdict(example), "model": model.label, "model_path": model.path, "num_frames": num_frames}
+                    key = stable_hash({"item": payload, "model_identity": model.identity})
+                    items.append(WorkItem(eval_id(model.label, num_frames, example.qa_id), key=key, payload=payload))
+        return items
+
+    def load_answerer(self, ctx: StageContext, model: EvalModel) -> Answerer:
+        try:
+            lm = HFVideoLM(model.path, trust_remote_code=ctx.config.eval.trust_remote_code)
+        except Exception as exc:  # every item of this model would fail alike: stop with the reason
+            raise StageError(f"eval: cannot load model {model.label!r} from {model.path}: {type(exc).__name__}: {exc}") from exc
+        return HFAnswerer(lm, ctx.config.eval)
+
+    def answerer(self, ctx: StageContext, model: EvalModel) -> Answerer:
+        # Loaded once per stage run and shared by its shards; at most one model per concurrent
+        # shard stays loaded (shards are ordered by model, so each model loads about once).
+        with self._lock:
+            if model.path not in self._answerers:
+                while len(self._answerers) >= ctx.config.execution.shard_workers:
+                    self._answerers.popitem(last=False)
+                self._answerers[model.path] = self.load_answerer(ctx, model)
+            self._answerers.move_to_end(model.path)
+            return self._answerers[model.path]
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        models = {m.label: m for m in self.models(ctx)[0]}
+        rows: list[dict[str, Any]] = []
+        failures: list[Failure] = []
+        for (label, num_frames), group in groupby(items, key=lambda it: (it.payload["model"], it.payload["num_frames"])):
+            ready, bad = read_item_videos(list(group), num_frames)
+            failures += bad
+            if not ready:
+                continue
+            model = models[label]
+            requests = [EvalRequest(it.payload["qa_id"], VideoPrompt(video_messages(it.payload["prompt"]), frames)) for it, frames in ready]
+            generations = self.answerer(ctx, model).answer(requests)
+            rows += [eval_row(model, it.payload, len(frames), gens) for (it, frames), gens in zip(ready, generations)]
+        return ShardResult({EVAL_ITEMS.name: EVAL_ITEMS.from_rows(rows)}, failures)
+
+    def finalize(
+        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
+    ) -> tuple[dict[str, pa.Table], list[Failure]]:
+        cfg = ctx.config.eval
+        models, notes = self.models(ctx)
+        summary = summarize(tables[EVAL_ITEMS.name].select(["model", "num_frames", "category", "correct"]).to_pylist(), [m.label for m in models])
+        write_eval_charts(ctx.workdir, summary, cfg.num_frames)
+        write_report_file(ctx.workdir, REPORT_FILE, eval_markdown(summary, cfg, notes, failures).encode())
+        self._answerers.clear()  # the models are not needed any more: free their memory now
+        return {EVAL_ITEMS.name: tables[EVAL_ITEMS.name], EVAL_SUMMARY.name: EVAL_SUMMARY.from_rows(summary)}, failures
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        data = read_report_file(ctx.workdir, REPORT_FILE)
+        return inline_images(data.decode(), ctx.workdir) if data is not None else None
+
+    def report_table(self, ctx: StageContext, manifest: dict[str, Any]) -> list[dict[str, str]]:
+        """Accuracy per model, frame count and category, for a Prefect table artifact."""
+        summary = read_stage_table(ctx.workdir, self.name, EVAL_SUMMARY, SUMMARY_DIR).to_pylist()
+        return accuracy_table(summary)

@@ -1,0 +1,108 @@
+"""Progress people can see: a stage's units done out of its total, on a terminal or elsewhere.
+
+`ProgressReporter` is what a front end implements (the terminal one is here; Prefect's progress
+artifact lives in `flows/`). The engine reports through `StageContext.progress(done, total)`;
+`engine_progress(reporter, stage)` turns those calls into `start` / `advance` / `finish`, so a
+stage never talks to a reporter itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, TextIO
+
+log = logging.getLogger("lvr.progress")
+
+
+class ProgressReporter(Protocol):
+    def start(self, stage: str, total: int, unit: str = "shards") -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class TerminalProgress:
+    """A bar redrawn in place on a terminal; on anything else (a log file, CI), one plain log line
+    per tenth of the work, so logs stay short however many units a stage has."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.stage, self.unit, self.total, self.done = "", "", 0, 0
+        self._started = 0.0
+        self._logged_tenths = -1
+
+    @property
+    def interactive(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self, stage: str, total: int, unit: str = "shards") -> None:
+        self.stage, self.unit, self.total, self.done = stage, unit, max(0, total), 0
+        self._started = time.monotonic()
+        self._logged_tenths = -1
+        self._show()
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        self._show()
+
+    def finish(self) -> None:
+        self.done = self.total
+        self._show()
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _show(self) -> None:
+        elapsed = time.monotonic() - self._started
+        if self.interactive:
+            filled = self.width * self.done // self.total if self.total else self.width
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r{self.stage:<8} [{bar}] {self.done}/{self.total} {self.unit} {elapsed:6.1f}s")
+            self.stream.flush()
+            return
+        tenths = 10 * self.done // self.total if self.total else 10
+        if tenths > self._logged_tenths:
+            self._logged_tenths = tenths
+            log.info("%s: %d/%d %s done (%.1f s)", self.stage, self.done, self.total, self.unit, elapsed)
+
+
+class FanOut:
+    """Several reporters as one (the terminal and Prefect's progress artifact)."""
+
+    def __init__(self, reporters: Sequence[ProgressReporter]) -> None:
+        self.reporters = list(reporters)
+
+    def start(self, stage: str, total: int, unit: str = "shards") -> None:
+        for r in self.reporters:
+            r.start(stage, total, unit)
+
+    def advance(self, n: int = 1) -> None:
+        for r in self.reporters:
+            r.advance(n)
+
+    def finish(self) -> None:
+        for r in self.reporters:
+            r.finish()
+
+
+def engine_progress(reporter: ProgressReporter, stage: str, unit: str = "shards") -> Callable[[int, int], None]:
+    """A `StageContext.progress` callback: the engine's `(done, total)` after each unit as
+    start (on the first call, which may be `(0, total)`), advance, and finish (when done reaches total)."""
+    state = {"started": False, "done": 0}
+
+    def progress(done: int, total: int) -> None:
+        if not state["started"]:
+            state["started"] = True
+            reporter.start(stage, total, unit)
+        if done > state["done"]:
+            reporter.advance(done - state["done"])
+            state["done"] = done
+        if done >= total:
+            reporter.finish()
+
+    return progress
