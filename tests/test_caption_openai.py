@@ -27,8 +27,9 @@ SECRET = "sk-caption-secret-7f3a9c"
 @pytest.fixture(scope="module")
 def clipped(tmp_path_factory):
     root = tmp_path_factory.mktemp("caption-openai")
-    for i in range(3):
-        make_video(root / "src" / f"v{i}.mp4", 21 + i, fps=25, gop=25, size="192x144")  # distinct content
+    # Distinct pictures: identical clips would send identical requests and blur the fault script.
+    for i, pattern in enumerate(("testsrc2", "smptebars", "rgbtestsrc")):
+        make_video(root / "src" / f"v{i}.mp4", 21, fps=25, gop=25, size="192x144", source=pattern)
     wd = root / "wd"
     run_stage(ClipStage(), StageContext(Workdir(str(wd)), load_config("tiny"), source=str(root / "src")))
     return wd

@@ -152,7 +152,8 @@ EXPECTED_DIFFICULTY = {"0": "easy", "1": "medium", "2": "hard", "3": "hard"}
 
 
 def test_scripted_rollouts_give_labels_splits_exports_and_report(tmp_path, videos):
-    ctx = make_workdir(tmp_path / "wd", videos, GOOD + BAD, **{"filter.shard_size": 5})
+    # The paper's split rule (RL takes medium items), not the tiny profile's.
+    ctx = make_workdir(tmp_path / "wd", videos, GOOD + BAD, **{"filter.shard_size": 5, "filter.rl_difficulties": ["medium"]})
     stage = ScriptedFilterStage(SCRIPT)
     report = run_stage(stage, ctx)
     wd = tmp_path / "wd"
