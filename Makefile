@@ -40,6 +40,8 @@ bench: setup
 	$(PY) benchmarks/clip.py
 	$(PY) benchmarks/caption.py
 	$(PY) benchmarks/qa.py
+	$(PY) benchmarks/filter.py
+	$(PY) benchmarks/sp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

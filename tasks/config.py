@@ -209,18 +209,70 @@ class SFTConfig(_Section):
 
 
 class GRPOConfig(_Section):
-    rollout_engine: Literal["hf", "vllm"] = "hf"
-    group_size: int = Field(8, ge=2)
-    beta: float = Field(0.04, ge=0)
-    clip_eps_low: float = Field(0.2, gt=0)
+    model: str = Field(
+        "sft",
+        description="Initial policy and frozen reference: sft = the SFT stage's model (<workdir>/sft/model) once that stage is "
+        "complete, else the base model (filter.model); or a checkpoint folder, a model id already on disk, or 'tiny'.",
+    )
+    rollout_engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate from the cached embeddings; vllm: colocated vLLM (GPU).")
+    group_size: int = Field(8, ge=2, description="Rollouts per question (G).")
+    prompts_per_step: int = Field(4, ge=1, description="Questions per step and data-parallel replica.")
+    steps: int = Field(100, ge=1, description="GRPO steps: rollouts, rewards, advantages, then updates_per_step optimizer steps.")
+    updates_per_step: int = Field(
+        1, ge=1, description="Optimizer steps on each step's rollouts (mu); beyond the first they are off-policy and the clip acts."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass; a step's micro-batches accumulate into one optimizer step.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest rollout.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the frozen reference (Eq. 1); 0 skips the reference.")
+    clip_eps_low: float = Field(0.2, gt=0, lt=1, description="The ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high].")
     clip_eps_high: float = Field(0.28, gt=0)
+    adv_eps: float = Field(1e-6, ge=0, description="Eq. 2: A = (r - mean) / (std + adv_eps); a group with std 0 gets A = 0.")
+    loss_agg: Literal["token_mean", "seq_mean"] = Field(
+        "token_mean", description="token_mean: every response token weighs the same (DAPO); seq_mean: mean per response, then over responses."
+    )
+    drop_zero_variance: bool = Field(True, description="Leave out groups whose G rewards are all equal (DAPO): they have no advantage.")
+    accuracy_weight: float = Field(0.9, ge=0, description="reward = accuracy_weight * accuracy + format_weight * format.")
+    format_weight: float = Field(0.1, ge=0)
+    judge: bool = Field(False, description="Open-ended answers that normalised matching calls wrong go to the filter stage's judge (filter.judge_*).")
     learning_rate: float = Field(1e-5, gt=0)
-    steps: int = Field(100, ge=1)
-    num_frames: int = Field(16, ge=1)
-    accuracy_weight: float = 0.9
-    format_weight: float = 0.1
-    sp_degree: int = Field(1, ge=1)
-    embedding_cache: bool = True
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    num_frames: int = Field(16, ge=1, description="Frames sampled across the whole source video.")
+    embedding_cache: bool = Field(
+        True, description="Keep video embeddings on disk across steps and runs (the vision tower is frozen during GRPO)."
+    )
+    embedding_cache_dir: str | None = Field(None, description="Where the embedding cache lives; default <workdir>/grpo/_embeddings. May be shared by workdirs.")
+    sp_degree: int = Field(1, ge=1, description="Ranks sharing one sequence in the log-prob prefills (Ulysses) and one video's frames in encoding.")
+    nproc_per_node: int | None = Field(None, ge=1, description="Training processes per node; default sp_degree (one data-parallel replica per node).")
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str | None = Field(None, description="Address of node 0 (multi-node only).")
+    master_port: int = Field(29500, ge=1, le=65535)
+    zero_stage: Literal[0, 1, 2] = Field(2, description="DeepSpeed ZeRO stage; the hf engine generates from the full weights, so not 3.")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = Field(False, description="Recompute text-layer activations in backward (long videos on GPU).")
+    seed: int = 0
+    save_every: int = Field(10, ge=1, description="Checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1)
+    vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vllm engine: share of GPU memory it may take while awake.")
+    vllm_max_model_len: int | None = Field(None, ge=1, description="vllm engine: longest prompt + response; default the model's.")
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.nproc_per_node or self.sp_degree
+
+    @model_validator(mode="after")
+    def _topology(self) -> "GRPOConfig":
+        world = self.procs_per_node * self.nnodes
+        if world % self.sp_degree:
+            raise ValueError(f"sp_degree ({self.sp_degree}) must divide nproc_per_node x nnodes ({world})")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
+        if self.nnodes > 1 and not self.master_addr:
+            raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
+        return self
 
 
 class EvalConfig(_Section):

@@ -8,7 +8,7 @@ from tasks.config import STAGE_ORDER
 from tasks.stage import Stage, StageNotImplemented
 
 # The issue that builds each stage not implemented yet, named in the error users see.
-PENDING_ISSUES = {"sft": 6, "grpo": 7}
+PENDING_ISSUES = {"grpo": 7}
 
 
 def _clip() -> Stage:
@@ -35,6 +35,12 @@ def _filter() -> Stage:
     return FilterStage()
 
 
+def _sft() -> Stage:
+    from tasks.sft.stage import SFTStage
+
+    return SFTStage()
+
+
 def _eval() -> Stage:
     from tasks.eval import EvalStage
 
@@ -42,7 +48,7 @@ def _eval() -> Stage:
 
 
 STAGE_FACTORIES: dict[str, Callable[[], Stage]] = {
-    "clip": _clip, "caption": _caption, "qa": _qa, "filter": _filter, "eval": _eval,
+    "clip": _clip, "caption": _caption, "qa": _qa, "filter": _filter, "sft": _sft, "eval": _eval,
 }
 
 

@@ -1,0 +1,69 @@
+"""Which ranks share a sequence: the sequence-parallel (SP) and data-parallel (DP) groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class SPGroup:
+    """This rank's sequence-parallel group: `size` ranks that hold the same batch and each process
+    one contiguous `1/size` slice of its sequence. `group` is None when `size` is 1."""
+
+    group: Any  # torch.distributed.ProcessGroup | None
+    rank: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"bad SP group: rank {self.rank} of size {self.size}")
+        if self.size > 1 and self.group is None:
+            raise ValueError("an SP group of more than one rank needs a process group")
+
+    @classmethod
+    def single(cls) -> SPGroup:
+        """No sequence parallelism: this rank holds whole sequences."""
+        return cls(None, 0, 1)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """World = `dp_size` data-parallel replicas x `sp.size` sequence-parallel ranks.
+
+    SP groups are blocks of consecutive global ranks, so with `sp_degree <= nproc_per_node` the
+    all-to-alls of attention stay inside a node; the replica index `dp_rank` picks the batch.
+    """
+
+    rank: int
+    world_size: int
+    sp: SPGroup
+    dp_rank: int
+    dp_size: int
+
+
+def sp_layout(world_size: int, sp_degree: int) -> list[list[int]]:
+    """The global ranks of each SP group, in order."""
+    if sp_degree < 1 or world_size % sp_degree:
+        raise ValueError(f"sp_degree ({sp_degree}) must divide the number of processes ({world_size})")
+    return [list(range(start, start + sp_degree)) for start in range(0, world_size, sp_degree)]
+
+
+def init_topology(sp_degree: int) -> Topology:
+    """Create the SP groups (a collective: every rank must call it, in the same order as any other
+    `new_group`); needs `torch.distributed` initialised, except for a single process."""
+    if not dist.is_initialized():
+        if sp_degree != 1:
+            raise RuntimeError(f"sp_degree={sp_degree} needs torch.distributed initialised (run under torchrun)")
+        return Topology(0, 1, SPGroup.single(), 0, 1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for ranks in sp_layout(world, sp_degree):
+        # new_group is collective over the world: every rank creates every group.
+        group = dist.new_group(ranks) if sp_degree > 1 else None
+        if rank in ranks:
+            mine = SPGroup(group, ranks.index(rank), sp_degree)
+    assert mine is not None
+    return Topology(rank, world, mine, rank // sp_degree, world // sp_degree)

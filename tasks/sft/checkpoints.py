@@ -1,0 +1,132 @@
+"""Training checkpoints: written atomically, found again after a crash, pruned.
+
+    _checkpoints/step-<N>/
+        model/                  save_pretrained folder (weights, config, tokenizer, processor files)
+        optimizer/state/        DeepSpeed's checkpoint: ZeRO optimizer partitions, LR scheduler,
+                                module states (what `engine.load_checkpoint` restores)
+        rng-rank-<r>.pt         each rank's RNG states
+        metrics.parquet         TRAIN_METRICS rows of steps 1..N
+        trainer_state.json      written last: run key, step, elapsed time
+
+A checkpoint is written under `.tmp-step-<N>` and renamed into place once every rank has written
+its part, so a `step-<N>` folder is always complete; a `.tmp-*` folder is a save that was killed.
+Checkpoints belong to one run key (training data and settings): a rerun resumes only from its
+own key's newest checkpoint, and other keys' checkpoints are deleted when a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from data_schemas import TRAIN_METRICS, validate_table
+
+STATE_FILE = "trainer_state.json"
+TRAIN_INFO_FILE = "lvr_train.json"  # inside a saved model folder: which run and step wrote it
+# Files a checkpoint folder needs besides what save_pretrained writes, copied from the base model.
+PROCESSOR_FILES = (
+    "lvr_video_preprocessor.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "chat_template.json", "chat_template.jinja",
+)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    run_key: str
+    step: int  # optimizer steps completed
+    total_steps: int
+    elapsed_s: float  # training wall time up to this step, over all attempts
+
+    @classmethod
+    def read(cls, folder: Path) -> TrainerState | None:
+        try:
+            return cls(**json.loads((folder / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-step-{step}"
+
+
+def checkpoints(root: Path, run_key: str) -> list[tuple[Path, TrainerState]]:
+    """This run's complete checkpoints, newest first."""
+    found = []
+    for folder in root.glob("step-*") if root.is_dir() else []:
+        state = TrainerState.read(folder)
+        if _STEP_DIR.match(folder.name) and state is not None and state.run_key == run_key:
+            found.append((folder, state))
+    return sorted(found, key=lambda item: item[1].step, reverse=True)
+
+
+def prune(root: Path, run_key: str, keep: int) -> None:
+    """Keep this run's `keep` newest checkpoints; delete the rest, partial saves and other runs'."""
+    if not root.is_dir():
+        return
+    kept = {folder for folder, _ in checkpoints(root, run_key)[:keep]}
+    for folder in root.iterdir():
+        if folder.is_dir() and folder not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-rank-{rank:05d}.pt"
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    table = TRAIN_METRICS.from_rows(rows)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return validate_table(pq.read_table(path), TRAIN_METRICS).to_pylist()
+
+
+def write_state(folder: Path, state: TrainerState) -> None:
+    tmp = folder / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def copy_processor_files(base: Path, out: Path) -> None:
+    for name in PROCESSOR_FILES:
+        if (base / name).is_file() and not (out / name).exists():
+            shutil.copy2(base / name, out / name)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put the folder `new` at `dest`, replacing what is there (renames, then deletes the old one)."""
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)

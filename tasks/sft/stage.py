@@ -1,0 +1,166 @@
+"""The SFT stage: chain-of-thought SFT of the base model on the filter stage's SFT split.
+
+The whole training run is the stage's single work item. Its shard launches `torchrun` (processes
+per node from `sft.nproc_per_node`) running `tasks.sft.trainer`, streams the workers' logs into
+the stage's log, and fails with the failing worker's traceback. Resuming is the trainer's job:
+a rerun after a crash (or a Prefect retry of the shard) starts from the newest checkpoint of the
+same run key under `sft/_checkpoints/`.
+
+Outputs: `sft/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `sft/metrics.parquet`
+(TRAIN_METRICS, one row per step and metric), the report `report/sft.md` with the loss curve,
+and the manifest. Workdirs must be local (or a shared filesystem mounted on every node): the
+workers write checkpoints with plain file I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import torch
+
+from data_schemas import TRAIN_METRICS, TableSchema
+from models.vlm import resolve_model_ref
+from parallel.launch import LaunchSpec, launch, torchrun_argv
+from parallel.ulysses import kv_repeat_factor
+from tasks.artifacts import WORK_DIR, Failure, stable_hash, write_table_atomic
+from tasks.config import SFTConfig
+from tasks.report_charts import inline_images, read_report_file
+from tasks.sft.checkpoints import TRAIN_INFO_FILE, read_metrics
+from tasks.sft.data import load_sft_examples
+from tasks.sft.report import REPORT_FILE, write_sft_report
+from tasks.sft.trainer import JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE, TrainJob
+from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+
+log = logging.getLogger("lvr.sft")
+worker_log = logging.getLogger("lvr.sft.workers")
+
+# Settings that change where and how often training state is written, never what is trained.
+EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
+METRICS_TABLE = "metrics.parquet"
+TRAIN_DIR = "train"
+
+
+def launch_spec(cfg: SFTConfig, job_file: Path) -> LaunchSpec:
+    """torchrun for the trainer: DeepSpeed's CPU accelerator and one thread share per process on
+    a machine without CUDA (unless the environment already says otherwise)."""
+    env: dict[str, str] = {}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)))
+    return LaunchSpec(
+        module="tasks.sft.trainer", args=(str(job_file),), nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes,
+        node_rank=cfg.node_rank, master_addr=cfg.master_addr, master_port=cfg.master_port, env=env,
+    )
+
+
+def check_sp_degree(model_path: str, sp_degree: int) -> None:
+    """Ulysses splits attention heads over the SP group: refuse, before launching anything, an SP
+    degree the model's heads cannot be split by (checked when the checkpoint is a local folder)."""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    text = config.get("text_config", config)
+    heads = text["num_attention_heads"]
+    try:
+        kv_repeat_factor(heads, text.get("num_key_value_heads", heads), sp_degree)
+    except ValueError as exc:
+        raise StageError(f"sft.sp_degree={sp_degree} does not fit {model_path}: {exc}") from None
+
+
+def video_exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return bool(fs.exists(path))
+
+
+class SFTStage(Stage):
+    name = "sft"
+    code_version = "1"
+    inputs = ("filter",)
+    output = TRAIN_METRICS
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in EXECUTION_KEYS:
+            settings.pop(key)
+        return settings
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        examples = load_sft_examples(ctx.workdir)
+        if not examples:
+            raise StageError("the filter stage put no item in the sft split: there is nothing to train on")
+        # Which videos exist is part of the item: a video that reappears makes it another run.
+        present = {uri: video_exists(uri) for uri in {e.video_uri for e in examples}}
+        missing = sorted(e.qa_id for e in examples if not present[e.video_uri])
+        key = stable_hash({"model": ctx.config.sft.model, "examples": [vars(e) for e in examples], "missing": missing})
+        return [WorkItem("sft", key=key, payload={"examples": examples, "missing": missing})]
+
+    def run_key(self, ctx: StageContext, item: WorkItem) -> str:
+        """Identifies one training run (data, base model, settings, code): checkpoints of another
+        run key are never resumed from."""
+        return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        (item,) = items
+        if not ctx.workdir.is_local:
+            raise StageError(f"sft writes checkpoints with plain file I/O: use a local or mounted workdir, not {ctx.workdir.url}")
+        cfg = ctx.config.sft
+        missing = set(item.payload["missing"])
+        examples = [e for e in item.payload["examples"] if e.qa_id not in missing]
+        failures = [
+            Failure(e.qa_id, "missing_video", f"source video not found: {e.video_uri}") for e in item.payload["examples"] if e.qa_id in missing
+        ]
+        if not examples:
+            raise StageError(f"none of the {len(failures)} sft examples has its source video; first missing: {failures[0].message}")
+        model_path = resolve_model_ref(cfg.model)
+        check_sp_degree(model_path, cfg.sp_degree)
+        run_key = self.run_key(ctx, item)
+        work = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR, run_key))
+        work.mkdir(parents=True, exist_ok=True)
+        job = TrainJob(run_key, model_path, tuple(examples), cfg, ctx.stage_path(self.name), str(work))
+        job.save(work / JOB_FILE)
+        spec = launch_spec(cfg, work / JOB_FILE)
+        for node in range(1, cfg.nnodes):
+            log.info("sft: run this on node %d: %s", node, " ".join(torchrun_argv(spec, node_rank=node)))
+        launch(spec, worker_log, work / "errors")
+        result = json.loads((work / RESULT_FILE).read_text())
+        log.info("sft: trained %d steps (%s) in %.1f s", result["steps"],
+                 f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else "from the base model",
+                 result["train_time_s"])
+        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(read_metrics(work / METRICS_FILE))}, failures)
+
+    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
+        path = ctx.stage_path(self.name, METRICS_TABLE)  # one file: `sft/` also holds model/
+        write_table_atomic(ctx.workdir.fs, path, table, schema)
+        return [path]
+
+    def finalize(
+        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
+    ) -> tuple[dict[str, pa.Table], list[Failure]]:
+        (item,) = self.list_items(ctx)
+        run_key = self.run_key(ctx, item)
+        info_file = Path(ctx.stage_path(self.name, MODEL_DIR, TRAIN_INFO_FILE))
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if info.get("run_key") != run_key:
+            raise StageError(
+                f"{info_file.parent} does not hold the model this configuration trains (run {run_key}); it was replaced by "
+                f"an interrupted run of another configuration. Delete {ctx.stage_path(self.name, WORK_DIR)} and rerun to retrain"
+            )
+        train_dir = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR))
+        for other in train_dir.iterdir():
+            if other.name != run_key:
+                shutil.rmtree(other, ignore_errors=True)
+        result = json.loads((train_dir / run_key / RESULT_FILE).read_text())
+        write_sft_report(ctx.workdir, tables[TRAIN_METRICS.name].to_pylist(), result)
+        return tables, failures
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        data = read_report_file(ctx.workdir, REPORT_FILE)
+        return inline_images(data.decode(), ctx.workdir) if data is not None else None
