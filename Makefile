@@ -8,6 +8,10 @@ LVR := $(VENV)/bin/lvr
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lvr/torch_extensions
+# One intra-op thread per process: on a small shared machine (2 cores, ffmpeg and Prefect's server
+# beside the model, 2 training ranks) OpenMP's spinning threads made the tiny model up to 60x slower
+# (benchmarks/caption.py: 42 s of model time with 2 threads under load, 0.64 s with 1).
+export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: setup run test bench clean system-deps
