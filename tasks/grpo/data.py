@@ -1,0 +1,54 @@
+"""RL examples: the filter stage's `rl` split, and how a question is posed and graded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from data_schemas import FILTER
+from models.vlm import video_messages
+from tasks.artifacts import Workdir, stable_hash
+from tasks.rewards import AnswerKey
+from tasks.stage import read_stage_table
+
+RL_SPLIT = "rl"
+
+
+@dataclass(frozen=True)
+class RLExample:
+    """One RL question about a whole source video. `prompt` is the user turn's text after the
+    video, as `tasks.prompting.user_prompt` wrote it for the filter stage."""
+
+    qa_id: str
+    video_id: str
+    video_uri: str
+    question_type: str
+    question: str
+    options: tuple[str, ...] | None
+    answer: str
+    prompt: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RLExample:
+        return cls(**{**d, "options": tuple(d["options"]) if d["options"] is not None else None})
+
+    def messages(self) -> list[dict[str, Any]]:
+        return video_messages(self.prompt)
+
+    def answer_key(self) -> AnswerKey:
+        return AnswerKey(self.question, self.question_type, self.answer, self.options)
+
+    def video_key(self, num_frames: int) -> str:
+        """Identity of the frames this question is asked about (the embedding cache's key; the
+        cache's namespace adds the vision weights and the preprocessing)."""
+        return stable_hash({"video_id": self.video_id, "uri": self.video_uri, "num_frames": num_frames})
+
+
+def load_rl_examples(workdir: Workdir) -> list[RLExample]:
+    """The RL split of a workdir, sorted by qa_id: the only place that maps the filter table's
+    columns to RL examples."""
+    rows = read_stage_table(workdir, "filter", FILTER).to_pylist()
+    return sorted(
+        (RLExample.from_dict({k: r[k] for k in RLExample.__dataclass_fields__}) for r in rows if r["split"] == RL_SPLIT),
+        key=lambda e: e.qa_id,
+    )

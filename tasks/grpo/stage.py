@@ -1,0 +1,185 @@
+"""The GRPO stage: RL with MR-SP on the filter stage's `rl` split, from the SFT model.
+
+The training stage pattern of `tasks.sft.stage`: the whole run is the stage's single work item;
+its shard launches `torchrun` (`grpo.nproc_per_node` processes per node, default `sp_degree`)
+running `tasks.grpo.trainer`, streams the workers' logs, and fails with the failing worker's
+traceback. A rerun after a crash (or a Prefect retry) resumes from the newest checkpoint of the
+same run key under `grpo/_checkpoints/`.
+
+The initial policy and the frozen reference are `grpo.model`: by default the SFT stage's model
+once that stage is complete (its fingerprint then joins this stage's inputs), else the base model
+the dataset was filtered with (`filter.model`).
+
+Outputs: `grpo/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `grpo/metrics.parquet`
+(TRAIN_METRICS: reward, accuracy and format rewards, KL, clip fraction, response length, step
+time, vision-encoder calls... per step), `report/grpo.md` with the reward curve (also the stage's
+Prefect artifact), the manifest, and the embedding cache `grpo/_embeddings/` (kept across runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from data_schemas import TRAIN_METRICS, TableSchema
+from models.vlm import resolve_model_ref
+from parallel.launch import LaunchSpec, launch, torchrun_argv
+from tasks.artifacts import WORK_DIR, Failure, stable_hash, write_table_atomic
+from tasks.config import GRPOConfig, SFTConfig
+from tasks.grpo.data import RLExample, load_rl_examples
+from tasks.grpo.report import REPORT_FILE, write_grpo_report
+from tasks.grpo.trainer import JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE, GRPOJob
+from tasks.report_charts import inline_images, read_report_file
+from tasks.sft.checkpoints import TRAIN_INFO_FILE, read_metrics
+from tasks.sft.stage import launch_spec as sft_launch_spec
+from tasks.sft.stage import video_exists
+from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest
+
+log = logging.getLogger("lvr.grpo")
+worker_log = logging.getLogger("lvr.grpo.workers")
+
+TRAINER_MODULE = "tasks.grpo.trainer"
+SFT = "sft"
+# Where and how often state is written, never what is trained.
+EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port", "embedding_cache_dir")
+METRICS_TABLE = "metrics.parquet"
+TRAIN_DIR = "train"
+EMBEDDINGS_DIR = "_embeddings"
+
+
+def launch_spec(cfg: GRPOConfig, job_file: Path) -> LaunchSpec:
+    """The SFT stage's torchrun launch (CPU: DeepSpeed's CPU accelerator, a thread share per
+    process), running the GRPO worker with GRPO's process layout."""
+    topology = SFTConfig(
+        sp_degree=cfg.sp_degree, nproc_per_node=cfg.procs_per_node, nnodes=cfg.nnodes, node_rank=cfg.node_rank,
+        master_addr=cfg.master_addr, master_port=cfg.master_port,
+    )
+    return dataclasses.replace(sft_launch_spec(topology, job_file), module=TRAINER_MODULE)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitModel:
+    path: str  # what the workers load
+    identity: str  # changes whenever the weights behind `path` may have changed
+    from_sft: bool
+
+
+def init_model(ctx: StageContext) -> InitModel:
+    """`grpo.model` resolved: the SFT stage's model when asked for and complete, else the base."""
+    ref = ctx.config.grpo.model
+    if ref == SFT:
+        manifest = read_manifest(ctx.workdir, SFT)
+        if manifest is not None and ctx.workdir.exists(SFT, MODEL_DIR):
+            return InitModel(ctx.workdir.path(SFT, MODEL_DIR), manifest["fingerprint"], True)
+        ref = ctx.config.filter.model
+    return InitModel(ref, stable_hash({"ref": ref}), False)
+
+
+class GRPOStage(Stage):
+    name = "grpo"
+    code_version = "1"
+    inputs = ("filter",)  # plus sft when its model is the initial policy
+    output = TRAIN_METRICS
+
+    def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
+        fingerprints = super().input_fingerprints(ctx)
+        init = init_model(ctx)
+        if init.from_sft:
+            fingerprints[SFT] = init.identity
+        return fingerprints
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in EXECUTION_KEYS:
+            settings.pop(key)
+        init = init_model(ctx)
+        settings["init_model"] = {"path": init.path, "identity": init.identity}
+        if settings["judge"]:  # the judge's verdicts are part of the rewards
+            settings["judge_model"] = ctx.config.filter.judge_model
+        return settings
+
+    def list_items(self, ctx: StageContext) -> list[WorkItem]:
+        examples = load_rl_examples(ctx.workdir)
+        if not examples:
+            raise StageError("the filter stage put no item in the rl split: there is nothing to train on")
+        init = init_model(ctx)
+        key = stable_hash({"model": init.identity, "examples": [dataclasses.asdict(e) for e in examples]})
+        return [WorkItem("grpo", key=key, payload={"examples": examples, "model_path": init.path})]
+
+    def run_key(self, ctx: StageContext, item: WorkItem) -> str:
+        """Identifies one training run (data, initial model, settings, code): checkpoints of
+        another run key are never resumed from."""
+        return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
+
+    def cache_dir(self, ctx: StageContext) -> str | None:
+        cfg = ctx.config.grpo
+        if not cfg.embedding_cache:
+            return None
+        return str(Path(cfg.embedding_cache_dir).expanduser().resolve()) if cfg.embedding_cache_dir else ctx.stage_path(self.name, EMBEDDINGS_DIR)
+
+    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
+        (item,) = items
+        if not ctx.workdir.is_local:
+            raise StageError(f"grpo writes checkpoints with plain file I/O: use a local or mounted workdir, not {ctx.workdir.url}")
+        cfg = ctx.config.grpo
+        examples: list[RLExample] = []
+        failures: list[Failure] = []
+        for example in item.payload["examples"]:
+            if video_exists(example.video_uri):
+                examples.append(example)
+            else:
+                failures.append(Failure(example.qa_id, "missing_video", f"source video not found: {example.video_uri}"))
+        if not examples:
+            raise StageError(f"none of the {len(failures)} rl examples has its source video; first missing: {failures[0].message}")
+        run_key = self.run_key(ctx, item)
+        work = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR, run_key))
+        work.mkdir(parents=True, exist_ok=True)
+        job = GRPOJob(
+            run_key, resolve_model_ref(item.payload["model_path"]), tuple(examples), cfg, ctx.stage_path(self.name), str(work),
+            cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None,
+        )
+        job.save(work / JOB_FILE)
+        spec = launch_spec(cfg, work / JOB_FILE)
+        for node in range(1, cfg.nnodes):
+            log.info("grpo: run this on node %d: %s", node, " ".join(torchrun_argv(spec, node_rank=node)))
+        launch(spec, worker_log, work / "errors")
+        result = json.loads((work / RESULT_FILE).read_text())
+        log.info("grpo: trained %d steps (%s) in %.1f s", result["steps"],
+                 f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else f"from {job.model_path}",
+                 result["train_time_s"])
+        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(read_metrics(work / METRICS_FILE))}, failures)
+
+    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
+        path = ctx.stage_path(self.name, METRICS_TABLE)  # one file: `grpo/` also holds model/
+        write_table_atomic(ctx.workdir.fs, path, table, schema)
+        return [path]
+
+    def finalize(
+        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
+    ) -> tuple[dict[str, pa.Table], list[Failure]]:
+        (item,) = self.list_items(ctx)
+        run_key = self.run_key(ctx, item)
+        info_file = Path(ctx.stage_path(self.name, MODEL_DIR, TRAIN_INFO_FILE))
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if info.get("run_key") != run_key:
+            raise StageError(
+                f"{info_file.parent} does not hold the model this configuration trains (run {run_key}); it was replaced by "
+                f"an interrupted run of another configuration. Delete {ctx.stage_path(self.name, WORK_DIR)} and rerun to retrain"
+            )
+        train_dir = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR))
+        for other in train_dir.iterdir():
+            if other.name != run_key:
+                shutil.rmtree(other, ignore_errors=True)
+        result = json.loads((train_dir / run_key / RESULT_FILE).read_text())
+        write_grpo_report(ctx.workdir, tables[TRAIN_METRICS.name].to_pylist(), result, ctx.config.grpo)
+        return tables, failures
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        data = read_report_file(ctx.workdir, REPORT_FILE)
+        return inline_images(data.decode(), ctx.workdir) if data is not None else None

@@ -1,0 +1,35 @@
+"""GRPO's rewards are the filter stage's (`tasks.rewards`) with the configured weights."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.config import GRPOConfig
+from tasks.grpo.rollout import Rollout
+from tasks.grpo.trainer import score_rollouts
+from tasks.rewards import AnswerKey
+
+
+def rollouts(*texts: str) -> list[Rollout]:
+    return [Rollout((1,), t, True) for t in texts]
+
+
+def test_weights_format_and_accuracy():
+    mc = AnswerKey("Which colour is first?", "multiple_choice", "B", ("red", "green", "blue", "yellow"))
+    open_ended = AnswerKey("Where is the box?", "open_ended", "in the centre", None)
+    groups = [
+        rollouts(
+            "<think>green first</think><answer>B</answer>",  # right, strict format: 0.9 + 0.1
+            "<think>green first</think> <answer>B</answer> trailing",  # right, format broken: 0.9
+            "<think>red</think><answer>A</answer>",  # wrong, well formed: 0.1
+            "the answer is green",  # right by option text, no format: 0.9
+        ),
+        rollouts("<think>it sits in the middle</think><answer>In the centre.</answer>", "<answer>left</answer>"),
+    ]
+    scores = score_rollouts([mc, open_ended], [groups[0], groups[1] + groups[1]], GRPOConfig(), judge=None)
+    assert torch.allclose(scores.reward[0], torch.tensor([1.0, 0.9, 0.1, 0.9]))
+    assert scores.accuracy[0].tolist() == [1.0, 1.0, 0.0, 1.0] and scores.format[0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert torch.allclose(scores.reward[1], torch.tensor([1.0, 0.0, 1.0, 0.0]))  # normalised match; no think block: format 0
+
+    weighted = score_rollouts([mc], [groups[0]], GRPOConfig(accuracy_weight=1.0, format_weight=0.5), judge=None)
+    assert torch.allclose(weighted.reward[0], torch.tensor([1.5, 1.0, 0.5, 1.0]))
