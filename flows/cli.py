@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per-stage status of a workdir")
     status.add_argument("workdir")
 
+    synth = sub.add_parser(
+        "synth", help="write a synthetic, verifiable video QA set as a complete filter/ (then: lvr run --workdir W --from sft)"
+    )
+    synth.add_argument("workdir")
+    synth.add_argument("--videos", type=int, default=600)
+    synth.add_argument("--seed", type=int, default=0)
+
     report = sub.add_parser("report", help="rebuild <workdir>/report/index.html")
     report.add_argument("workdir")
 
@@ -144,6 +151,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks.synth import SynthSpec, write_synth
+
+    report = write_synth(args.workdir, SynthSpec(videos=args.videos, seed=args.seed))
+    print(f"{report.rows} questions ({report.status}) in {args.workdir}/filter; next: lvr run --workdir {args.workdir} --from sft")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tasks.artifacts import Workdir
     from tasks.report import build_report
@@ -195,7 +210,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "sample-videos": cmd_sample_videos,
+COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "synth": cmd_synth, "sample-videos": cmd_sample_videos,
             "models": cmd_models, "config": cmd_config}
 
 

@@ -135,3 +135,11 @@ def test_models_build_tiny_then_loads_through_from_pretrained(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(folder)
     assert model.config.text_config.hidden_size == 64 and model.config.vision_config.depth == 2
+
+
+def test_synth_writes_a_complete_filter_stage(tmp_path):
+    out = run_cli("synth", str(tmp_path / "wd"), "--videos", "5")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = pd.read_parquet(tmp_path / "wd" / "filter")
+    assert len(table) == 15 and set(table["split"]) <= {"sft", "rl", "eval"}
+    assert json.loads((tmp_path / "wd" / "filter" / "_manifest.json").read_text())["rows"] == 15
