@@ -13,7 +13,6 @@ from tasks.config import DEFAULT_CONFIG, STAGE_ORDER, ConfigError, load_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_NOT_IMPLEMENTED = 3
 
 STAGE_DESCRIPTIONS = {
     "clip": "probe source videos and cut ~10 s clips with ffmpeg, recording true boundaries",
@@ -84,7 +83,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.stage import StageError, StageNotImplemented
+    from tasks.stage import StageError
 
     try:
         load_config(args.config, args.overrides)  # fail fast, before Prefect starts
@@ -109,10 +108,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lvr: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except StageNotImplemented as exc:
-        _print_summary(args.workdir)
-        print(f"\nlvr: pipeline stopped: {exc}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     except (StageError, ValueError) as exc:
         _print_summary(args.workdir)
         print(f"\nlvr: pipeline failed: {exc}", file=sys.stderr)
@@ -171,11 +166,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(_: argparse.Namespace) -> int:
-    from tasks.registry import is_implemented
-
     for i, name in enumerate(STAGE_ORDER, 1):
-        state = "" if is_implemented(name) else "  (not implemented yet)"
-        print(f"{i}. {name:<8} {STAGE_DESCRIPTIONS[name]}{state}")
+        print(f"{i}. {name:<8} {STAGE_DESCRIPTIONS[name]}")
     return 0
 
 

@@ -16,7 +16,7 @@ from tasks.artifacts import MANIFEST, WORK_DIR, Workdir, read_json, write_json_a
 from tasks.config import STAGE_ORDER, PipelineConfig, cache_dir
 from tasks.registry import get_stage
 from tasks.report import update_report
-from tasks.stage import StageContext, StageNotImplemented, StageReport, read_manifest, run_stage
+from tasks.stage import StageContext, StageReport, read_manifest, run_stage
 
 log = logging.getLogger("lvr.pipeline")
 
@@ -89,9 +89,6 @@ def run_pipeline(
         for name in stages:
             try:
                 report = stage_runner(name, ctx)
-            except StageNotImplemented as exc:
-                record.results[name] = {"status": "not_implemented", "message": str(exc)}
-                raise
             except Exception as exc:
                 record.results[name] = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
                 raise
@@ -118,7 +115,7 @@ def run_pipeline(
 @dataclass(frozen=True)
 class StageStatus:
     stage: str
-    status: str  # done | cached | failed | not_implemented | incomplete | missing
+    status: str  # done | cached | failed | incomplete | missing
     rows: int | None = None
     failures: int | None = None
     wall_time_s: float | None = None
@@ -147,7 +144,7 @@ def workdir_status(workdir: Workdir) -> list[StageStatus]:
                     finished_at=manifest.get("finished_at"),
                 )
             )
-        elif last.get("status") in ("failed", "not_implemented"):
+        elif last.get("status") == "failed":
             statuses.append(StageStatus(name, last["status"], message=last.get("message", "")))
         elif workdir.exists(name, WORK_DIR) or workdir.exists(name, MANIFEST):
             statuses.append(StageStatus(name, "incomplete", message="started but not finished; rerun to resume"))

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tasks.config import STAGE_ORDER
-from tasks.stage import Stage, StageNotImplemented
+from tasks.stage import Stage
 
-# The issue that builds each stage not implemented yet, named in the error users see.
-PENDING_ISSUES: dict[str, int] = {}
 
 
 def _clip() -> Stage:
@@ -58,20 +56,7 @@ STAGE_FACTORIES: dict[str, Callable[[], Stage]] = {
 }
 
 
-def is_implemented(name: str) -> bool:
-    return name in STAGE_FACTORIES
-
-
 def get_stage(name: str) -> Stage:
-    if name not in STAGE_ORDER:
+    if name not in STAGE_FACTORIES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_ORDER)}")
-    factory = STAGE_FACTORIES.get(name)
-    if factory is None:
-        issue = PENDING_ISSUES.get(name)
-        raise StageNotImplemented(
-            f"stage {name!r} is not implemented yet" + (f" (tracked in issue #{issue})" if issue else "")
-            + "; nothing was written for it. Run with --to "
-            + STAGE_ORDER[STAGE_ORDER.index(name) - 1]
-            + " to stop before it."
-        )
-    return factory()
+    return STAGE_FACTORIES[name]()

@@ -48,10 +48,6 @@ class StageError(RuntimeError):
     """A stage that cannot run (missing input, bad input schema); the message says what to do."""
 
 
-class StageNotImplemented(StageError):
-    """Raised for DAG stages whose issue has not landed: such a stage never writes fake output."""
-
-
 @dataclass(frozen=True)
 class WorkItem:
     """One unit of a stage's input. `key` captures everything about the item that affects its output."""

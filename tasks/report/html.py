@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # tasks.pipeline imports the report to update it after each s
 
 LETTERS = "ABCDEFGHIJ"
 STATUS_COLORS = {
-    "done": "#2e7d32", "cached": "#1565c0", "failed": "#c62828", "not_implemented": "#ef6c00",
+    "done": "#2e7d32", "cached": "#1565c0", "failed": "#c62828",
     "incomplete": "#ef6c00", "missing": "#757575",
 }
 CSS = """
