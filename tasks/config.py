@@ -172,6 +172,17 @@ class FilterConfig(_Section):
         return self
 
 
+def check_topology(sp_degree: int, procs_per_node: int, nnodes: int, node_rank: int, master_addr: str | None) -> None:
+    """The distributed layout a training stage asks for is one torchrun can start."""
+    world = procs_per_node * nnodes
+    if world % sp_degree:
+        raise ValueError(f"sp_degree ({sp_degree}) must divide nproc_per_node x nnodes ({world})")
+    if node_rank >= nnodes:
+        raise ValueError(f"node_rank ({node_rank}) must be below nnodes ({nnodes})")
+    if nnodes > 1 and not master_addr:
+        raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
+
+
 class SFTConfig(_Section):
     model: str = Field("tiny", description="Base checkpoint: a local folder, a model id already on disk, or 'tiny'.")
     sp_degree: int = Field(2, ge=1, description="Ranks sharing one sequence (Ulysses); must divide the world size and the attention heads.")
@@ -198,13 +209,7 @@ class SFTConfig(_Section):
 
     @model_validator(mode="after")
     def _sp_divides_world(self) -> "SFTConfig":
-        world = self.nproc_per_node * self.nnodes
-        if world % self.sp_degree:
-            raise ValueError(f"sp_degree ({self.sp_degree}) must divide nproc_per_node x nnodes ({world})")
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
-        if self.nnodes > 1 and not self.master_addr:
-            raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
+        check_topology(self.sp_degree, self.nproc_per_node, self.nnodes, self.node_rank, self.master_addr)
         return self
 
 
@@ -265,13 +270,7 @@ class GRPOConfig(_Section):
 
     @model_validator(mode="after")
     def _topology(self) -> "GRPOConfig":
-        world = self.procs_per_node * self.nnodes
-        if world % self.sp_degree:
-            raise ValueError(f"sp_degree ({self.sp_degree}) must divide nproc_per_node x nnodes ({world})")
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
-        if self.nnodes > 1 and not self.master_addr:
-            raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
+        check_topology(self.sp_degree, self.procs_per_node, self.nnodes, self.node_rank, self.master_addr)
         return self
 
 
