@@ -46,6 +46,8 @@ bench: setup
 	$(PY) benchmarks/qa.py
 	$(PY) benchmarks/filter.py
 	$(PY) benchmarks/sp.py
+	$(PY) benchmarks/grpo.py
+	$(PY) benchmarks/learning.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -93,7 +93,7 @@ class HFRolloutEngine:
 class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/test_grpo_vllm.py, marked gpu)
     """A colocated vLLM engine sharing the GPU with the trainer (sleep mode between rollouts)."""
 
-    def __init__(self, model_path: str, tokenizer: Any, cfg: GRPOConfig, seed: int):
+    def __init__(self, model_path: str, tokenizer: Any, stops: set[int], eos_id: int, cfg: GRPOConfig, seed: int):
         # The engine must live in this process for `sync_weights` to reach its model.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
@@ -102,6 +102,7 @@ class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/test_grp
             raise RuntimeError("grpo.rollout_engine=vllm needs vLLM: install the `gpu` extra on a CUDA machine") from exc
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.stops, self.eos_id = stops, eos_id
         self.llm = LLM(
             model=model_path, seed=seed, enable_sleep_mode=True, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             limit_mm_per_prompt={"video": 1}, enable_mm_embeds=True, max_model_len=cfg.vllm_max_model_len,
@@ -129,8 +130,14 @@ class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/test_grp
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.llm.sleep(level=1)  # give the KV cache's memory back to the trainer
         self.asleep = True
-        stops = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-        return [[make_rollout(list(c.token_ids), stops, self.tokenizer) for c in out.outputs] for out in outputs]
+        return [[make_rollout(self._tokens(c), self.stops, self.tokenizer) for c in out.outputs] for out in outputs]
+
+    def _tokens(self, completion: Any) -> list[int]:
+        """The sampled ids with the end-of-turn token that stopped them (scored like any other)."""
+        tokens = list(completion.token_ids)
+        if completion.finish_reason == "stop" and not (tokens and tokens[-1] in self.stops):
+            tokens.append(self.eos_id)
+        return tokens
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load the trainable weights (the frozen vision tower never changes) into the engine."""
@@ -145,4 +152,5 @@ class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/test_grp
 def make_rollout_engine(cfg: GRPOConfig, model: torch.nn.Module, tokenizer: Any, model_path: str, seed: int) -> RolloutEngine:
     if cfg.rollout_engine == "hf":
         return HFRolloutEngine(model, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    return VLLMRolloutEngine(model_path, tokenizer, cfg, seed)
+    eos = model.generation_config.eos_token_id
+    return VLLMRolloutEngine(model_path, tokenizer, stop_token_ids(model, tokenizer), eos[0] if isinstance(eos, list) else eos, cfg, seed)

@@ -128,6 +128,8 @@ class GRPOStage(Stage):
         if not ctx.workdir.is_local:
             raise StageError(f"grpo writes checkpoints with plain file I/O: use a local or mounted workdir, not {ctx.workdir.url}")
         cfg = ctx.config.grpo
+        if cfg.judge and not ctx.config.filter.judge_model:
+            raise StageError("grpo.judge asks the filter stage's judge, but filter.judge_model is not set")
         examples: list[RLExample] = []
         failures: list[Failure] = []
         for example in item.payload["examples"]:
