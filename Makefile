@@ -30,7 +30,7 @@ system-deps:
 
 $(STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,ray]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
