@@ -6,7 +6,9 @@ All logic lives in `tasks/`; these functions only translate parameters and hand 
 
 from __future__ import annotations
 
+import enum
 from collections import deque
+from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -18,11 +20,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.artifacts import Workdir
 from tasks.config import STAGE_ORDER, ExecutionConfig, StageName, load_config
-from tasks.pipeline import resolve_source, run_pipeline
+from tasks.pipeline import StageRunner, check_stage_manifest, resolve_source, run_pipeline
 from tasks.registry import get_stage
 from tasks.report.progress import FanOut, TerminalProgress, engine_progress
 from tasks.stage import ShardOutcome, ShardWork, StageContext, StageError, StageReport, read_manifest, run_stage
@@ -154,6 +158,57 @@ STAGE_FLOWS = {
 }
 
 
+class ExecutionMode(str, enum.Enum):
+    """Where the pipeline's stages run."""
+
+    local = "local"  # stage subflows in this flow run's process (one machine, one image)
+    deployments = "deployments"  # each stage as a run of its own deployment (its pool, image, GPUs)
+
+
+def _subflow_stage_runner(parameters: dict[str, Any]) -> StageRunner:
+    def run(name: str, ctx: StageContext) -> StageReport:
+        result = STAGE_FLOWS[name](**parameters)
+        manifest = read_manifest(ctx.workdir, name)
+        if manifest is None:
+            raise StageError(f"{name} finished without a complete manifest in {ctx.workdir.uri(name)}")
+        return StageReport(name, result["status"], manifest)
+
+    return run
+
+
+def stage_deployment_name(stage: str, deployment: str) -> str:
+    """`flow/deployment` of a stage: the flow is always `lvr-<stage>`; `{stage}` in `deployment` is filled in."""
+    return f"lvr-{stage}/{deployment.format(stage=stage)}"
+
+
+def _deployment_stage_runner(parameters: dict[str, Any], deployment: str) -> StageRunner:
+    def run(name: str, ctx: StageContext) -> StageReport:
+        target = stage_deployment_name(name, deployment)
+        logger = get_run_logger()
+        logger.info("%s: starting deployment %s", name, target)
+        try:
+            child = run_deployment(
+                target, parameters=parameters, timeout=None, poll_interval=ctx.config.execution.deployment_poll_s, as_subflow=True
+            )
+        except ObjectNotFound:
+            raise StageError(f"{name}: no deployment {target!r} on the Prefect server; register it with `prefect deploy --all`") from None
+        state = child.state
+        if state is None or not state.is_completed():
+            raise StageError(
+                f"{name}: flow run {child.name!r} of {target} ended {state.name if state else 'without a state'}"
+                f"{': ' + state.message if state and state.message else ''}; retry this run once it is fixed (finished stages are kept)"
+            )
+        manifest = check_stage_manifest(name, ctx)
+        # A cached stage leaves its old manifest; a run that did work writes a new one.
+        started = child.start_time or child.expected_start_time
+        finished = datetime.fromisoformat(manifest["finished_at"])
+        status = "done" if started is not None and finished >= started else "cached"
+        logger.info("%s: %s by flow run %s (%d rows, %d failures)", name, status, child.name, manifest["rows"], manifest["failures"])
+        return StageReport(name, status, manifest)
+
+    return run
+
+
 @flow(name="lvr-pipeline", log_prints=True, validate_parameters=True)
 def lvr_pipeline(
     source: str | None = None,
@@ -162,6 +217,8 @@ def lvr_pipeline(
     overrides: list[str] | None = None,
     from_stage: StageName = StageName.clip,
     to_stage: StageName = StageName.eval,
+    execution: ExecutionMode = ExecutionMode.local,
+    stage_deployment: str = "lvr-{stage}",
 ) -> dict[str, Any]:
     """Long videos to a reasoning dataset and a trained VLM: clip > caption > qa > filter > sft > grpo > eval.
 
@@ -169,21 +226,29 @@ def lvr_pipeline(
         source: Videos to process: a directory, glob, list file or Parquet/CSV manifest (local or s3://...).
             Empty: the config's `source`, else the built-in sample.
         workdir: Where every stage writes its Parquet, media and checkpoints (local path or fsspec URL).
+            With `execution: deployments` every stage's worker must see it: use object storage.
         config: A built-in config name (tiny, longvila-r1) or a YAML path.
         overrides: Dotted-key overrides such as `clip.seconds=8`.
         from_stage: First stage to run (earlier stages must already be complete in the workdir).
         to_stage: Last stage to run.
+        execution: `local` runs every stage in this flow run's process; `deployments` runs each stage
+            as a run of its own deployment (its work pool, image and GPU request), waits for it and
+            checks the stage's manifest before starting the next.
+        stage_deployment: With `execution: deployments`, the deployment name of each stage's flow
+            (`lvr-<stage>`); `{stage}` is replaced by the stage name.
     """
     cfg = load_config(config, overrides)
-    src = resolve_source(source, cfg)
     flow_run = FlowRunContext.get()
     run_id = str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else None
-
-    def stage_runner(name: str, ctx: StageContext) -> StageReport:
-        result = STAGE_FLOWS[name](workdir=workdir, config=config, overrides=overrides, source=src)
-        manifest = read_manifest(ctx.workdir, name)
-        assert manifest is not None, f"{name} finished without a manifest"
-        return StageReport(name, result["status"], manifest)
+    mode = ExecutionMode(execution)
+    if mode is ExecutionMode.deployments:
+        # The source is resolved where clip runs: a default sample made here would not exist there.
+        src = source or cfg.source
+        parameters = {"workdir": workdir, "config": config, "overrides": overrides, "source": src}
+        stage_runner = _deployment_stage_runner(parameters, stage_deployment)
+    else:
+        src = resolve_source(source, cfg)
+        stage_runner = _subflow_stage_runner({"workdir": workdir, "config": config, "overrides": overrides, "source": src})
 
     record = run_pipeline(
         Workdir(workdir), cfg, source=src, from_stage=_value(from_stage), to_stage=_value(to_stage),

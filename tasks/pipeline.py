@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -12,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from tasks.artifacts import MANIFEST, WORK_DIR, Workdir, read_json, write_json_atomic
+from tasks.artifacts import MANIFEST, WORK_DIR, Workdir, read_json, stable_hash, write_json_atomic
 from tasks.config import STAGE_ORDER, PipelineConfig, cache_dir
 from tasks.registry import get_stage
 from tasks.report import update_report
-from tasks.stage import StageContext, StageReport, read_manifest, run_stage
+from tasks.stage import StageContext, StageError, StageReport, read_manifest, run_stage
 
 log = logging.getLogger("lvr.pipeline")
 
@@ -110,6 +111,41 @@ def run_pipeline(
         record.save(workdir)
         update_report(workdir)  # a failed run's report shows where it stopped
     return record
+
+
+def check_stage_manifest(name: str, ctx: StageContext) -> dict[str, Any]:
+    """The stage's manifest, after checking it is the output of *this* run's recipe.
+
+    When a stage ran somewhere else (its own deployment, image and machine), a manifest alone
+    proves only that something finished there. Before the next stage builds on it, the stage's
+    settings, code version and upstream fingerprints must be those this process would have used:
+    a stale image, a worker that sees another copy of the workdir, or a config that differs
+    between images all fail here instead of silently mixing datasets.
+    """
+    stage = get_stage(name)
+    where = ctx.workdir.uri(name, MANIFEST)
+    manifest = read_manifest(ctx.workdir, name)
+    if manifest is None:
+        raise StageError(
+            f"{name}: the stage's run ended but {where} is missing or incomplete; the stage's worker must see the "
+            "same workdir as this flow (use shared storage such as s3://... for the workdir)"
+        )
+    problems = []
+    if manifest.get("code_version") != stage.code_version:
+        problems.append(f"code version {manifest.get('code_version')!r} where this flow has {stage.code_version!r} (image out of date?)")
+    expected = json.loads(json.dumps(stage.settings(ctx), default=str))
+    recorded = manifest.get("config") or {}
+    if stable_hash(recorded) != stable_hash(expected):
+        keys = sorted(k for k in set(recorded) | set(expected) if stable_hash(recorded.get(k)) != stable_hash(expected.get(k)))
+        problems.append(f"settings differ in {', '.join(keys) or 'their structure'}")
+    for upstream in stage.inputs:
+        upstream_manifest = read_manifest(ctx.workdir, upstream)
+        got = manifest.get("input_fingerprints", {}).get(upstream)
+        if upstream_manifest is None or got != upstream_manifest["fingerprint"]:
+            problems.append(f"it was built on {upstream} {got}, not on the {upstream} output now in the workdir")
+    if problems:
+        raise StageError(f"{name}: {where} is not the output this run asked for: " + "; ".join(problems))
+    return manifest
 
 
 @dataclass(frozen=True)
