@@ -13,6 +13,8 @@ Models: `base` is `filter.model` (the model the dataset was filtered with), `sft
 model the stage of that name wrote under the workdir, anything else a checkpoint folder or model
 id. A missing sft / grpo model is skipped with a note; once it exists, its manifest fingerprint
 enters the stage's inputs and the items' keys, so retraining reruns exactly that model's items.
+Models in an object-store workdir (or named by such a URL) are downloaded once into the local
+model cache (`tasks.staging.local_model`) and loaded from there.
 
 Failure rows (the run goes on): a malformed item (`bad_item`), a video that is unknown
 (`unknown_video`) or unreadable (`unreadable_video`). A model that cannot be loaded stops the stage.
@@ -29,6 +31,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol
 
+import fsspec
 import pyarrow as pa
 
 from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TableSchema
@@ -44,6 +47,7 @@ from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames
 from tasks.report_charts import inline_images, markdown_table, read_report_file, write_report_file
 from tasks.rewards import AnswerKey, Grade, grade, normalize_answer
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest, read_stage_table
+from tasks.staging import is_local_uri, local_model
 
 log = logging.getLogger("lvr.eval")
 
@@ -95,7 +99,7 @@ def eval_examples(filter_rows: Iterable[dict[str, Any]]) -> list[EvalExample]:
 @dataclass(frozen=True)
 class EvalModel:
     label: str  # the eval.models entry
-    path: str  # what HFVideoLM loads
+    path: str  # a local folder, a model id, or a folder's URL in object storage (fetched before loading)
     identity: str  # changes whenever the weights behind `path` may have changed
 
 
@@ -104,6 +108,19 @@ def _folder_signature(path: Path) -> str:
     when the folder is rewritten (hashing the weights of a 7B model would not be cheap)."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return stable_hash([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _remote_folder_signature(uri: str) -> str:
+    """`_folder_signature` of a folder in object storage: names, sizes and ETags (or modification
+    times), which change when it is rewritten; empty when it does not exist."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.isdir(root):
+        return ""
+    files = fs.find(root, detail=True)
+    return stable_hash(sorted(
+        (name.removeprefix(root.rstrip("/") + "/"), info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime")))
+        for name, info in files.items()
+    ))
 
 
 def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[list[EvalModel], list[str]]:
@@ -117,7 +134,9 @@ def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[
             if manifest is None or not workdir.exists(entry, MODEL_DIR):
                 notes.append(f"{entry}: skipped, the {entry} stage has not produced {workdir.uri(entry, MODEL_DIR)} yet")
                 continue
-            models.append(EvalModel(entry, workdir.path(entry, MODEL_DIR), manifest["fingerprint"]))
+            models.append(EvalModel(entry, workdir.uri(entry, MODEL_DIR), manifest["fingerprint"]))
+        elif not is_local_uri(entry):
+            models.append(EvalModel(entry, entry, stable_hash({"ref": entry, "files": _remote_folder_signature(entry)})))
         else:
             folder = Path(entry).expanduser()
             identity = _folder_signature(folder) if folder.is_dir() else ""
@@ -339,7 +358,7 @@ class EvalStage(Stage):
 
     def load_answerer(self, ctx: StageContext, model: EvalModel) -> Answerer:
         try:
-            lm = HFVideoLM(model.path, trust_remote_code=ctx.config.eval.trust_remote_code)
+            lm = HFVideoLM(local_model(model.path, model.identity), trust_remote_code=ctx.config.eval.trust_remote_code)
         except Exception as exc:  # every item of this model would fail alike: stop with the reason
             raise StageError(f"eval: cannot load model {model.label!r} from {model.path}: {type(exc).__name__}: {exc}") from exc
         return HFAnswerer(lm, ctx.config.eval)

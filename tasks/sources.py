@@ -66,6 +66,10 @@ def list_sources(source: str, extensions: Sequence[str]) -> list[SourceVideo]:
     local = isinstance(fs, LocalFileSystem)
     if local:
         path = str(Path(path).expanduser())
+    else:
+        # fsspec reuses filesystem instances, with their directory listings, for the life of the
+        # process: a long-lived worker would never see videos added to a bucket since its first run.
+        fs.invalidate_cache()
     if any(ch in path for ch in "*?["):
         uris = [_uri(fs, p) for p in fs.glob(path) if fs.isfile(p)]
     elif fs.isdir(path):

@@ -14,6 +14,8 @@ Outputs: `grpo/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `gr
 (TRAIN_METRICS: reward, accuracy and format rewards, KL, clip fraction, response length, step
 time, vision-encoder calls... per step), `report/grpo.md` with the reward curve (also the stage's
 Prefect artifact), the manifest, and the embedding cache `grpo/_embeddings/` (kept across runs).
+On an object-store workdir the workers write to a local staging folder mirrored to the workdir
+(`tasks.staging`, as for SFT), and the SFT model is downloaded once into the local model cache.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ from tasks.grpo.data import RLExample, load_rl_examples
 from tasks.grpo.report import REPORT_FILE, write_grpo_report
 from tasks.grpo.trainer import JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE, GRPOJob
 from tasks.report_charts import inline_images, read_report_file
-from tasks.sft.checkpoints import TRAIN_INFO_FILE, read_metrics
+from tasks.sft.checkpoints import read_metrics
 from tasks.sft.stage import launch_spec as sft_launch_spec
 from tasks.sft.stage import video_exists
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest
+from tasks.staging import TRAIN_DIR, finished_run, local_model, mirrored_training, staged_dir
 
 log = logging.getLogger("lvr.grpo")
 worker_log = logging.getLogger("lvr.grpo.workers")
@@ -49,7 +51,6 @@ SFT = "sft"
 # Where and how often state is written, never what is trained.
 EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port", "embedding_cache_dir")
 METRICS_TABLE = "metrics.parquet"
-TRAIN_DIR = "train"
 EMBEDDINGS_DIR = "_embeddings"
 
 
@@ -65,7 +66,7 @@ def launch_spec(cfg: GRPOConfig, job_file: Path) -> LaunchSpec:
 
 @dataclasses.dataclass(frozen=True)
 class InitModel:
-    path: str  # what the workers load
+    path: str  # where the model is: a local folder, a model id, or a URL in an object-store workdir
     identity: str  # changes whenever the weights behind `path` may have changed
     from_sft: bool
 
@@ -76,7 +77,7 @@ def init_model(ctx: StageContext) -> InitModel:
     if ref == SFT:
         manifest = read_manifest(ctx.workdir, SFT)
         if manifest is not None and ctx.workdir.exists(SFT, MODEL_DIR):
-            return InitModel(ctx.workdir.path(SFT, MODEL_DIR), manifest["fingerprint"], True)
+            return InitModel(ctx.workdir.uri(SFT, MODEL_DIR), manifest["fingerprint"], True)
         ref = ctx.config.filter.model
     return InitModel(ref, stable_hash({"ref": ref}), False)
 
@@ -110,7 +111,7 @@ class GRPOStage(Stage):
             raise StageError("the filter stage put no item in the rl split: there is nothing to train on")
         init = init_model(ctx)
         key = stable_hash({"model": init.identity, "examples": [dataclasses.asdict(e) for e in examples]})
-        return [WorkItem("grpo", key=key, payload={"examples": examples, "model_path": init.path})]
+        return [WorkItem("grpo", key=key, payload={"examples": examples, "model_path": init.path, "model_identity": init.identity})]
 
     def run_key(self, ctx: StageContext, item: WorkItem) -> str:
         """Identifies one training run (data, initial model, settings, code): checkpoints of
@@ -121,12 +122,16 @@ class GRPOStage(Stage):
         cfg = ctx.config.grpo
         if not cfg.embedding_cache:
             return None
-        return str(Path(cfg.embedding_cache_dir).expanduser().resolve()) if cfg.embedding_cache_dir else ctx.stage_path(self.name, EMBEDDINGS_DIR)
+        if cfg.embedding_cache_dir:
+            return str(Path(cfg.embedding_cache_dir).expanduser().resolve())
+        # Beside the stage's files: <workdir>/grpo/_embeddings for a local workdir. For an object-store
+        # workdir it stays in the local staging folder, not mirrored: it is a pure speed-up that any
+        # machine rebuilds in one pass over the videos, the ranks read it entry by entry every step
+        # (object-store latency per entry would cost more than the encoding it saves), and it is large.
+        return str(staged_dir(ctx.workdir, self.name).local_path(EMBEDDINGS_DIR))
 
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         (item,) = items
-        if not ctx.workdir.is_local:
-            raise StageError(f"grpo writes checkpoints with plain file I/O: use a local or mounted workdir, not {ctx.workdir.url}")
         cfg = ctx.config.grpo
         if cfg.judge and not ctx.config.filter.judge_model:
             raise StageError("grpo.judge asks the filter stage's judge, but filter.judge_model is not set")
@@ -140,17 +145,20 @@ class GRPOStage(Stage):
         if not examples:
             raise StageError(f"none of the {len(failures)} rl examples has its source video; first missing: {failures[0].message}")
         run_key = self.run_key(ctx, item)
-        work = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR, run_key))
+        staged = staged_dir(ctx.workdir, self.name)
+        work = staged.local_path(WORK_DIR, TRAIN_DIR, run_key)
         work.mkdir(parents=True, exist_ok=True)
+        model_path = resolve_model_ref(local_model(item.payload["model_path"], item.payload["model_identity"]))
         job = GRPOJob(
-            run_key, resolve_model_ref(item.payload["model_path"]), tuple(examples), cfg, ctx.stage_path(self.name), str(work),
+            run_key, model_path, tuple(examples), cfg, str(staged.local), str(work),
             cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None,
         )
         job.save(work / JOB_FILE)
         spec = launch_spec(cfg, work / JOB_FILE)
         for node in range(1, cfg.nnodes):
             log.info("grpo: run this on node %d: %s", node, " ".join(torchrun_argv(spec, node_rank=node)))
-        launch(spec, worker_log, work / "errors")
+        with mirrored_training(staged, run_key, cfg.keep_checkpoints, cfg.nnodes):
+            launch(spec, worker_log, work / "errors")
         result = json.loads((work / RESULT_FILE).read_text())
         log.info("grpo: trained %d steps (%s) in %.1f s", result["steps"],
                  f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else f"from {job.model_path}",
@@ -166,19 +174,7 @@ class GRPOStage(Stage):
         self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
     ) -> tuple[dict[str, pa.Table], list[Failure]]:
         (item,) = self.list_items(ctx)
-        run_key = self.run_key(ctx, item)
-        info_file = Path(ctx.stage_path(self.name, MODEL_DIR, TRAIN_INFO_FILE))
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        if info.get("run_key") != run_key:
-            raise StageError(
-                f"{info_file.parent} does not hold the model this configuration trains (run {run_key}); it was replaced by "
-                f"an interrupted run of another configuration. Delete {ctx.stage_path(self.name, WORK_DIR)} and rerun to retrain"
-            )
-        train_dir = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR))
-        for other in train_dir.iterdir():
-            if other.name != run_key:
-                shutil.rmtree(other, ignore_errors=True)
-        result = json.loads((train_dir / run_key / RESULT_FILE).read_text())
+        result = finished_run(staged_dir(ctx.workdir, self.name), self.run_key(ctx, item))
         write_grpo_report(ctx.workdir, tables[TRAIN_METRICS.name].to_pylist(), result, ctx.config.grpo)
         return tables, failures
 

@@ -12,6 +12,8 @@ A checkpoint is written under `.tmp-step-<N>` and renamed into place once every 
 its part, so a `step-<N>` folder is always complete; a `.tmp-*` folder is a save that was killed.
 Checkpoints belong to one run key (training data and settings): a rerun resumes only from its
 own key's newest checkpoint, and other keys' checkpoints are deleted when a run starts.
+On an object-store workdir `tasks.staging` uploads each `step-<N>` as soon as it appears, with
+trainer_state.json last (there is no rename there), and prunes the uploaded ones by the same rule.
 """
 
 from __future__ import annotations
@@ -50,8 +52,16 @@ class TrainerState:
     @classmethod
     def read(cls, folder: Path) -> TrainerState | None:
         try:
-            return cls(**json.loads((folder / STATE_FILE).read_text()))
-        except (OSError, ValueError, TypeError):
+            return cls.parse((folder / STATE_FILE).read_bytes())
+        except OSError:
+            return None
+
+    @classmethod
+    def parse(cls, data: bytes) -> TrainerState | None:
+        """A state file's contents; None when torn or foreign (such a checkpoint is not trusted)."""
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError):
             return None
 
 
@@ -63,12 +73,17 @@ def partial_dir(root: Path, step: int) -> Path:
     return root / f".tmp-step-{step}"
 
 
+def is_step_dir(name: str) -> bool:
+    """Whether a folder name is a checkpoint's (`step-N`), not a partial save or anything else."""
+    return _STEP_DIR.match(name) is not None
+
+
 def checkpoints(root: Path, run_key: str) -> list[tuple[Path, TrainerState]]:
     """This run's complete checkpoints, newest first."""
     found = []
     for folder in root.glob("step-*") if root.is_dir() else []:
         state = TrainerState.read(folder)
-        if _STEP_DIR.match(folder.name) and state is not None and state.run_key == run_key:
+        if is_step_dir(folder.name) and state is not None and state.run_key == run_key:
             found.append((folder, state))
     return sorted(found, key=lambda item: item[1].step, reverse=True)
 

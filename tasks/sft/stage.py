@@ -8,8 +8,9 @@ same run key under `sft/_checkpoints/`.
 
 Outputs: `sft/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `sft/metrics.parquet`
 (TRAIN_METRICS, one row per step and metric), the report `report/sft.md` with the loss curve,
-and the manifest. Workdirs must be local (or a shared filesystem mounted on every node): the
-workers write checkpoints with plain file I/O.
+and the manifest. The workers write with plain file I/O: on an object-store workdir they write to a
+local staging folder that `tasks.staging` mirrors to the workdir (checkpoints as they complete,
+then the model), and a retry on a fresh machine resumes from the checkpoints found there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ from parallel.ulysses import kv_repeat_factor
 from tasks.artifacts import WORK_DIR, Failure, stable_hash, write_table_atomic
 from tasks.config import SFTConfig
 from tasks.report_charts import inline_images, read_report_file
-from tasks.sft.checkpoints import TRAIN_INFO_FILE, read_metrics
+from tasks.sft.checkpoints import read_metrics
 from tasks.sft.data import load_sft_examples
 from tasks.sft.report import REPORT_FILE, write_sft_report
-from tasks.sft.trainer import JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE, TrainJob
+from tasks.sft.trainer import JOB_FILE, METRICS_FILE, RESULT_FILE, TrainJob
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+from tasks.staging import TRAIN_DIR, finished_run, mirrored_training, staged_dir
 
 log = logging.getLogger("lvr.sft")
 worker_log = logging.getLogger("lvr.sft.workers")
@@ -44,7 +45,6 @@ worker_log = logging.getLogger("lvr.sft.workers")
 # Settings that change where and how often training state is written, never what is trained.
 EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
 METRICS_TABLE = "metrics.parquet"
-TRAIN_DIR = "train"
 
 
 def launch_spec(cfg: SFTConfig, job_file: Path) -> LaunchSpec:
@@ -109,8 +109,6 @@ class SFTStage(Stage):
 
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         (item,) = items
-        if not ctx.workdir.is_local:
-            raise StageError(f"sft writes checkpoints with plain file I/O: use a local or mounted workdir, not {ctx.workdir.url}")
         cfg = ctx.config.sft
         missing = set(item.payload["missing"])
         examples = [e for e in item.payload["examples"] if e.qa_id not in missing]
@@ -122,14 +120,16 @@ class SFTStage(Stage):
         model_path = resolve_model_ref(cfg.model)
         check_sp_degree(model_path, cfg.sp_degree)
         run_key = self.run_key(ctx, item)
-        work = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR, run_key))
+        staged = staged_dir(ctx.workdir, self.name)
+        work = staged.local_path(WORK_DIR, TRAIN_DIR, run_key)
         work.mkdir(parents=True, exist_ok=True)
-        job = TrainJob(run_key, model_path, tuple(examples), cfg, ctx.stage_path(self.name), str(work))
+        job = TrainJob(run_key, model_path, tuple(examples), cfg, str(staged.local), str(work))
         job.save(work / JOB_FILE)
         spec = launch_spec(cfg, work / JOB_FILE)
         for node in range(1, cfg.nnodes):
             log.info("sft: run this on node %d: %s", node, " ".join(torchrun_argv(spec, node_rank=node)))
-        launch(spec, worker_log, work / "errors")
+        with mirrored_training(staged, run_key, cfg.keep_checkpoints, cfg.nnodes):
+            launch(spec, worker_log, work / "errors")
         result = json.loads((work / RESULT_FILE).read_text())
         log.info("sft: trained %d steps (%s) in %.1f s", result["steps"],
                  f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else "from the base model",
@@ -145,19 +145,7 @@ class SFTStage(Stage):
         self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
     ) -> tuple[dict[str, pa.Table], list[Failure]]:
         (item,) = self.list_items(ctx)
-        run_key = self.run_key(ctx, item)
-        info_file = Path(ctx.stage_path(self.name, MODEL_DIR, TRAIN_INFO_FILE))
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        if info.get("run_key") != run_key:
-            raise StageError(
-                f"{info_file.parent} does not hold the model this configuration trains (run {run_key}); it was replaced by "
-                f"an interrupted run of another configuration. Delete {ctx.stage_path(self.name, WORK_DIR)} and rerun to retrain"
-            )
-        train_dir = Path(ctx.stage_path(self.name, WORK_DIR, TRAIN_DIR))
-        for other in train_dir.iterdir():
-            if other.name != run_key:
-                shutil.rmtree(other, ignore_errors=True)
-        result = json.loads((train_dir / run_key / RESULT_FILE).read_text())
+        result = finished_run(staged_dir(ctx.workdir, self.name), self.run_key(ctx, item))
         write_sft_report(ctx.workdir, tables[TRAIN_METRICS.name].to_pylist(), result)
         return tables, failures
 
