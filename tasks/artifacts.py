@@ -42,6 +42,20 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a local path or fsspec URL, never answering from a cached listing.
+
+    fsspec keeps one filesystem instance per URL kind for the life of the process, with its
+    directory listings. Other machines write into the same workdir and source (a stage's own
+    deployment, the nodes of a training run, new videos in a bucket), so a long-lived worker
+    would not see their files.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return fs, path
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
 @dataclass
 class Workdir:
     """A run's root: everything a run writes lives under it, locally or in object storage."""
@@ -51,7 +65,7 @@ class Workdir:
     root: str = field(init=False)
 
     def __post_init__(self) -> None:
-        fs, root = fsspec.core.url_to_fs(self.url)
+        fs, root = url_to_fs(self.url)
         if isinstance(fs, LocalFileSystem):
             root = str(Path(root).expanduser().resolve())
             self.url = root

@@ -31,12 +31,11 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol
 
-import fsspec
 import pyarrow as pa
 
 from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TableSchema
 from models.vlm import Generation, HFVideoLM, VideoPrompt, video_messages
-from tasks.artifacts import Failure, Workdir, stable_hash
+from tasks.artifacts import Failure, Workdir, stable_hash, url_to_fs
 from tasks.config import EvalConfig
 from tasks.filter.labels import EVAL
 from tasks.filter.rollouts import sampling_seed
@@ -113,7 +112,7 @@ def _folder_signature(path: Path) -> str:
 def _remote_folder_signature(uri: str) -> str:
     """`_folder_signature` of a folder in object storage: names, sizes and ETags (or modification
     times), which change when it is rewritten; empty when it does not exist."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = url_to_fs(uri)
     if not fs.isdir(root):
         return ""
     files = fs.find(root, detail=True)

@@ -14,6 +14,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.artifacts import url_to_fs
+
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
@@ -40,7 +42,7 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def _stat(uri: str) -> SourceVideo:
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = url_to_fs(uri)
         info = fs.info(path)
     except (FileNotFoundError, OSError, ValueError):
         return SourceVideo(uri, None, None)  # the clip stage reports it as a failure row
@@ -62,14 +64,10 @@ def list_sources(source: str, extensions: Sequence[str]) -> list[SourceVideo]:
     if not source:
         raise SourceError("no source given: pass --source (a directory, glob, list file or manifest)")
     exts = {e.lower() for e in extensions}
-    fs, path = fsspec.core.url_to_fs(source)
+    fs, path = url_to_fs(source)
     local = isinstance(fs, LocalFileSystem)
     if local:
         path = str(Path(path).expanduser())
-    else:
-        # fsspec reuses filesystem instances, with their directory listings, for the life of the
-        # process: a long-lived worker would never see videos added to a bucket since its first run.
-        fs.invalidate_cache()
     if any(ch in path for ch in "*?["):
         uris = [_uri(fs, p) for p in fs.glob(path) if fs.isfile(p)]
     elif fs.isdir(path):
@@ -103,7 +101,7 @@ def source_fingerprint(videos: Sequence[SourceVideo]) -> list[str]:
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[Path]:
     """A local path for ffmpeg: the file itself when local, else a temporary download."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         yield Path(path)
         return

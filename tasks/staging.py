@@ -32,7 +32,7 @@ from typing import Any
 
 import fsspec
 
-from tasks.artifacts import WORK_DIR, Workdir, read_json, stable_hash
+from tasks.artifacts import WORK_DIR, Workdir, read_json, stable_hash, url_to_fs
 from tasks.config import cache_dir
 from tasks.sft import checkpoints as ckpt
 from tasks.sft.trainer import CHECKPOINTS_DIR, MODEL_DIR, RESULT_FILE
@@ -100,7 +100,6 @@ def push_dir(local: Path, fs: fsspec.AbstractFileSystem, remote: str, marker: st
     files = {rel: p for rel, p in files.items() if not _transient(rel)}
     if not files:
         raise FileNotFoundError(f"{local} has no files to upload")
-    fs.invalidate_cache(remote)
     existing = set(fs.find(remote)) if fs.exists(remote) else set()
     marker_path = f"{remote}/{marker}" if marker else None
     if marker_path in existing:
@@ -113,14 +112,12 @@ def push_dir(local: Path, fs: fsspec.AbstractFileSystem, remote: str, marker: st
         fs.put([str(files[rel]) for rel in body], [f"{remote}/{rel}" for rel in body])
     if marker in files:
         fs.put_file(str(files[marker]), marker_path)
-    fs.invalidate_cache(remote)
 
 
 def pull_dir(fs: fsspec.AbstractFileSystem, remote: str, dest: Path, marker: str | None = None, replace: bool = True) -> bool:
     """Download the folder `remote` to `dest` through a temporary sibling renamed into place, so
     `dest` is always a whole copy. False (and nothing written) when `remote` has no files, or not
     the marker. With `replace=False` an existing `dest` (another process was quicker) is kept."""
-    fs.invalidate_cache(remote)
     files = sorted(fs.find(remote)) if fs.exists(remote) else []
     prefix = remote.rstrip("/") + "/"
     relative = [f[len(prefix):] for f in files if f.startswith(prefix)]
@@ -158,7 +155,6 @@ def remote_checkpoints(staged: StagedDir, run_key: str | None) -> list[tuple[str
     `run_key` (any run for None), else None (partial uploads, other runs', foreign folders)."""
     fs = staged.workdir.fs
     root = staged.remote_path(CHECKPOINTS_DIR)
-    fs.invalidate_cache(root)  # written by another machine: never answer from a stale listing
     if not fs.exists(root):
         return []
     found: list[tuple[str, ckpt.TrainerState | None]] = []
@@ -304,7 +300,6 @@ def finished_run(staged: StagedDir, run_key: str) -> dict[str, Any]:
     if result is None:
         raise StageError(f"{staged.workdir.uri(staged.stage, WORK_DIR, TRAIN_DIR, run_key)} has no {RESULT_FILE}: rerun to retrain")
     train_dir = staged.remote_path(WORK_DIR, TRAIN_DIR)
-    fs.invalidate_cache(train_dir)
     for other in fs.ls(train_dir, detail=False):
         if other.rstrip("/").rsplit("/", 1)[-1] != run_key:
             fs.rm(other, recursive=True)
@@ -331,7 +326,7 @@ def local_model(uri: str, identity: str) -> str:
     dest = cache_dir() / MODELS_DIR / stable_hash({"uri": uri, "identity": identity})
     with _MODELS_LOCK:  # eval shards in threads ask for the same model at once: download it once
         if not dest.is_dir():
-            fs, path = fsspec.core.url_to_fs(uri)
+            fs, path = url_to_fs(uri)
             log.info("downloading model %s to %s", uri, dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not pull_dir(fs, path, dest, replace=False):

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import torch
 
@@ -29,7 +28,7 @@ from data_schemas import TRAIN_METRICS, TableSchema
 from models.vlm import resolve_model_ref
 from parallel.launch import LaunchSpec, launch, torchrun_argv
 from parallel.ulysses import kv_repeat_factor
-from tasks.artifacts import WORK_DIR, Failure, stable_hash, write_table_atomic
+from tasks.artifacts import WORK_DIR, Failure, stable_hash, url_to_fs, write_table_atomic
 from tasks.config import SFTConfig
 from tasks.report_charts import inline_images, read_report_file
 from tasks.sft.checkpoints import read_metrics
@@ -76,7 +75,7 @@ def check_sp_degree(model_path: str, sp_degree: int) -> None:
 
 
 def video_exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     return bool(fs.exists(path))
 
 
