@@ -1,15 +1,15 @@
-"""Production orchestration end to end: a real `prefect server`, `prefect deploy` from prefect.yaml,
-a process work pool and its worker, runs started and retried through the REST API as the UI does.
+"""Production orchestration end to end: a real `prefect server`, prefect.yaml's deployments
+registered by `lvr deploy` (`prefect deploy` on one process work pool running this checkout), a
+worker, and runs started and retried through the REST API as the UI does.
 
 The only stand-in is the LLM endpoint (an OpenAI-protocol server on 127.0.0.1 we can take down).
-prefect.yaml is deployed as shipped except for what a test machine must change: every deployment's
-work pool becomes one process pool, flow runs start in this checkout instead of the image's
-/opt/lvr, and the parameters point at this test's source, workdir and LLM endpoint.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO, make_video
+from flows.deploy import single_machine_spec
 from openai_server import Fault, OpenAITestServer, r1_responder
 from prefect_server import PrefectServer
 
@@ -50,13 +51,14 @@ def site(tmp_path_factory):
             "qa.backend=openai", f"qa.base_url={llm.base_url}", f"qa.api_key_env={KEY_ENV}", "qa.model=deepseek-r1",
             "qa.max_retries=0", "qa.backoff_s=0.01", "execution.shard_retries=0", "execution.deployment_poll_s=1", "filter.runs=4",
         ]
-        parameters = {"workdir": str(workdir), "source": str(source), "config": "tiny", "overrides": overrides}
-        prefect_file = root / "prefect.yaml"
-        prefect_file.write_text(yaml.safe_dump(for_test_machine(REPO / "prefect.yaml", parameters)))
         env = {KEY_ENV: "sk-deploy", "OMP_NUM_THREADS": "1"}
         with PrefectServer(root / "prefect", env=env) as server:
-            server.cli("work-pool", "create", POOL, "--type", "process")
-            server.cli("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), cwd=REPO)
+            argv = [sys.executable, "-m", "flows.cli", "deploy", "--pool", POOL, "--workdir", str(workdir), "--source", str(source)]
+            for override in overrides:
+                argv += ["--set", override]
+            deployed = subprocess.run(argv, cwd=root, env=server.env, capture_output=True, text=True, timeout=300)
+            assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+            assert f"prefect worker start --pool {POOL}" in deployed.stdout
             with server.worker(POOL, cwd=root):
                 yield {"server": server, "llm": llm, "endpoint": endpoint, "source": source, "workdir": workdir}
         assert not server.alive(), "a Prefect process outlived the test"
@@ -65,16 +67,6 @@ def site(tmp_path_factory):
 def add_video(source: Path, i: int) -> Path:
     # Lengths differ so contents (and content-derived video ids) differ.
     return make_video(source / f"v{i}.mp4", 11 + i, fps=10, gop=10)
-
-
-def for_test_machine(prefect_yaml: Path, parameters: dict) -> dict:
-    spec = yaml.safe_load(prefect_yaml.read_text())
-    spec["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    for deployment in spec["deployments"]:
-        deployment["work_pool"] = {"name": POOL, "job_variables": {}}
-        own = deployment.get("parameters", {})
-        deployment["parameters"] = {**own, **{k: v for k, v in parameters.items() if k in own}}
-    return spec
 
 
 def manifest(workdir: Path, stage: str) -> dict | None:
@@ -86,6 +78,22 @@ def run_deployment(server: PrefectServer, name: str, parameters: dict | None = N
     deployment = server.deployments()[name]
     run = server.create_flow_run(deployment["id"], parameters)
     return server.wait(run["id"], timeout_s)
+
+
+def test_single_machine_spec_moves_every_deployment_to_the_pool_and_keeps_the_rest():
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec = single_machine_spec(shipped, "here", Path("/src/lvr"), {"workdir": "/w", "source": "/videos", "overrides": ["a.b=1"]})
+    assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/src/lvr"}}]
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert set(by_name) == {d["name"] for d in shipped["deployments"]}
+    assert all(d["work_pool"] == {"name": "here", "job_variables": {}} for d in spec["deployments"])
+    assert by_name["lvr-clip"]["parameters"]["source"] == "/videos" and "source" not in by_name["lvr-caption"]["parameters"]
+    assert by_name["lvr-caption"]["parameters"]["workdir"] == "/w" and by_name["lvr-qa"]["parameters"]["overrides"] == ["a.b=1"]
+    refresh = {d["name"]: d for d in shipped["deployments"]}["lvr-dataset-refresh"]
+    assert by_name["lvr-dataset-refresh"]["schedules"] == refresh["schedules"]
+    assert by_name["lvr-dataset-refresh"]["parameters"]["to_stage"] == "filter"
+    with pytest.raises(ValueError, match="from_stage"):
+        single_machine_spec(shipped, "here", Path("/src"), {"from_stage": "qa"})
 
 
 def test_prefect_yaml_deploys_every_flow_with_its_form_and_schedule(site):
