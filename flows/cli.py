@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print a resolved config (after overrides)")
     show.add_argument("--config", default=DEFAULT_CONFIG)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    node = sub.add_parser(
+        "train-node",
+        help="one node of a multi-node sft/grpo run: node 0 runs the stage (as lvr run), node K > 0 joins it with torchrun",
+    )
+    node.add_argument("stage", help="sft or grpo")
+    node.add_argument("--node-rank", type=int, required=True, help="this node's rank (Kubernetes Indexed Job: $(JOB_COMPLETION_INDEX))")
+    node.add_argument("--workdir", required=True, help="the run's workdir, on a filesystem every node mounts")
+    node.add_argument("--config", default=DEFAULT_CONFIG, help="built-in config name or YAML path (default: tiny)")
+    node.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    node.add_argument("--engine", choices=("prefect", "local"), default="prefect", help="node 0: how the stage runs, as in lvr run")
+    node.add_argument("--wait-timeout", type=float, default=3600.0, help="nodes > 0: seconds to wait for node 0's job (default 3600)")
     return parser
 
 
@@ -202,8 +214,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_zero_argv(args: argparse.Namespace) -> list[str]:
+    """Node 0's part of a multi-node stage is the stage run itself: every node gets one command
+    (`train-node`), and node 0's means `lvr run --from STAGE --to STAGE` with the same settings."""
+    argv = ["-v"] if args.verbose else []
+    argv += ["run", "--config", args.config, "--workdir", args.workdir, "--from", args.stage, "--to", args.stage, "--engine", args.engine]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return argv
+
+
+def cmd_train_node(args: argparse.Namespace) -> int:
+    from tasks.multinode import TRAINING_STAGES
+
+    if args.stage not in TRAINING_STAGES:
+        print(f"lvr: train-node runs a training stage ({', '.join(TRAINING_STAGES)}), not {args.stage!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.node_rank == 0:
+        return main(node_zero_argv(args))
+    from parallel.launch import WorkerFailed
+    from tasks.artifacts import Workdir
+    from tasks.multinode import run_training_node
+    from tasks.stage import StageContext, StageError
+
+    try:
+        ctx = StageContext(Workdir(args.workdir), load_config(args.config, args.overrides))
+        result = run_training_node(args.stage, ctx, args.node_rank, timeout_s=args.wait_timeout)
+    except ConfigError as exc:
+        print(f"lvr: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StageError, TimeoutError, WorkerFailed) as exc:
+        print(f"lvr: {args.stage} node {args.node_rank} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if result is None:
+        print(f"lvr: {args.stage} is complete in {args.workdir}; node {args.node_rank} had nothing to run")
+    else:
+        print(f"lvr: {args.stage} node {args.node_rank} finished in {result.wall_s:.1f} s")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "synth": cmd_synth, "sample-videos": cmd_sample_videos,
-            "models": cmd_models, "config": cmd_config}
+            "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,17 +105,22 @@ def torchrun_argv(spec: LaunchSpec, node_rank: int | None = None) -> list[str]:
     return [*argv, "-m", spec.module, *spec.args]
 
 
-def launch(spec: LaunchSpec, log: logging.Logger, error_dir: str | os.PathLike) -> LaunchResult:
-    """Run `spec` with torchrun on this node, streaming every output line to `log`.
+def launch(spec: LaunchSpec, log: logging.Logger, error_dir: str | os.PathLike, node_rank: int | None = None) -> LaunchResult:
+    """Run `spec` with torchrun on this node (node `node_rank`, default the spec's), streaming
+    every output line to `log`.
 
     Raises `WorkerFailed` if any worker fails. If this call is interrupted (an exception such as
     KeyboardInterrupt or a cancelled task), torchrun is terminated, which stops its workers.
+    On a multi-node run `error_dir` is on storage every node sees: all ranks leave their
+    tracebacks there, and only node 0, which starts the run, clears the previous attempt's.
     """
+    rank = spec.node_rank if node_rank is None else node_rank
     errors = Path(error_dir)
     errors.mkdir(parents=True, exist_ok=True)
-    for stale in errors.glob("rank-*.traceback"):
-        stale.unlink()
-    argv = torchrun_argv(spec)
+    if rank == 0:
+        for stale in errors.glob("rank-*.traceback"):
+            stale.unlink()
+    argv = torchrun_argv(spec, node_rank=rank)
     env = {**os.environ, **spec.env, ERROR_DIR_ENV: str(errors), "PYTHONUNBUFFERED": "1"}
     log.info("launching: %s", " ".join(argv))
     started = time.perf_counter()

@@ -50,7 +50,11 @@ class ExecutionConfig(_Section):
     task_runner: Literal["threads", "processes", "ray"] = Field(
         "threads", description="Where shard tasks run: threads of the flow's process, worker processes, or a Ray cluster."
     )
-    ray_address: str | None = Field(None, description="Ray cluster address (ray://host:10001); empty starts a local Ray.")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster: ray://head:10001 (Ray Client, from outside the cluster) or head:6379 (this process on a "
+        "Ray node); empty starts a local Ray.",
+    )
     shard_workers: int = Field(1, ge=1, description="Shards of one stage processed concurrently.")
     shard_retries: int = Field(2, ge=0, description="Prefect retries per shard task.")
     shard_retry_delay_s: float = Field(5.0, ge=0)
