@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tasks.config import DEFAULT_CONFIG, STAGE_ORDER, ConfigError, load_config
 
@@ -41,11 +42,27 @@ def _parser() -> argparse.ArgumentParser:
         "--engine", choices=("prefect", "local"), default="prefect",
         help="prefect: run as the lvr-pipeline flow (default); local: the same stages without Prefect",
     )
+    run.add_argument(
+        "--execution", choices=("local", "deployments"), default="local",
+        help="with --engine prefect: run stages in this process (default), or each as a run of its `lvr-<stage>` "
+        "deployment on the server at PREFECT_API_URL (their work pools, images and GPUs)",
+    )
 
     sub.add_parser("stages", help="list the pipeline's stages")
 
     status = sub.add_parser("status", help="per-stage status of a workdir")
     status.add_argument("workdir")
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="register prefect.yaml's deployments on the server at PREFECT_API_URL, all on one process work pool "
+        "running this checkout (single machine; production: prefect deploy --all)",
+    )
+    deploy.add_argument("--pool", default="lvr-local", help="the process work pool to create or update (default: lvr-local)")
+    deploy.add_argument("--workdir", default="runs/deployed", help="default workdir of every deployment (default: runs/deployed)")
+    deploy.add_argument("--source", default=None, help="default source of the deployments that take one (default: prefect.yaml's)")
+    deploy.add_argument("--config", default=DEFAULT_CONFIG, help="default config (default: tiny)")
+    deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="default override, repeatable")
 
     synth = sub.add_parser(
         "synth", help="write a synthetic, verifiable video QA set as a complete filter/ (then: lvr run --workdir W --from sft)"
@@ -99,6 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+        if args.engine == "local" and args.execution != "local":
+            raise ConfigError("--execution deployments needs --engine prefect (stages run as Prefect deployments)")
         if args.engine == "local":
             from tasks.artifacts import Workdir
             from tasks.pipeline import resolve_source, run_pipeline
@@ -115,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = lvr_pipeline(
                 source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
                 from_stage=args.from_stage or STAGE_ORDER[0], to_stage=args.to_stage or STAGE_ORDER[-1],
+                execution=args.execution,
             )
             results = result["results"]
     except ConfigError as exc:
@@ -224,6 +244,34 @@ def node_zero_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from flows.deploy import deploy_single_machine
+
+    try:
+        load_config(args.config, args.overrides)  # a typo fails here, not at 02:00 in the nightly run
+    except ConfigError as exc:
+        print(f"lvr: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    parameters = {"workdir": _absolute(args.workdir), "config": args.config, "overrides": args.overrides}
+    if args.source:
+        parameters["source"] = _absolute(args.source)
+    try:
+        names = deploy_single_machine(args.pool, parameters)
+    except subprocess.CalledProcessError as exc:
+        print(f"lvr: {' '.join(exc.cmd[1:4])} failed (exit {exc.returncode}); is PREFECT_API_URL a running server?", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"lvr: {len(names)} deployments on work pool {args.pool!r}: {', '.join(names)}")
+    print(f"lvr: start a worker for them: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def _absolute(location: str) -> str:
+    """Worker processes start elsewhere: local paths become absolute, URLs stay as they are."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
 def cmd_train_node(args: argparse.Namespace) -> int:
     from tasks.multinode import TRAINING_STAGES
 
@@ -254,7 +302,7 @@ def cmd_train_node(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "synth": cmd_synth, "sample-videos": cmd_sample_videos,
-            "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node}
+            "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node, "deploy": cmd_deploy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
