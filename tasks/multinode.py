@@ -5,7 +5,7 @@ file into the stage's work folder and starts its share of the ranks with torchru
 K runs `run_training_node(stage, ctx, K)` with the same workdir and config: it derives the same job
 file path from the same inputs (the run key: data, model, settings, never the node's rank), waits
 until node 0 has written the job for a launch that has not finished yet, and starts node K's
-torchrun on it, the command node 0 logs as "run this on node K". The workdir must be a filesystem
+torchrun on it, the command node 0 logs for node K. The workdir must be a filesystem
 every node mounts: the job file, checkpoints and worker tracebacks are shared through it.
 """
 

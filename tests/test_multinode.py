@@ -65,8 +65,8 @@ def test_node_one_joins_node_zeros_run(tmp_path, videos, caplog, capsys):  # noq
     assert result["world_size"] == 2 and result["sp_degree"] == 2 and result["steps"] == 2
 
     # Node 1 ran exactly the command node 0 told node 1 to run.
-    prefix = "sft: run this on node 1: "
-    (told,) = [r.getMessage().removeprefix(prefix) for r in caplog.records if r.getMessage().startswith(prefix)]
+    marker = "which runs: "
+    (told,) = [r.getMessage().split(marker, 1)[1] for r in caplog.records if r.getMessage().startswith("sft: node 1 joins with `lvr train-node sft --node-rank 1`")]
     assert f"launching: {told}" in output, output
     assert "--node-rank=1" in told and "--nnodes=2" in told and f"--master-port={overrides['sft.master_port']}" in told
 

@@ -156,7 +156,10 @@ class GRPOStage(Stage):
         job.save(work / JOB_FILE)
         spec = launch_spec(cfg, work / JOB_FILE)
         for node in range(1, cfg.nnodes):
-            log.info("grpo: run this on node %d: %s", node, " ".join(torchrun_argv(spec, node_rank=node)))
+            log.info(
+                "grpo: node %d joins with `lvr train-node grpo --node-rank %d` (same workdir, config and overrides), "
+                "which runs: %s", node, node, " ".join(torchrun_argv(spec, node_rank=node)),
+            )
         with mirrored_training(staged, run_key, cfg.keep_checkpoints, cfg.nnodes):
             launch(spec, worker_log, work / "errors")
         result = json.loads((work / RESULT_FILE).read_text())
