@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parallel.launch import LaunchResult, LaunchSpec, launch
-from tasks.artifacts import WORK_DIR
 from tasks.registry import get_stage
 from tasks.stage import StageContext, StageError, plan_stage, read_manifest
-from tasks.staging import TRAIN_DIR, staged_dir
+from tasks.staging import ERRORS_DIR, run_dir, staged_dir
 from tasks.sft.trainer import JOB_FILE, RESULT_FILE
 
 log = logging.getLogger("lvr.multinode")
 TRAINING_STAGES = ("sft", "grpo")
-ERRORS_DIR = "errors"  # in the run's work folder, beside the job file (where the stages' launch puts it)
 
 
 def _launch_spec_factory(stage: str) -> Callable:
@@ -64,7 +62,7 @@ def node_job(stage_name: str, ctx: StageContext) -> NodeJob | None:
         return None
     ((item,),) = plan.shards  # a training stage is one item: the whole run
     run_key = stage.run_key(ctx, item)
-    job_file = staged_dir(ctx.workdir, stage_name).local_path(WORK_DIR, TRAIN_DIR, run_key, JOB_FILE)
+    job_file = run_dir(staged_dir(ctx.workdir, stage_name), run_key) / JOB_FILE
     spec = _launch_spec_factory(stage_name)(getattr(ctx.config, stage_name), job_file)
     return NodeJob(stage_name, plan.fingerprint, job_file, spec)
 

@@ -21,21 +21,23 @@ file uploaded last and removed first: a checkpoint's `trainer_state.json`, a mod
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 
+from parallel.launch import LaunchSpec, launch, torchrun_argv
 from tasks.artifacts import WORK_DIR, Workdir, read_json, stable_hash, url_to_fs
 from tasks.config import cache_dir
 from tasks.sft import checkpoints as ckpt
-from tasks.sft.trainer import CHECKPOINTS_DIR, MODEL_DIR, RESULT_FILE
+from tasks.sft.trainer import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
 from tasks.stage import StageError
 
 log = logging.getLogger("lvr.staging")
@@ -43,6 +45,7 @@ log = logging.getLogger("lvr.staging")
 STAGING_DIR = "staging"  # under cache_dir(): local stand-ins of remote stage folders
 MODELS_DIR = "models"  # under cache_dir(): models downloaded from workdirs
 TRAIN_DIR = "train"  # <stage>/_work/train/<run key>/: one training run's job, metrics, result
+ERRORS_DIR = "errors"  # in a run's folder: the workers' tracebacks (every node writes there)
 POLL_S = 1.0  # how often the uploader looks for a new checkpoint (a local directory listing)
 
 
@@ -283,6 +286,46 @@ def mirrored_training(staged: StagedDir, run_key: str, keep_checkpoints: int, nn
         raise
     staged.push(MODEL_DIR, marker=ckpt.TRAIN_INFO_FILE)
     staged.push(*work, marker=RESULT_FILE)  # last: a run whose result is in the workdir has its model there
+
+
+def run_dir(staged: StagedDir, run_key: str) -> Path:
+    """One training run's local folder: its job file, metrics, result and the workers' tracebacks."""
+    return staged.local_path(WORK_DIR, TRAIN_DIR, run_key)
+
+
+class TrainingJob(Protocol):
+    """What a trainer's workers read from the job file (`TrainJob`, `GRPOJob`)."""
+
+    run_key: str
+    model_path: str
+
+    def save(self, path: Path) -> None: ...
+
+
+def launch_training(
+    staged: StagedDir, job: TrainingJob, make_spec: Callable[[Path], LaunchSpec], keep_checkpoints: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Write the job file, tell the other nodes how to join, run this node's ranks with torchrun
+    (mirrored to the workdir when it is remote) and return the run's result and metric rows."""
+    work = run_dir(staged, job.run_key)
+    work.mkdir(parents=True, exist_ok=True)
+    job.save(work / JOB_FILE)
+    spec = make_spec(work / JOB_FILE)
+    stage_log = logging.getLogger(f"lvr.{staged.stage}")
+    for node in range(1, spec.nnodes):
+        stage_log.info(
+            "%s: node %d joins with `lvr train-node %s --node-rank %d` (same workdir, config and overrides), which runs: %s",
+            staged.stage, node, staged.stage, node, " ".join(torchrun_argv(spec, node_rank=node)),
+        )
+    with mirrored_training(staged, job.run_key, keep_checkpoints, spec.nnodes):
+        launch(spec, logging.getLogger(f"lvr.{staged.stage}.workers"), work / ERRORS_DIR)
+    result = json.loads((work / RESULT_FILE).read_text())
+    stage_log.info(
+        "%s: trained %d steps (%s) in %.1f s", staged.stage, result["steps"],
+        f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else f"from {job.model_path}",
+        result["train_time_s"],
+    )
+    return result, ckpt.read_metrics(work / METRICS_FILE)
 
 
 def finished_run(staged: StagedDir, run_key: str) -> dict[str, Any]:

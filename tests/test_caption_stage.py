@@ -116,7 +116,7 @@ def test_sigkill_mid_caption_then_rerun_matches_clean_run(clipped, tmp_path):
     wd = tmp_path / "killed"
     shutil.copytree(clipped, wd)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--workdir", str(wd), *args], cwd=REPO, env=os.environ.copy(),
+        [sys.executable, "-m", "flows.cli", "run", "--workdir", str(wd), *args, "--engine", "local"], cwd=REPO, env=os.environ.copy(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     shards = wd / "caption" / "_work" / "shards"

@@ -54,7 +54,7 @@ def test_run_to_clip_twice_second_is_cached(tmp_path, small_source):
     assert next(ln for ln in status.stdout.splitlines() if ln.startswith("caption")).split()[1] == "missing"
     manifest_before = (wd / "clip" / "_manifest.json").read_text()
 
-    second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip")
+    second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip", "--engine", "local")
     assert second.returncode == 0, second.stderr[-3000:]
     assert (wd / "clip" / "_manifest.json").read_text() == manifest_before  # nothing was redone
     status = run_cli("status", str(wd))
@@ -72,7 +72,9 @@ def test_full_run_end_to_end(tmp_path, small_source):
     from tasks.config import STAGE_ORDER
 
     wd = tmp_path / "wd"
-    out = run_cli("run", "--source", str(small_source), "--workdir", str(wd))
+    # The tiny profile (SP=2 training, as `make run`), with fewer steps and samples.
+    cheaper = ["filter.runs=4", "caption.max_new_tokens=16", "sft.epochs=1", "grpo.steps=2", "eval.max_new_tokens=16"]
+    out = run_cli("run", "--source", str(small_source), "--workdir", str(wd), *[a for o in cheaper for a in ("--set", o)])
     assert out.returncode == 0, out.stderr[-3000:]
     assert all((wd / s / "_manifest.json").exists() for s in STAGE_ORDER)
     assert (wd / "report" / "index.html").exists() and len(pd.read_parquet(wd / "eval" / "_summary")) > 0

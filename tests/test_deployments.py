@@ -176,7 +176,9 @@ def test_refresh_deployment_twice_does_work_only_for_new_videos(site):
 
     for i in (3, 4):
         add_video(source, i)
-    second = run_deployment(server, "lvr-pipeline/lvr-dataset-refresh")
+    # The second run in-process (`execution: local`, a custom run's parameter): what is reused
+    # does not depend on where stages run, and it saves four flow-run start-ups.
+    second = run_deployment(server, "lvr-pipeline/lvr-dataset-refresh", {"execution": "local"})
     assert second["state_type"] == "COMPLETED", server.logs_of(second["id"])[-4000:]
     after = {s: manifest(workdir, s) for s in ("clip", "caption", "qa", "filter")}
 

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.slow
 def test_parameters_render_as_a_typed_form():
     schema = lvr_pipeline.parameters.model_dump()
     props = schema["properties"]
-    assert set(props) == {"source", "workdir", "config", "overrides", "from_stage", "to_stage"}
+    assert set(props) == {"source", "workdir", "config", "overrides", "from_stage", "to_stage", "execution", "stage_deployment"}
     stage_enum = schema["definitions"]["StageName"]["enum"]
     assert stage_enum == list(STAGE_ORDER)
+    assert schema["definitions"]["ExecutionMode"]["enum"] == ["local", "deployments"] and props["execution"]["default"] == "local"
     assert props["from_stage"]["default"] == "clip" and props["to_stage"]["default"] == "eval"
     assert "Dotted-key overrides" in props["overrides"]["description"]
     assert {f.name for f in STAGE_FLOWS.values()} == {f"lvr-{s}" for s in STAGE_ORDER}

@@ -21,8 +21,6 @@ On an object-store workdir the workers write to a local staging folder mirrored 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +28,18 @@ import pyarrow as pa
 
 from data_schemas import TRAIN_METRICS, TableSchema
 from models.vlm import resolve_model_ref
-from parallel.launch import LaunchSpec, launch, torchrun_argv
-from tasks.artifacts import WORK_DIR, Failure, stable_hash, write_table_atomic
+from parallel.launch import LaunchSpec
+from tasks.artifacts import Failure, stable_hash, write_table_atomic
 from tasks.config import GRPOConfig, SFTConfig
 from tasks.grpo.data import RLExample, load_rl_examples
 from tasks.grpo.report import REPORT_FILE, write_grpo_report
-from tasks.grpo.trainer import JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE, GRPOJob
+from tasks.grpo.trainer import MODEL_DIR, GRPOJob
 from tasks.report_charts import inline_images, read_report_file
-from tasks.sft.checkpoints import read_metrics
 from tasks.sft.stage import launch_spec as sft_launch_spec
 from tasks.sft.stage import video_exists
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest
-from tasks.staging import TRAIN_DIR, finished_run, local_model, mirrored_training, staged_dir
+from tasks.staging import finished_run, launch_training, local_model, run_dir, staged_dir
 
-log = logging.getLogger("lvr.grpo")
-worker_log = logging.getLogger("lvr.grpo.workers")
 
 TRAINER_MODULE = "tasks.grpo.trainer"
 SFT = "sft"
@@ -146,27 +141,13 @@ class GRPOStage(Stage):
             raise StageError(f"none of the {len(failures)} rl examples has its source video; first missing: {failures[0].message}")
         run_key = self.run_key(ctx, item)
         staged = staged_dir(ctx.workdir, self.name)
-        work = staged.local_path(WORK_DIR, TRAIN_DIR, run_key)
-        work.mkdir(parents=True, exist_ok=True)
         model_path = resolve_model_ref(local_model(item.payload["model_path"], item.payload["model_identity"]))
         job = GRPOJob(
-            run_key, model_path, tuple(examples), cfg, str(staged.local), str(work),
+            run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)),
             cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None,
         )
-        job.save(work / JOB_FILE)
-        spec = launch_spec(cfg, work / JOB_FILE)
-        for node in range(1, cfg.nnodes):
-            log.info(
-                "grpo: node %d joins with `lvr train-node grpo --node-rank %d` (same workdir, config and overrides), "
-                "which runs: %s", node, node, " ".join(torchrun_argv(spec, node_rank=node)),
-            )
-        with mirrored_training(staged, run_key, cfg.keep_checkpoints, cfg.nnodes):
-            launch(spec, worker_log, work / "errors")
-        result = json.loads((work / RESULT_FILE).read_text())
-        log.info("grpo: trained %d steps (%s) in %.1f s", result["steps"],
-                 f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else f"from {job.model_path}",
-                 result["train_time_s"])
-        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(read_metrics(work / METRICS_FILE))}, failures)
+        _, metrics = launch_training(staged, job, lambda job_file: launch_spec(cfg, job_file), cfg.keep_checkpoints)
+        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(metrics)}, failures)
 
     def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
         path = ctx.stage_path(self.name, METRICS_TABLE)  # one file: `grpo/` also holds model/

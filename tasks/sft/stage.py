@@ -16,7 +16,6 @@ then the model), and a retry on a fresh machine resumes from the checkpoints fou
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,17 @@ import torch
 
 from data_schemas import TRAIN_METRICS, TableSchema
 from models.vlm import resolve_model_ref
-from parallel.launch import LaunchSpec, launch, torchrun_argv
+from parallel.launch import LaunchSpec
 from parallel.ulysses import kv_repeat_factor
-from tasks.artifacts import WORK_DIR, Failure, stable_hash, url_to_fs, write_table_atomic
+from tasks.artifacts import Failure, stable_hash, url_to_fs, write_table_atomic
 from tasks.config import SFTConfig
 from tasks.report_charts import inline_images, read_report_file
-from tasks.sft.checkpoints import read_metrics
 from tasks.sft.data import load_sft_examples
 from tasks.sft.report import REPORT_FILE, write_sft_report
-from tasks.sft.trainer import JOB_FILE, METRICS_FILE, RESULT_FILE, TrainJob
+from tasks.sft.trainer import TrainJob
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem
-from tasks.staging import TRAIN_DIR, finished_run, mirrored_training, staged_dir
+from tasks.staging import finished_run, launch_training, run_dir, staged_dir
 
-log = logging.getLogger("lvr.sft")
-worker_log = logging.getLogger("lvr.sft.workers")
 
 # Settings that change where and how often training state is written, never what is trained.
 EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
@@ -118,25 +114,11 @@ class SFTStage(Stage):
             raise StageError(f"none of the {len(failures)} sft examples has its source video; first missing: {failures[0].message}")
         model_path = resolve_model_ref(cfg.model)
         check_sp_degree(model_path, cfg.sp_degree)
-        run_key = self.run_key(ctx, item)
         staged = staged_dir(ctx.workdir, self.name)
-        work = staged.local_path(WORK_DIR, TRAIN_DIR, run_key)
-        work.mkdir(parents=True, exist_ok=True)
-        job = TrainJob(run_key, model_path, tuple(examples), cfg, str(staged.local), str(work))
-        job.save(work / JOB_FILE)
-        spec = launch_spec(cfg, work / JOB_FILE)
-        for node in range(1, cfg.nnodes):
-            log.info(
-                "sft: node %d joins with `lvr train-node sft --node-rank %d` (same workdir, config and overrides), "
-                "which runs: %s", node, node, " ".join(torchrun_argv(spec, node_rank=node)),
-            )
-        with mirrored_training(staged, run_key, cfg.keep_checkpoints, cfg.nnodes):
-            launch(spec, worker_log, work / "errors")
-        result = json.loads((work / RESULT_FILE).read_text())
-        log.info("sft: trained %d steps (%s) in %.1f s", result["steps"],
-                 f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else "from the base model",
-                 result["train_time_s"])
-        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(read_metrics(work / METRICS_FILE))}, failures)
+        run_key = self.run_key(ctx, item)
+        job = TrainJob(run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)))
+        _, metrics = launch_training(staged, job, lambda job_file: launch_spec(cfg, job_file), cfg.keep_checkpoints)
+        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(metrics)}, failures)
 
     def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
         path = ctx.stage_path(self.name, METRICS_TABLE)  # one file: `sft/` also holds model/
