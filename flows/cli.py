@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", default=DEFAULT_CONFIG)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    pool = sub.add_parser(
+        "pool-template",
+        help="write a work pool base job template with site defaults (e.g. network, env) for prefect work-pool create",
+    )
+    pool.add_argument("template", help="a base job template, e.g. deploy/work-pools/docker-cpu.json")
+    pool.add_argument("--out", required=True, help="where to write the result")
+    pool.add_argument("--default", dest="defaults", action="append", default=[], metavar="VARIABLE=JSON",
+                      help='a new default, repeatable: --default \'networks=["lvr_default"]\'')
+
     node = sub.add_parser(
         "train-node",
         help="one node of a multi-node sft/grpo run: node 0 runs the stage (as lvr run), node K > 0 joins it with torchrun",
@@ -267,6 +276,30 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool_template(args: argparse.Namespace) -> int:
+    import json
+
+    from flows.deploy import with_defaults
+
+    defaults = {}
+    for item in args.defaults:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected VARIABLE=JSON")
+            defaults[name] = json.loads(value)
+        except ValueError as exc:
+            print(f"lvr: --default {item!r}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        template = with_defaults(json.loads(Path(args.template).read_text()), defaults)
+    except (OSError, ValueError) as exc:
+        print(f"lvr: {args.template}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    Path(args.out).write_text(json.dumps(template, indent=2) + "\n")
+    return 0
+
+
 def _absolute(location: str) -> str:
     """Worker processes start elsewhere: local paths become absolute, URLs stay as they are."""
     return location if "://" in location else str(Path(location).expanduser().resolve())
@@ -302,7 +335,8 @@ def cmd_train_node(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "synth": cmd_synth, "sample-videos": cmd_sample_videos,
-            "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node, "deploy": cmd_deploy}
+            "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node, "deploy": cmd_deploy,
+            "pool-template": cmd_pool_template}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

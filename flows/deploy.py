@@ -8,6 +8,7 @@ here serves them all.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -57,3 +58,16 @@ def deploy_single_machine(
         # Entrypoints in prefect.yaml are relative to the project: deploy from there.
         subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], check=True, cwd=project_dir, env=env)
     return [d["name"] for d in spec["deployments"]]
+
+
+def with_defaults(base_job_template: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A work pool's base job template with new defaults for some of its variables: what a site
+    sets once for every flow run of the pool (its network, its object-storage endpoint)."""
+    properties = base_job_template.get("variables", {}).get("properties", {})
+    unknown = set(defaults) - set(properties)
+    if unknown:
+        raise ValueError(f"the template has no variable {sorted(unknown)}; it has {sorted(properties)}")
+    out = json.loads(json.dumps(base_job_template))
+    for name, value in defaults.items():
+        out["variables"]["properties"][name]["default"] = value
+    return out

@@ -68,20 +68,30 @@ def gpus_of(rendered: dict[str, Any]) -> int | None:
     return requests[0]["Count"] if requests else None
 
 
-def compose_pools() -> dict[str, dict[str, str]]:
-    """Pool name -> {type, template, worker_type, worker_service} from docker-compose's commands."""
+def compose_pools() -> dict[str, dict[str, Any]]:
+    """Pool name -> {type, template, defaults, worker_type, worker_service} from docker-compose's
+    commands, with the site defaults `lvr pool-template` puts into a template before the pool is
+    created from it."""
     services = load_yaml(DEPLOY / "docker-compose.yml")["services"]
-    pools: dict[str, dict[str, str]] = {}
+    pools: dict[str, dict[str, Any]] = {}
     for name, service in services.items():
         command = service.get("command") or []
-        # `bash -c "a && b"` runs several commands: split the script the way bash would read it.
+        # `bash -c "a && b"` runs several commands: split the script the way bash would read it,
+        # with the service's environment for `$$VAR` (compose's escape for bash's `$VAR`).
         script = command[-1] if command[:2] == ["bash", "-c"] else shlex.join(command)
+        environment = service.get("environment") or {}
+        # The variables stand inside double quotes, where bash keeps their value as it is.
+        script = re.sub(r"\$\$(\w+)", lambda m: re.sub(r'(["\\$`])', r"\\\1", str(environment[m.group(1)])), script)
+        made: dict[str, tuple[str, dict[str, Any]]] = {}  # --out of lvr pool-template -> (template, defaults)
         for part in script.split("&&"):
             argv = shlex.split(part)
+            if argv[:2] == ["lvr", "pool-template"]:
+                defaults = dict(d.split("=", 1) for d in (argv[i + 1] for i, a in enumerate(argv) if a == "--default"))
+                made[argv[argv.index("--out") + 1]] = (argv[2], {k: json.loads(v) for k, v in defaults.items()})
             if argv[:3] == ["prefect", "work-pool", "create"]:
-                pools.setdefault(argv[3], {}).update(
-                    type=argv[argv.index("--type") + 1], template=argv[argv.index("--base-job-template") + 1]
-                )
+                path = argv[argv.index("--base-job-template") + 1]
+                source, defaults = made.get(path, (path, {}))
+                pools.setdefault(argv[3], {}).update(type=argv[argv.index("--type") + 1], template=source, defaults=defaults)
             if argv[:3] == ["prefect", "worker", "start"]:
                 pool = argv[argv.index("--pool") + 1]
                 pools.setdefault(pool, {}).update(worker_type=argv[argv.index("--type") + 1], worker_service=name)
@@ -232,6 +242,16 @@ def test_compose_creates_and_serves_the_pools_prefect_yaml_deploys_to():
         images = {v["image"] for v in deployed[pool]}
         assert images == {image_of(render(json.loads((REPO / spec["template"]).read_text()), {}))}, (pool, images)
         assert services[spec["worker_service"]]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        # Flow-run containers join the compose network and use its MinIO as their S3 endpoint.
+        from flows.deploy import with_defaults
+        from prefect.server.schemas.actions import WorkPoolCreate
+
+        site = with_defaults(json.loads((REPO / spec["template"]).read_text()), spec["defaults"])
+        WorkPoolCreate(name=pool, type="docker", base_job_template=site)
+        rendered = render(site, deployed[pool][0])
+        assert rendered["networks"] == [f"{compose.get('name', 'deploy')}_default"]
+        assert rendered["env"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert rendered["env"]["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
     # The setup service registers prefect.yaml from the CPU image, which holds the project at the
     # directory prefect.yaml's pull step starts flow runs in.
     cpu_image = deployed["lvr-cpu"][0]["image"]
@@ -244,6 +264,18 @@ def test_compose_creates_and_serves_the_pools_prefect_yaml_deploys_to():
     assert version == prefect.__version__
     for name in ("prefect-server", "worker-cpu", "worker-gpu"):
         assert services[name]["image"].startswith(f"prefecthq/prefect:{version}-"), services[name]["image"]
+
+
+def test_pool_template_command_sets_defaults_and_refuses_unknown_variables(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "cpu.json"
+    ok = run_cli("pool-template", "deploy/work-pools/docker-cpu.json", "--out", str(out), "--default", 'networks=["site"]')
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(out.read_text())["variables"]["properties"]["networks"]["default"] == ["site"]
+    bad = run_cli("pool-template", "deploy/work-pools/docker-cpu.json", "--out", str(tmp_path / "x.json"), "--default", "netwrks=[]")
+    assert bad.returncode == 2 and "no variable ['netwrks']" in bad.stderr and not (tmp_path / "x.json").exists()
+    assert run_cli("pool-template", "deploy/work-pools/docker-cpu.json", "--out", str(tmp_path / "y.json"), "--default", "env={").returncode == 2
 
 
 # ---- multi-node training on Kubernetes -----------------------------------------------------------
