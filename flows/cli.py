@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--pool", default="lvr-local", help="the process work pool to create or update (default: lvr-local)")
     deploy.add_argument("--workdir", default="runs/deployed", help="default workdir of every deployment (default: runs/deployed)")
-    deploy.add_argument("--source", default=None, help="default source of the deployments that take one (default: prefect.yaml's)")
+    deploy.add_argument("--source", default=None, help="default source of the deployments that take one (default: the built-in sample)")
     deploy.add_argument("--config", default=DEFAULT_CONFIG, help="default config (default: tiny)")
     deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="default override, repeatable")
 
@@ -263,9 +263,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lvr: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    parameters = {"workdir": _absolute(args.workdir), "config": args.config, "overrides": args.overrides}
-    if args.source:
-        parameters["source"] = _absolute(args.source)
+    parameters = {
+        "workdir": _absolute(args.workdir), "config": args.config, "overrides": args.overrides,
+        # None: the config's source, else the built-in sample (made on first use), so a fresh
+        # machine's first run from the UI works without any video at hand.
+        "source": _absolute(args.source) if args.source else None,
+    }
     try:
         names = deploy_single_machine(args.pool, parameters)
     except subprocess.CalledProcessError as exc:
