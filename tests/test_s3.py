@@ -337,3 +337,35 @@ def test_eval_names_models_in_a_bucket_by_url_and_sees_them_rewritten(s3_bucket,
     assert model.path == folder and notes == [f"sft: skipped, the sft stage has not produced {s3_bucket}/run/sft/model yet"]
     fs.pipe_file(f"{folder[5:]}/model.safetensors", b"22")
     assert resolve_models(workdir, cfg, "tiny")[0][0].identity != model.identity
+
+
+def test_remote_media_is_downloaded_once_per_content_and_evicted_least_recent_first(s3_bucket, s3_server, tmp_path, monkeypatch):  # noqa: F811
+    """SFT and GRPO read a video's frames every step: a remote video must not cost a download each time."""
+    import time
+
+    from tasks.sources import MEDIA_CACHE_DIR, RECENTLY_USED_S, evict_media, local_copy
+
+    monkeypatch.setenv("LVR_CACHE_DIR", str(tmp_path / "cache"))
+    fs = s3_server.filesystem
+    key = f"{s3_bucket[5:]}/videos/a.mp4"
+    fs.pipe_file(key, b"first version")
+    with local_copy(f"{s3_bucket}/videos/a.mp4") as first:
+        assert first.is_relative_to(tmp_path / "cache" / MEDIA_CACHE_DIR) and first.read_bytes() == b"first version"
+    inode = first.stat().st_ino
+    with local_copy(f"{s3_bucket}/videos/a.mp4") as again:
+        assert again == first and again.stat().st_ino == inode  # the same file: not downloaded again
+    fs.pipe_file(key, b"second, longer version")  # rewritten in the bucket: a new copy
+    with local_copy(f"{s3_bucket}/videos/a.mp4") as second:
+        assert second != first and second.read_bytes() == b"second, longer version"
+    assert first.exists() and not list((tmp_path / "cache" / MEDIA_CACHE_DIR).glob("*/.*tmp-*"))
+
+    # Over the limit: the least recently used file goes first, recently used ones stay.
+    monkeypatch.setenv("LVR_MEDIA_CACHE_GB", str(30 / 2**30))  # room for one of the two files
+    old = time.time() - RECENTLY_USED_S - 60
+    os.utime(first, (old, old))
+    os.utime(second, (old + 1, old + 1))
+    assert evict_media(tmp_path / "cache" / MEDIA_CACHE_DIR) == [first]
+    assert second.exists()
+    os.utime(second, None)  # just used
+    monkeypatch.setenv("LVR_MEDIA_CACHE_GB", "0")
+    assert evict_media(tmp_path / "cache" / MEDIA_CACHE_DIR) == [] and second.exists()
