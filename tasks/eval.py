@@ -47,12 +47,12 @@ from tasks.report_charts import inline_images, markdown_table, read_report_file,
 from tasks.rewards import AnswerKey, Grade, grade, normalize_answer
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest, read_stage_table
 from tasks.staging import is_local_uri, local_model
+from tasks.training import MODEL_DIR
 
 log = logging.getLogger("lvr.eval")
 
 BASE = "base"
 TRAINED_STAGES = ("sft", "grpo")  # eval.models keywords naming the model a stage of the same name trains
-MODEL_DIR = "model"  # where sft and grpo save their model (tasks.sft.trainer.MODEL_DIR)
 OVERALL = "Overall"
 SUMMARY_DIR = "_summary"
 REPORT_FILE = "eval.md"

@@ -21,7 +21,7 @@ from parallel.launch import LaunchResult, LaunchSpec, launch
 from tasks.registry import get_stage
 from tasks.stage import StageContext, StageError, plan_stage, read_manifest
 from tasks.staging import ERRORS_DIR, run_dir, staged_dir
-from tasks.sft.trainer import JOB_FILE, RESULT_FILE
+from tasks.training import JOB_FILE, RESULT_FILE
 
 log = logging.getLogger("lvr.multinode")
 TRAINING_STAGES = ("sft", "grpo")

@@ -37,7 +37,7 @@ from parallel.launch import LaunchSpec, launch, torchrun_argv
 from tasks.artifacts import WORK_DIR, Workdir, read_json, stable_hash, url_to_fs
 from tasks.config import cache_dir
 from tasks.sft import checkpoints as ckpt
-from tasks.sft.trainer import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
+from tasks.training import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
 from tasks.stage import StageError
 
 log = logging.getLogger("lvr.staging")

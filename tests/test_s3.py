@@ -30,7 +30,7 @@ from tasks.artifacts import Workdir
 from tasks.config import STAGE_ORDER, cache_dir, load_config
 from tasks.pipeline import RunRecord, run_pipeline
 from tasks.sft.checkpoints import STATE_FILE, TRAIN_INFO_FILE, TrainerState, checkpoints, step_dir, write_state
-from tasks.sft.trainer import CHECKPOINTS_DIR
+from tasks.training import CHECKPOINTS_DIR
 from tasks.staging import (
     MODELS_DIR, STAGING_DIR, CheckpointUploader, local_model, pull_newest_checkpoint, push_dir, staged_dir,
 )

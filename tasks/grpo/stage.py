@@ -33,7 +33,8 @@ from tasks.artifacts import Failure, stable_hash, write_table_atomic
 from tasks.config import GRPOConfig, SFTConfig
 from tasks.grpo.data import RLExample, load_rl_examples
 from tasks.grpo.report import REPORT_FILE, write_grpo_report
-from tasks.grpo.trainer import MODEL_DIR, GRPOJob
+from tasks.grpo.trainer import GRPOJob
+from tasks.training import MODEL_DIR
 from tasks.report_charts import inline_images, read_report_file
 from tasks.sft.stage import launch_spec as sft_launch_spec
 from tasks.sft.stage import video_exists

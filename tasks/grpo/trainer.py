@@ -26,10 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from models.vlm import EncodedVideoBatch, HFVideoLM
-from parallel.launch import configure_worker_logging, run_worker
+from parallel.launch import run_worker
 from parallel.loss import count_sum
 from parallel.sequence import IGNORE_INDEX
 from parallel.topology import SPGroup, Topology
@@ -51,10 +48,9 @@ from tasks.grpo.embeddings import EmbeddingCache, VideoRequest, encode_requests,
 from tasks.grpo.prefill import PolicyBatch, PolicyModule, pack_sequences, response_logprobs, scored_values
 from tasks.grpo.rollout import Rollout, RolloutEngine, make_rollout_engine
 from tasks.rewards import AnswerKey, Grade, grade, total_reward
-from tasks.sft import checkpoints as ckpt
 from tasks.sft.data import load_frames
 from tasks.sft.schedule import TrainSchedule
-from tasks.sft.trainer import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE, init_distributed
+from tasks.training import StepTrainer, init_distributed, worker_main
 
 log = logging.getLogger("lvr.grpo.trainer")
 
@@ -101,17 +97,6 @@ class GRPOJob:
             out_dir=data["out_dir"], work_dir=data["work_dir"], cache_dir=data["cache_dir"],
             judge=FilterConfig.model_validate(data["judge"]) if data["judge"] else None,
         )
-
-
-@dataclass(frozen=True)
-class GRPOResult:
-    run_key: str
-    examples: int
-    steps: int
-    resumed_from_step: int | None
-    world_size: int
-    sp_degree: int
-    train_time_s: float
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,14 +265,17 @@ def samples_on_rank(group_size: int, sp: SPGroup) -> int:
     return group_size // sp.size + (1 if sp.rank < group_size % sp.size else 0)
 
 
-class Trainer:
+class Trainer(StepTrainer):
     """One rank's GRPO run of a `GRPOJob`."""
+
+    stage = "grpo"
 
     def __init__(self, job: GRPOJob):
         self.job = job
         self.cfg = cfg = job.config
         self.topo, self.device = init_distributed(cfg.sp_degree)
         self.policy = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision)
+        self.tokenizer = self.policy.tokenizer
         self.ref = None
         if cfg.beta > 0:
             self.ref = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision).model
@@ -300,40 +288,25 @@ class Trainer:
             n_examples=len(job.examples), micro_batch_size=cfg.prompts_per_step, grad_accum=1, dp_size=self.topo.dp_size,
             total_steps=cfg.steps, warmup_steps=0, seed=cfg.seed,
         )
-        self.checkpoints = Path(job.out_dir) / CHECKPOINTS_DIR
-        self.metrics: list[dict[str, Any]] = []
-        self.elapsed_s = 0.0
+        super().__init__()
 
     @property
-    def is_main(self) -> bool:
-        return self.topo.rank == 0
+    def total_steps(self) -> int:
+        return self.cfg.steps
 
-    def run(self) -> GRPOResult:
-        start = self.resume()
-        if self.is_main:
-            log.info(
-                "GRPO: %d steps on %d questions, G=%d, %d questions per step and replica; world %d = %d data-parallel x %d "
-                "sequence-parallel; rollouts: %s; embedding cache: %s%s",
-                self.cfg.steps, len(self.job.examples), self.cfg.group_size, self.cfg.prompts_per_step, self.topo.world_size,
-                self.topo.dp_size, self.topo.sp.size, self.cfg.rollout_engine, self.job.cache_dir or "off",
-                f"; resuming after step {start}" if start else "",
-            )
-        for step in range(start, self.cfg.steps):
-            self.train_step(step)
-            done = step + 1
-            if done % self.cfg.save_every == 0 and done < self.cfg.steps:
-                self.save_checkpoint(done)
-        self.publish()
-        result = GRPOResult(
-            self.job.run_key, len(self.job.examples), self.cfg.steps, start or None, self.topo.world_size, self.topo.sp.size,
-            round(self.elapsed_s, 3),
+    def describe(self, start: int) -> str:
+        return (
+            f"GRPO: {self.cfg.steps} steps on {len(self.job.examples)} questions, G={self.cfg.group_size}, "
+            f"{self.cfg.prompts_per_step} questions per step and replica; world {self.topo.world_size} = {self.topo.dp_size} "
+            f"data-parallel x {self.topo.sp.size} sequence-parallel; rollouts: {self.cfg.rollout_engine}; "
+            f"embedding cache: {self.job.cache_dir or 'off'}"
         )
-        if self.is_main:
-            work = Path(self.job.work_dir)
-            ckpt.write_metrics(work / METRICS_FILE, self.metrics)
-            (work / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-        dist.barrier()
-        return result
+
+    def trained_model(self) -> torch.nn.Module:
+        return self.policy.model  # ZeRO <= 2 (the GRPO config's limit) keeps full weights on every rank
+
+    def restore_extra(self, folder: Path) -> None:
+        self.rollouts.sync_weights(self.policy.model)  # the rollout engine samples from the restored policy
 
     # --- one step ------------------------------------------------------------------------------
     def step_examples(self, step: int) -> list[RLExample]:
@@ -401,82 +374,18 @@ class Trainer:
         seconds = time.perf_counter() - started
         values["step_time_s"] = seconds
         self.elapsed_s += seconds
+        self.record(step, values, ROLLOUT_METRICS + UPDATE_METRICS)
         if self.is_main:
-            self.metrics.extend(
-                {"stage": "grpo", "step": step + 1, "name": name, "value": values[name], "time_s": round(self.elapsed_s, 4)}
-                for name in ROLLOUT_METRICS + UPDATE_METRICS if name in values
-            )
-            log.info(
+            self.log.info(
                 "step %d/%d reward %.3f accuracy %.3f format %.3f kept %.2f len %.1f kl %.4f clip %.3f encoder calls %d (%.1fs)",
                 step + 1, cfg.steps, values["reward"], values["accuracy_reward"], values["format_reward"], values["groups_kept"],
                 values["response_length"], values.get("kl", 0.0), values.get("clip_fraction", 0.0), values["encoder_calls"], seconds,
             )
 
-    # --- checkpoints ---------------------------------------------------------------------------
-    def resume(self) -> int:
-        """Load this run's newest checkpoint if there is one; returns the steps already done."""
-        found = [None]
-        if self.is_main:
-            newest = ckpt.checkpoints(self.checkpoints, self.job.run_key)[:1]
-            found = [str(newest[0][0]) if newest else None]
-            ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
-        dist.broadcast_object_list(found, src=0)
-        if found[0] is None:
-            return 0
-        folder = Path(found[0])
-        state = ckpt.TrainerState.read(folder)
-        assert state is not None
-        self.engine.load_checkpoint(str(folder / "optimizer"), tag="state")
-        self.rollouts.sync_weights(self.policy.model)
-        if self.is_main:
-            self.metrics = ckpt.read_metrics(folder / METRICS_FILE)
-            log.info("resuming from %s (step %d of %d)", folder, state.step, state.total_steps)
-        self.elapsed_s = state.elapsed_s
-        return state.step
-
-    def save_checkpoint(self, step: int) -> None:
-        tmp = ckpt.partial_dir(self.checkpoints, step)
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(tmp / "optimizer"), tag="state", save_latest=False)
-        if self.is_main:
-            ckpt.write_metrics(tmp / METRICS_FILE, self.metrics)
-            ckpt.write_state(tmp, ckpt.TrainerState(self.job.run_key, step, self.cfg.steps, round(self.elapsed_s, 4)))
-        dist.barrier()
-        if self.is_main:
-            os.replace(tmp, ckpt.step_dir(self.checkpoints, step))
-            ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
-            log.info("checkpoint step-%d saved", step)
-        dist.barrier()
-
-    def publish(self) -> None:
-        """The trained policy as `<out_dir>/model` (save_pretrained, loadable by `HFVideoLM`),
-        replacing the previous one atomically. ZeRO <= 2 keeps full weights on every rank."""
-        out = Path(self.job.out_dir)
-        if self.is_main:
-            tmp = out / f".{MODEL_DIR}.tmp-{self.job.run_key}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.policy.model.save_pretrained(tmp, safe_serialization=True)
-            self.policy.tokenizer.save_pretrained(tmp)
-            ckpt.copy_processor_files(Path(self.job.model_path), tmp)
-            info = {"run_key": self.job.run_key, "step": self.cfg.steps, "base_model": self.job.model_path}
-            (tmp / ckpt.TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            ckpt.replace_dir(tmp, out / MODEL_DIR)
-        dist.barrier()
 
 
 def main() -> None:
-    import transformers
-
-    configure_worker_logging("lvr")
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python -m tasks.grpo.trainer {JOB_FILE}")
-    Trainer(GRPOJob.load(Path(sys.argv[1]))).run()
-    dist.destroy_process_group()
+    worker_main(lambda job_file: Trainer(GRPOJob.load(job_file)), "tasks.grpo.trainer")
 
 
 if __name__ == "__main__":

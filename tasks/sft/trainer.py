@@ -10,35 +10,24 @@ result record to the job's work folder, where the stage picks them up.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from parallel.launch import configure_worker_logging, run_worker
+from parallel.launch import run_worker
 from parallel.loss import count_sum, cross_entropy_sum
 from parallel.sequence import IGNORE_INDEX, shift_labels
-from parallel.topology import Topology, init_topology
+from parallel.topology import Topology
 from tasks.config import SFTConfig
 from tasks.sft import checkpoints as ckpt
 from tasks.sft.data import SFTExample, collate, encode_example, load_frames
 from tasks.sft.schedule import TrainSchedule
+from tasks.training import MODEL_DIR, StepTrainer, init_distributed, worker_main
 
-log = logging.getLogger("lvr.sft.trainer")
-
-JOB_FILE = "job.json"
-METRICS_FILE = "metrics.parquet"
-RESULT_FILE = "result.json"
-CHECKPOINTS_DIR = "_checkpoints"
-MODEL_DIR = "model"
 METRIC_NAMES = ("loss", "tokens_per_s", "lr", "grad_norm")
 
 
@@ -73,17 +62,6 @@ class TrainJob:
         )
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    run_key: str
-    examples: int
-    steps: int
-    resumed_from_step: int | None
-    world_size: int
-    sp_degree: int
-    train_time_s: float
-
-
 def deepspeed_config(cfg: SFTConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -95,17 +73,6 @@ def deepspeed_config(cfg: SFTConfig) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-
-
-def init_distributed(sp_degree: int) -> tuple[Topology, torch.device]:
-    import deepspeed
-
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return init_topology(sp_degree), device
 
 
 def build_engine(model_path: str, cfg: SFTConfig, topo: Topology, schedule: TrainSchedule):
@@ -154,8 +121,10 @@ def forward_backward(engine, batch: dict[str, torch.Tensor], step_tokens: torch.
     return loss_sum.detach()
 
 
-class Trainer:
-    """One rank's training run of a `TrainJob`."""
+class Trainer(StepTrainer):
+    """One rank's SFT run of a `TrainJob`."""
+
+    stage = "sft"
 
     def __init__(self, job: TrainJob):
         from transformers import AutoTokenizer
@@ -170,13 +139,17 @@ class Trainer:
         self.preprocess = load_preprocess_config(job.model_path)
         self.schedule = TrainSchedule.plan(len(job.examples), self.cfg, self.topo.dp_size)
         self.engine = build_engine(job.model_path, self.cfg, self.topo, self.schedule)
-        self.checkpoints = Path(job.out_dir) / CHECKPOINTS_DIR
-        self.metrics: list[dict[str, Any]] = []
-        self.elapsed_s = 0.0
+        super().__init__()
 
     @property
-    def is_main(self) -> bool:
-        return self.topo.rank == 0
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def describe(self, start: int) -> str:
+        return (
+            f"training {self.total_steps} steps on {len(self.job.examples)} examples: world {self.topo.world_size} = "
+            f"{self.topo.dp_size} data-parallel x {self.topo.sp.size} sequence-parallel, ZeRO-{self.cfg.zero_stage}, {self.cfg.precision}"
+        )
 
     def batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         pad = self.tokenizer.pad_token_id
@@ -189,30 +162,6 @@ class Trainer:
                 encoded.append(encode_example(self.tokenizer, self.preprocess, example, frames))
             out.append(collate(encoded, pad))
         return out
-
-    def run(self) -> TrainResult:
-        start = self.resume()
-        resumed = start if start > 0 else None
-        total = self.schedule.total_steps
-        if self.is_main:
-            log.info(
-                "training %d steps on %d examples: world %d = %d data-parallel x %d sequence-parallel, ZeRO-%d, %s%s",
-                total, len(self.job.examples), self.topo.world_size, self.topo.dp_size, self.topo.sp.size,
-                self.cfg.zero_stage, self.cfg.precision, f", resuming after step {start}" if resumed else "",
-            )
-        for step in range(start, total):
-            self.train_step(step)
-            done = step + 1
-            if done % self.cfg.save_every == 0 and done < total:
-                self.save_checkpoint(done)
-        self.publish()
-        result = TrainResult(self.job.run_key, len(self.job.examples), total, resumed, self.topo.world_size, self.topo.sp.size, round(self.elapsed_s, 3))
-        if self.is_main:
-            work = Path(self.job.work_dir)
-            ckpt.write_metrics(work / METRICS_FILE, self.metrics)
-            (work / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-        dist.barrier()
-        return result
 
     def train_step(self, step: int) -> None:
         started = time.perf_counter()
@@ -235,95 +184,33 @@ class Trainer:
             "lr": float(lr),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         }
+        self.record(step, values, METRIC_NAMES)
         if self.is_main:
-            self.metrics.extend(
-                {"stage": "sft", "step": step + 1, "name": name, "value": values[name], "time_s": round(self.elapsed_s, 4)}
-                for name in METRIC_NAMES
-            )
-            log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", step + 1, self.schedule.total_steps,
+            self.log.info(
+                "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", step + 1, self.total_steps,
                 values["loss"], values["lr"], values["grad_norm"], values["tokens_per_s"],
             )
 
-    # --- checkpoints ---------------------------------------------------------------------------
-    def resume(self) -> int:
-        """Load this run's newest checkpoint if there is one; returns the steps already done."""
-        found = [None]
-        if self.is_main:
-            newest = ckpt.checkpoints(self.checkpoints, self.job.run_key)[:1]
-            found = [str(newest[0][0]) if newest else None]
-            ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
-        dist.broadcast_object_list(found, src=0)
-        if found[0] is None:
-            return 0
-        folder = Path(found[0])
-        state = ckpt.TrainerState.read(folder)
-        assert state is not None
-        self.engine.load_checkpoint(str(folder / "optimizer"), tag="state")
+    # --- what SFT checkpoints hold besides the engine's state -----------------------------------
+    def save_extra(self, folder: Path, step: int) -> None:
+        torch.save(ckpt.rng_state(), ckpt.rng_file(folder, self.topo.rank))  # data order and dropout resume exactly
+        self.save_model(folder / MODEL_DIR, step)  # a checkpoint's model can be evaluated on its own
+
+    def restore_extra(self, folder: Path) -> None:
         ckpt.set_rng_state(torch.load(ckpt.rng_file(folder, self.topo.rank), weights_only=False))
-        if self.is_main:
-            self.metrics = ckpt.read_metrics(folder / METRICS_FILE)
-            log.info("resuming from %s (step %d of %d)", folder, state.step, state.total_steps)
-        self.elapsed_s = state.elapsed_s
-        return state.step
 
-    def save_checkpoint(self, step: int) -> None:
-        tmp = ckpt.partial_dir(self.checkpoints, step)
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(tmp / "optimizer"), tag="state", save_latest=False)
-        torch.save(ckpt.rng_state(), ckpt.rng_file(tmp, self.topo.rank))
-        self.save_model(tmp / MODEL_DIR, step)
-        if self.is_main:
-            ckpt.write_metrics(tmp / METRICS_FILE, self.metrics)
-            ckpt.write_state(tmp, ckpt.TrainerState(self.job.run_key, step, self.schedule.total_steps, round(self.elapsed_s, 4)))
-        dist.barrier()
-        if self.is_main:
-            os.replace(tmp, ckpt.step_dir(self.checkpoints, step))
-            ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
-            log.info("checkpoint step-%d saved", step)
-        dist.barrier()
+    def trained_model(self) -> torch.nn.Module:
+        return self.engine.module.model
 
-    def save_model(self, folder: Path, step: int) -> None:
-        """The model as a `save_pretrained` folder loadable by `models.vlm.HFVideoLM` (a collective:
-        under ZeRO-3 the partitioned weights are gathered first)."""
-        state = None
-        if self.cfg.zero_stage == 3:
-            full = self.engine._zero3_consolidated_16bit_state_dict()
-            state = {k.removeprefix("model."): v for k, v in (full or {}).items()}
-        if self.is_main:
-            model = self.engine.module.model
-            model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
-            ckpt.copy_processor_files(Path(self.job.model_path), folder)
-            info = {"run_key": self.job.run_key, "step": step, "base_model": self.job.model_path}
-            (folder / ckpt.TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-    def publish(self) -> None:
-        """Write the trained model to `<out_dir>/model`, replacing the previous one atomically."""
-        tmp = Path(self.job.out_dir) / f".{MODEL_DIR}.tmp-{self.job.run_key}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        self.save_model(tmp, self.schedule.total_steps)
-        if self.is_main:
-            ckpt.replace_dir(tmp, Path(self.job.out_dir) / MODEL_DIR)
-        dist.barrier()
+    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
+        if self.cfg.zero_stage != 3:
+            return None
+        full = self.engine._zero3_consolidated_16bit_state_dict()  # collective: gathers the partitions
+        return {k.removeprefix("model."): v for k, v in (full or {}).items()}
 
 
 def main() -> None:
-    import transformers
-
-    configure_worker_logging("lvr")
-    transformers.utils.logging.disable_progress_bar()  # a bar per rank per save is noise in the stage log
-    # DeepSpeed's ZeRO calls a torch.distributed function torch has renamed: not ours to fix.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python -m tasks.sft.trainer {JOB_FILE}")
-    Trainer(TrainJob.load(Path(sys.argv[1]))).run()
-    dist.destroy_process_group()
+    worker_main(lambda job_file: Trainer(TrainJob.load(job_file)), "tasks.sft.trainer")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""What the SFT and GRPO workers share: one rank's step loop with checkpoints every `save_every`
+steps, resume from the newest checkpoint of the same run, the trained model published atomically,
+the run's result and metrics, and the torchrun entry point.
+
+A trainer subclass says how to take a step (`train_step`) and what else its checkpoints hold
+(`save_extra` / `restore_extra`); this module owns when and how state is written. Checkpoint
+folders are built under a temporary name and renamed into place by rank 0 once every rank has
+written its part, so a run killed at any moment resumes from a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel.launch import configure_worker_logging
+from parallel.topology import Topology, init_topology
+from tasks.sft import checkpoints as ckpt
+
+JOB_FILE = "job.json"  # in a run's work folder: what the workers train
+METRICS_FILE = "metrics.parquet"  # in the work folder and in each checkpoint
+RESULT_FILE = "result.json"  # in the work folder, written last: the run finished
+CHECKPOINTS_DIR = "_checkpoints"  # in the stage folder: step-N/
+MODEL_DIR = "model"  # in the stage folder: the trained model
+
+
+def init_distributed(sp_degree: int) -> tuple[Topology, torch.device]:
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return init_topology(sp_degree), device
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did, written by rank 0 as `result.json` beside the job file."""
+
+    run_key: str
+    examples: int
+    steps: int
+    resumed_from_step: int | None
+    world_size: int
+    sp_degree: int
+    train_time_s: float
+
+
+class StepTrainer:
+    """One rank's training run. Subclasses set, in `__init__`: `job` (run_key, model_path,
+    examples, out_dir, work_dir), `cfg` (save_every, keep_checkpoints), `topo`, `engine` (DeepSpeed),
+    `tokenizer`; and implement `total_steps`, `train_step`, `trained_model` and `describe`."""
+
+    stage: str
+    job: Any
+    cfg: Any
+    topo: Topology
+    engine: Any
+    tokenizer: Any
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger(f"lvr.{self.stage}.trainer")
+        self.checkpoints = Path(self.job.out_dir) / CHECKPOINTS_DIR
+        self.metrics: list[dict[str, Any]] = []
+        self.elapsed_s = 0.0
+
+    # --- what a subclass says ------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def trained_model(self) -> torch.nn.Module:
+        """The `save_pretrained` model whose weights are being trained."""
+        raise NotImplementedError
+
+    def describe(self, start: int) -> str:
+        """One line on what this run trains, logged by rank 0 before the first step."""
+        raise NotImplementedError
+
+    def save_extra(self, folder: Path, step: int) -> None:
+        """Whatever else a checkpoint must hold (called on every rank, inside the temporary folder)."""
+
+    def restore_extra(self, folder: Path) -> None:
+        """Restore what `save_extra` wrote (every rank), after the engine's state is loaded."""
+
+    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
+        """A collective that returns the full weights where the engine partitions them (ZeRO-3), else None."""
+        return None
+
+    # --- the loop ------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.topo.rank == 0
+
+    def run(self) -> TrainResult:
+        start = self.resume()
+        if self.is_main:
+            self.log.info("%s%s", self.describe(start), f"; resuming after step {start}" if start else "")
+        total = self.total_steps
+        for step in range(start, total):
+            self.train_step(step)
+            done = step + 1
+            if done % self.cfg.save_every == 0 and done < total:
+                self.save_checkpoint(done)
+        self.publish()
+        result = TrainResult(
+            self.job.run_key, len(self.job.examples), total, start or None, self.topo.world_size, self.topo.sp.size,
+            round(self.elapsed_s, 3),
+        )
+        if self.is_main:
+            work = Path(self.job.work_dir)
+            ckpt.write_metrics(work / METRICS_FILE, self.metrics)
+            (work / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        dist.barrier()
+        return result
+
+    def record(self, step: int, values: dict[str, float], names: tuple[str, ...]) -> None:
+        """Metric rows of a step (rank 0 keeps them; they travel in checkpoints)."""
+        if self.is_main:
+            self.metrics.extend(
+                {"stage": self.stage, "step": step + 1, "name": name, "value": values[name], "time_s": round(self.elapsed_s, 4)}
+                for name in names if name in values
+            )
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load this run's newest checkpoint if there is one; returns the steps already done."""
+        found: list[str | None] = [None]
+        if self.is_main:
+            newest = ckpt.checkpoints(self.checkpoints, self.job.run_key)[:1]
+            found = [str(newest[0][0]) if newest else None]
+            ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            return 0
+        folder = Path(found[0])
+        state = ckpt.TrainerState.read(folder)
+        assert state is not None
+        self.engine.load_checkpoint(str(folder / "optimizer"), tag="state")
+        self.restore_extra(folder)
+        if self.is_main:
+            self.metrics = ckpt.read_metrics(folder / METRICS_FILE)
+            self.log.info("resuming from %s (step %d of %d)", folder, state.step, state.total_steps)
+        self.elapsed_s = state.elapsed_s
+        return state.step
+
+    def save_checkpoint(self, step: int) -> None:
+        tmp = ckpt.partial_dir(self.checkpoints, step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp / "optimizer"), tag="state", save_latest=False)
+        self.save_extra(tmp, step)
+        if self.is_main:
+            ckpt.write_metrics(tmp / METRICS_FILE, self.metrics)
+            ckpt.write_state(tmp, ckpt.TrainerState(self.job.run_key, step, self.total_steps, round(self.elapsed_s, 4)))
+        dist.barrier()
+        if self.is_main:
+            os.replace(tmp, ckpt.step_dir(self.checkpoints, step))
+            ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
+            self.log.info("checkpoint step-%d saved", step)
+        dist.barrier()
+
+    # --- the model -----------------------------------------------------------------------------
+    def save_model(self, folder: Path, step: int) -> None:
+        """The model as a `save_pretrained` folder loadable by `models.vlm.HFVideoLM` (a collective)."""
+        state = self.consolidated_state()
+        if self.is_main:
+            self.trained_model().save_pretrained(folder, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
+            ckpt.copy_processor_files(Path(self.job.model_path), folder)
+            info = {"run_key": self.job.run_key, "step": step, "base_model": self.job.model_path}
+            (folder / ckpt.TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    def publish(self) -> None:
+        """Write the trained model to `<out_dir>/model`, replacing the previous one atomically."""
+        tmp = Path(self.job.out_dir) / f".{MODEL_DIR}.tmp-{self.job.run_key}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        self.save_model(tmp, self.total_steps)
+        if self.is_main:
+            ckpt.replace_dir(tmp, Path(self.job.out_dir) / MODEL_DIR)
+        dist.barrier()
+
+
+def worker_main(make_trainer: Callable[[Path], StepTrainer], module: str) -> None:
+    """A torchrun worker: `python -m <module> job.json` runs one rank of the job."""
+    import transformers
+
+    configure_worker_logging("lvr")
+    transformers.utils.logging.disable_progress_bar()  # a bar per rank per save is noise in the stage log
+    # DeepSpeed's ZeRO calls a torch.distributed function torch has renamed: not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python -m {module} {JOB_FILE}")
+    make_trainer(Path(sys.argv[1])).run()
+    dist.destroy_process_group()
