@@ -32,19 +32,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import fsspec
+import pyarrow as pa
 
+from data_schemas import TRAIN_METRICS, TableSchema
 from parallel.launch import LaunchSpec, launch, torchrun_argv
-from tasks.artifacts import WORK_DIR, Workdir, read_json, stable_hash, url_to_fs
+from tasks.artifacts import WORK_DIR, Failure, Workdir, read_json, stable_hash, url_to_fs, write_table_atomic
 from tasks.config import cache_dir
 from tasks.sft import checkpoints as ckpt
 from tasks.training import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
-from tasks.stage import StageError
+from tasks.report_charts import inline_images, read_report_file
+from tasks.stage import Stage, StageContext, StageError, WorkItem
 
 log = logging.getLogger("lvr.staging")
 
 STAGING_DIR = "staging"  # under cache_dir(): local stand-ins of remote stage folders
 MODELS_DIR = "models"  # under cache_dir(): models downloaded from workdirs
 TRAIN_DIR = "train"  # <stage>/_work/train/<run key>/: one training run's job, metrics, result
+METRICS_TABLE = "metrics.parquet"  # a training stage's table: one file, the folder also holds model/
 ERRORS_DIR = "errors"  # in a run's folder: the workers' tracebacks (every node writes there)
 POLL_S = 1.0  # how often the uploader looks for a new checkpoint (a local directory listing)
 
@@ -352,6 +356,48 @@ def finished_run(staged: StagedDir, run_key: str) -> dict[str, Any]:
             if other.name != run_key:
                 shutil.rmtree(other, ignore_errors=True)
     return result
+
+
+class TrainingStage(Stage):
+    """What the sft and grpo stages share: one item (the whole run), settings without the keys
+    that only say where and how often state is written, a run key that checkpoints must match,
+    the metrics as one file (the folder also holds `model/`), and the report page."""
+
+    inputs = ("filter",)
+    output = TRAIN_METRICS
+    execution_keys: tuple[str, ...] = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
+    report_file: str
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.section(self.name)
+        for key in self.execution_keys:
+            settings.pop(key)
+        return settings
+
+    def run_key(self, ctx: StageContext, item: WorkItem) -> str:
+        """Identifies one training run (data, initial model, settings, code): checkpoints of
+        another run key are never resumed from."""
+        return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
+
+    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
+        path = ctx.stage_path(self.name, METRICS_TABLE)
+        write_table_atomic(ctx.workdir.fs, path, table, schema)
+        return [path]
+
+    def finalize(
+        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
+    ) -> tuple[dict[str, pa.Table], list[Failure]]:
+        (item,) = self.list_items(ctx)
+        result = finished_run(staged_dir(ctx.workdir, self.name), self.run_key(ctx, item))
+        self.write_report(ctx, tables[TRAIN_METRICS.name].to_pylist(), result)
+        return tables, failures
+
+    def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        data = read_report_file(ctx.workdir, self.report_file)
+        return inline_images(data.decode(), ctx.workdir) if data is not None else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,29 +24,24 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 
-from data_schemas import TRAIN_METRICS, TableSchema
+from data_schemas import TRAIN_METRICS
 from models.vlm import resolve_model_ref
 from parallel.launch import LaunchSpec
-from tasks.artifacts import Failure, stable_hash, write_table_atomic
+from tasks.artifacts import Failure, stable_hash
 from tasks.config import GRPOConfig, SFTConfig
 from tasks.grpo.data import RLExample, load_rl_examples
 from tasks.grpo.report import REPORT_FILE, write_grpo_report
 from tasks.grpo.trainer import GRPOJob
-from tasks.training import MODEL_DIR
-from tasks.report_charts import inline_images, read_report_file
 from tasks.sft.stage import launch_spec as sft_launch_spec
 from tasks.sft.stage import video_exists
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest
-from tasks.staging import finished_run, launch_training, local_model, run_dir, staged_dir
+from tasks.stage import ShardResult, StageContext, StageError, WorkItem, read_manifest
+from tasks.staging import TrainingStage, launch_training, local_model, run_dir, staged_dir
+from tasks.training import MODEL_DIR
 
 
 TRAINER_MODULE = "tasks.grpo.trainer"
 SFT = "sft"
-# Where and how often state is written, never what is trained.
-EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port", "embedding_cache_dir")
-METRICS_TABLE = "metrics.parquet"
 EMBEDDINGS_DIR = "_embeddings"
 
 
@@ -78,11 +73,12 @@ def init_model(ctx: StageContext) -> InitModel:
     return InitModel(ref, stable_hash({"ref": ref}), False)
 
 
-class GRPOStage(Stage):
+class GRPOStage(TrainingStage):
     name = "grpo"
     code_version = "1"
-    inputs = ("filter",)  # plus sft when its model is the initial policy
-    output = TRAIN_METRICS
+    # inputs: filter, plus sft when its model is the initial policy (`input_fingerprints`)
+    execution_keys = (*TrainingStage.execution_keys, "embedding_cache_dir")
+    report_file = REPORT_FILE
 
     def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
         fingerprints = super().input_fingerprints(ctx)
@@ -92,9 +88,7 @@ class GRPOStage(Stage):
         return fingerprints
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in EXECUTION_KEYS:
-            settings.pop(key)
+        settings = super().settings(ctx)
         init = init_model(ctx)
         settings["init_model"] = {"path": init.path, "identity": init.identity}
         if settings["judge"]:  # the judge's verdicts are part of the rewards
@@ -108,11 +102,6 @@ class GRPOStage(Stage):
         init = init_model(ctx)
         key = stable_hash({"model": init.identity, "examples": [dataclasses.asdict(e) for e in examples]})
         return [WorkItem("grpo", key=key, payload={"examples": examples, "model_path": init.path, "model_identity": init.identity})]
-
-    def run_key(self, ctx: StageContext, item: WorkItem) -> str:
-        """Identifies one training run (data, initial model, settings, code): checkpoints of
-        another run key are never resumed from."""
-        return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
 
     def cache_dir(self, ctx: StageContext) -> str | None:
         cfg = ctx.config.grpo
@@ -150,19 +139,5 @@ class GRPOStage(Stage):
         _, metrics = launch_training(staged, job, lambda job_file: launch_spec(cfg, job_file), cfg.keep_checkpoints)
         return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(metrics)}, failures)
 
-    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
-        path = ctx.stage_path(self.name, METRICS_TABLE)  # one file: `grpo/` also holds model/
-        write_table_atomic(ctx.workdir.fs, path, table, schema)
-        return [path]
-
-    def finalize(
-        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
-    ) -> tuple[dict[str, pa.Table], list[Failure]]:
-        (item,) = self.list_items(ctx)
-        result = finished_run(staged_dir(ctx.workdir, self.name), self.run_key(ctx, item))
-        write_grpo_report(ctx.workdir, tables[TRAIN_METRICS.name].to_pylist(), result, ctx.config.grpo)
-        return tables, failures
-
-    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
-        data = read_report_file(ctx.workdir, REPORT_FILE)
-        return inline_images(data.decode(), ctx.workdir) if data is not None else None
+    def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        write_grpo_report(ctx.workdir, metrics, result, ctx.config.grpo)

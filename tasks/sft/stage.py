@@ -20,26 +20,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
-from data_schemas import TRAIN_METRICS, TableSchema
+from data_schemas import TRAIN_METRICS
 from models.vlm import resolve_model_ref
 from parallel.launch import LaunchSpec
 from parallel.ulysses import kv_repeat_factor
-from tasks.artifacts import Failure, stable_hash, url_to_fs, write_table_atomic
+from tasks.artifacts import Failure, stable_hash, url_to_fs
 from tasks.config import SFTConfig
-from tasks.report_charts import inline_images, read_report_file
 from tasks.sft.data import load_sft_examples
 from tasks.sft.report import REPORT_FILE, write_sft_report
 from tasks.sft.trainer import TrainJob
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem
-from tasks.staging import finished_run, launch_training, run_dir, staged_dir
+from tasks.stage import ShardResult, StageContext, StageError, WorkItem
+from tasks.staging import TrainingStage, launch_training, run_dir, staged_dir
 
-
-# Settings that change where and how often training state is written, never what is trained.
-EXECUTION_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
-METRICS_TABLE = "metrics.parquet"
 
 
 def launch_spec(cfg: SFTConfig, job_file: Path) -> LaunchSpec:
@@ -75,17 +69,10 @@ def video_exists(uri: str) -> bool:
     return bool(fs.exists(path))
 
 
-class SFTStage(Stage):
+class SFTStage(TrainingStage):
     name = "sft"
     code_version = "1"
-    inputs = ("filter",)
-    output = TRAIN_METRICS
-
-    def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in EXECUTION_KEYS:
-            settings.pop(key)
-        return settings
+    report_file = REPORT_FILE
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:
         examples = load_sft_examples(ctx.workdir)
@@ -96,11 +83,6 @@ class SFTStage(Stage):
         missing = sorted(e.qa_id for e in examples if not present[e.video_uri])
         key = stable_hash({"model": ctx.config.sft.model, "examples": [vars(e) for e in examples], "missing": missing})
         return [WorkItem("sft", key=key, payload={"examples": examples, "missing": missing})]
-
-    def run_key(self, ctx: StageContext, item: WorkItem) -> str:
-        """Identifies one training run (data, base model, settings, code): checkpoints of another
-        run key are never resumed from."""
-        return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
 
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         (item,) = items
@@ -120,19 +102,5 @@ class SFTStage(Stage):
         _, metrics = launch_training(staged, job, lambda job_file: launch_spec(cfg, job_file), cfg.keep_checkpoints)
         return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(metrics)}, failures)
 
-    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
-        path = ctx.stage_path(self.name, METRICS_TABLE)  # one file: `sft/` also holds model/
-        write_table_atomic(ctx.workdir.fs, path, table, schema)
-        return [path]
-
-    def finalize(
-        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
-    ) -> tuple[dict[str, pa.Table], list[Failure]]:
-        (item,) = self.list_items(ctx)
-        result = finished_run(staged_dir(ctx.workdir, self.name), self.run_key(ctx, item))
-        write_sft_report(ctx.workdir, tables[TRAIN_METRICS.name].to_pylist(), result)
-        return tables, failures
-
-    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
-        data = read_report_file(ctx.workdir, REPORT_FILE)
-        return inline_images(data.decode(), ctx.workdir) if data is not None else None
+    def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        write_sft_report(ctx.workdir, metrics, result)
