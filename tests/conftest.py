@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,33 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
         [sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def trainer_pids(job_file: Path, module: str = "tasks.sft.trainer") -> list[int]:
+    """Live processes whose command line names this job and trainer module (the torchrun workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(job_file).encode() in cmdline and module.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
+    """The predicate's first truthy value; fails when `proc` (a stage run) exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the stage process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from conftest import trainer_pids, wait_for
 from data_schemas import TRAIN_METRICS
 from tasks.artifacts import Workdir
 from tasks.config import load_config
@@ -68,31 +68,6 @@ def overrides(model: Path) -> dict:
     }
 
 
-def worker_pids(job_file: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(job_file).encode() in cmdline and b"tasks.grpo.trainer" in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the stage process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
     root = tmp_path / "wd"
     write_synth(str(root), SPEC)
@@ -111,11 +86,11 @@ def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
     try:
         wait_for(lambda: list(ckpt_root.glob("step-*")), 240, "the first checkpoint", proc)
         job_file = next((root / "grpo" / "_work" / "train").glob("*/job.json"))
-        workers = wait_for(lambda: worker_pids(job_file), 10, "the worker process")
+        workers = wait_for(lambda: trainer_pids(job_file, "tasks.grpo.trainer"), 10, "the worker process")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    wait_for(lambda: not worker_pids(job_file), 15, "the orphaned worker to exit")
+    wait_for(lambda: not trainer_pids(job_file, "tasks.grpo.trainer"), 15, "the orphaned worker to exit")
     assert workers and read_manifest(ctx.workdir, "grpo") is None
     assert [p.name for p in ckpt_root.glob("step-*")] == ["step-2"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, make_video, run_cli
+from conftest import REPO, make_video, run_cli, trainer_pids, wait_for
 from data_schemas import CLIPS, EVAL_ITEMS, FILTER, TRAIN_METRICS
 from s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 from tasks.artifacts import Workdir
@@ -34,7 +34,6 @@ from tasks.training import CHECKPOINTS_DIR
 from tasks.staging import (
     MODELS_DIR, STAGING_DIR, CheckpointUploader, local_model, pull_newest_checkpoint, push_dir, staged_dir,
 )
-from test_sft_stage import trainer_pids, wait_for
 
 SFT_STEPS = 30  # enough steps for the kill to land mid-training even on a slow, shared machine
 OVERRIDES = {

@@ -13,14 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import make_video
+from conftest import make_video, trainer_pids, wait_for
 from data_schemas import FILTER, TRAIN_METRICS
 from tasks.artifacts import Workdir, stable_hash
 from tasks.config import ConfigError, SFTConfig, load_config
@@ -109,32 +108,6 @@ def split_loss(model_dir: str, examples: list[SFTExample]) -> float:
     batch = collate([encode_example(tokenizer, preprocess, e, load_frames(e.video_uri, 8)) for e in examples], tokenizer.pad_token_id)
     with torch.no_grad():
         return float(model(**batch).loss)
-
-
-def trainer_pids(job_file: Path) -> list[int]:
-    """Live processes whose command line names this job (the torchrun workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(job_file).encode() in cmdline and b"tasks.sft.trainer" in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the stage process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_then_rerun_resumes_and_sft_lowers_the_loss(tmp_path, videos):
