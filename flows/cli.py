@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         help="prefect: run as the lvr-pipeline flow (default); local: the same stages without Prefect",
     )
     run.add_argument(
+        "--retry-failures", action="store_true",
+        help="process again the items stages recorded as failures (finished items are kept)",
+    )
+    run.add_argument(
         "--execution", choices=("local", "deployments"), default="local",
         help="with --engine prefect: run stages in this process (default), or each as a run of its `lvr-<stage>` "
         "deployment on the server at PREFECT_API_URL (their work pools, images and GPUs)",
@@ -123,6 +127,8 @@ def _configure_logging(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.stage import StageError
 
+    if args.retry_failures:
+        args.overrides = [*args.overrides, "execution.retry_failures=true"]
     try:
         load_config(args.config, args.overrides)  # fail fast, before Prefect starts
         if args.engine == "local" and args.execution != "local":

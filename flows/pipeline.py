@@ -219,6 +219,7 @@ def lvr_pipeline(
     to_stage: StageName = StageName.eval,
     execution: ExecutionMode = ExecutionMode.local,
     stage_deployment: str = "lvr-{stage}",
+    retry_failures: bool = False,
 ) -> dict[str, Any]:
     """Long videos to a reasoning dataset and a trained VLM: clip > caption > qa > filter > sft > grpo > eval.
 
@@ -236,7 +237,11 @@ def lvr_pipeline(
             checks the stage's manifest before starting the next.
         stage_deployment: With `execution: deployments`, the deployment name of each stage's flow
             (`lvr-<stage>`); `{stage}` is replaced by the stage name.
+        retry_failures: Process again the items stages recorded as failures (a flaky LLM endpoint,
+            a video that was missing); finished items are kept, and stages without failures stay cached.
     """
+    if retry_failures:
+        overrides = [*(overrides or []), "execution.retry_failures=true"]
     cfg = load_config(config, overrides)
     flow_run = FlowRunContext.get()
     run_id = str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else None

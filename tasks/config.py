@@ -58,6 +58,11 @@ class ExecutionConfig(_Section):
     shard_workers: int = Field(1, ge=1, description="Shards of one stage processed concurrently.")
     shard_retries: int = Field(2, ge=0, description="Prefect retries per shard task.")
     shard_retry_delay_s: float = Field(5.0, ge=0)
+    retry_failures: bool = Field(
+        False,
+        description="Process again the items a stage recorded as failures (a flaky endpoint, a video missing for a while); "
+        "finished items are kept.",
+    )
     deployment_poll_s: float = Field(
         5.0, gt=0, description="With `execution: deployments`: how often the pipeline checks on a stage's flow run."
     )

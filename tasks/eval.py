@@ -45,7 +45,7 @@ from tasks.qa.prompts import CATEGORIES
 from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
 from tasks.report_charts import inline_images, markdown_table, read_report_file, write_report_file
 from tasks.rewards import AnswerKey, Grade, grade, normalize_answer
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_manifest, read_stage_table
+from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, output_identity, read_manifest, read_stage_table
 from tasks.staging import is_local_uri, local_model
 from tasks.training import MODEL_DIR
 
@@ -133,7 +133,7 @@ def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[
             if manifest is None or not workdir.exists(entry, MODEL_DIR):
                 notes.append(f"{entry}: skipped, the {entry} stage has not produced {workdir.uri(entry, MODEL_DIR)} yet")
                 continue
-            models.append(EvalModel(entry, workdir.uri(entry, MODEL_DIR), manifest["fingerprint"]))
+            models.append(EvalModel(entry, workdir.uri(entry, MODEL_DIR), output_identity(manifest)))
         elif not is_local_uri(entry):
             models.append(EvalModel(entry, entry, stable_hash({"ref": entry, "files": _remote_folder_signature(entry)})))
         else:

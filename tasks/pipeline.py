@@ -17,7 +17,7 @@ from tasks.artifacts import MANIFEST, WORK_DIR, Workdir, read_json, stable_hash,
 from tasks.config import STAGE_ORDER, PipelineConfig, cache_dir
 from tasks.registry import get_stage
 from tasks.report import update_report
-from tasks.stage import StageContext, StageError, StageReport, read_manifest, run_stage
+from tasks.stage import StageContext, StageError, StageReport, output_identity, read_manifest, run_stage
 
 log = logging.getLogger("lvr.pipeline")
 
@@ -141,7 +141,7 @@ def check_stage_manifest(name: str, ctx: StageContext) -> dict[str, Any]:
     for upstream in stage.inputs:
         upstream_manifest = read_manifest(ctx.workdir, upstream)
         got = manifest.get("input_fingerprints", {}).get(upstream)
-        if upstream_manifest is None or got != upstream_manifest["fingerprint"]:
+        if upstream_manifest is None or got != output_identity(upstream_manifest):
             problems.append(f"it was built on {upstream} {got}, not on the {upstream} output now in the workdir")
     if problems:
         raise StageError(f"{name}: {where} is not the output this run asked for: " + "; ".join(problems))

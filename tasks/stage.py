@@ -109,7 +109,7 @@ class Stage:
                     f"stage {self.name!r} needs the output of {upstream!r}, which is missing or incomplete in "
                     f"{ctx.workdir.uri(upstream)}; run with --from {upstream} (or an earlier stage)"
                 )
-            fps[upstream] = manifest["fingerprint"]
+            fps[upstream] = output_identity(manifest)
         return fps
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:
@@ -198,6 +198,17 @@ def stage_fingerprint(stage: str, settings: dict[str, Any], input_fingerprints: 
     return stable_hash({"stage": stage, "settings": settings, "inputs": input_fingerprints, "code": code_version})
 
 
+def output_identity(manifest: dict[str, Any]) -> str:
+    """What a downstream stage builds on: the stage's fingerprint, and which items failed.
+
+    The fingerprint alone names the output only while a run is a pure function of it; a retry of
+    the failed items (`execution.retry_failures`) can turn failures into rows under the same
+    fingerprint, and what was built on the old output must then be rebuilt.
+    """
+    failed = manifest.get("failed_items")
+    return manifest["fingerprint"] if not failed else stable_hash({"fingerprint": manifest["fingerprint"], "failed": failed})
+
+
 def read_manifest(workdir: Workdir, stage: str) -> dict[str, Any] | None:
     manifest = read_json(workdir.fs, workdir.path(stage, MANIFEST))
     if manifest is None or manifest.get("status") != "complete":
@@ -210,7 +221,8 @@ def plan_stage(stage: Stage, ctx: StageContext) -> StagePlan:
     inputs = stage.input_fingerprints(ctx)
     fingerprint = stage_fingerprint(stage.name, settings, inputs, stage.code_version)
     manifest = read_manifest(ctx.workdir, stage.name)
-    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+    retrying = ctx.config.execution.retry_failures and manifest is not None and manifest.get("failures", 0) > 0
+    if manifest is not None and manifest.get("fingerprint") == fingerprint and not retrying:
         return StagePlan(stage.name, fingerprint, inputs, settings, cached=True)
     items = sorted(stage.list_items(ctx), key=lambda it: it.item_id)
     size = max(1, stage.shard_size(ctx))
@@ -237,7 +249,8 @@ ItemIndex = dict[str, tuple[str, str]]  # item key -> (shard dir holding its row
 
 
 def build_item_index(stage: Stage, ctx: StageContext, recipe: str) -> ItemIndex:
-    """Items already processed under `recipe` in any complete shard left in the stage's work dir."""
+    """Items already processed under `recipe` in any complete shard left in the stage's work dir
+    (without those that failed there, when failures are being retried)."""
     fs = ctx.workdir.fs
     root = ctx.stage_path(stage.name, WORK_DIR, "shards")
     index: ItemIndex = {}
@@ -247,9 +260,15 @@ def build_item_index(stage: Stage, ctx: StageContext, recipe: str) -> ItemIndex:
         done = read_json(fs, f"{shard_dir}/{SHARD_DONE}")
         if done is None or done.get("recipe") != recipe:
             continue
+        failed = _failed_item_ids(fs, shard_dir) if ctx.config.execution.retry_failures and done.get("failures") else set()
         for item_id, key in done.get("item_keys", []):
-            index[key] = (shard_dir, item_id)
+            if item_id not in failed:
+                index[key] = (shard_dir, item_id)
     return index
+
+
+def _failed_item_ids(fs, shard_dir: str) -> set[str]:
+    return set(read_table_file(fs, f"{shard_dir}/{FAILURES_FILE}", FAILURES).column("item_id").to_pylist())
 
 
 def _reuse_items(stage: Stage, ctx: StageContext, found: dict[str, list[str]]) -> ShardResult:
@@ -305,12 +324,16 @@ def run_shard(
     shard_dir = _shard_dir(ctx, stage, key)
     fs = ctx.workdir.fs
     done = read_json(fs, f"{shard_dir}/{SHARD_DONE}")
-    if done is not None:
+    retry = done is not None and ctx.config.execution.retry_failures and int(done["failures"]) > 0
+    if done is not None and not retry:
         return ShardOutcome(index, key, True, int(done["rows"]), int(done["failures"]), float(done["work_s"]))
     items = list(plan.shards[index])
     started = time.perf_counter()
-    if stage.item_columns and item_index is not None:
-        result, items_reused = _process_with_reuse(stage, ctx, items, item_index())
+    index_now = item_index() if stage.item_columns and item_index is not None else None  # before this shard is withdrawn
+    if retry:
+        fs.rm(f"{shard_dir}/{SHARD_DONE}")  # from here on the shard is incomplete, as after a crash
+    if index_now is not None:
+        result, items_reused = _process_with_reuse(stage, ctx, items, index_now)
     else:
         result, items_reused = stage.process_shard(ctx, items), 0
     work_s = time.perf_counter() - started
@@ -381,6 +404,8 @@ def finalize_stage(
         "tables": table_info,
         "rows": tables[stage.output.name].num_rows,
         "failures": len(failures),
+        # Which items failed (a digest): part of what downstream stages build on (`output_identity`).
+        "failed_items": stable_hash(sorted({f.item_id for f in failures})) if failures else None,
         "items": plan.n_items,
         "shards": {"total": len(outcomes), "reused": sum(o.reused for o in outcomes)},
         # Items whose work was done by this run; the others came from earlier shards or runs.

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 def test_parameters_render_as_a_typed_form():
     schema = lvr_pipeline.parameters.model_dump()
     props = schema["properties"]
-    assert set(props) == {"source", "workdir", "config", "overrides", "from_stage", "to_stage", "execution", "stage_deployment"}
+    assert set(props) == {"source", "workdir", "config", "overrides", "from_stage", "to_stage", "execution", "stage_deployment",
+                          "retry_failures"}
     stage_enum = schema["definitions"]["StageName"]["enum"]
     assert stage_enum == list(STAGE_ORDER)
     assert schema["definitions"]["ExecutionMode"]["enum"] == ["local", "deployments"] and props["execution"]["default"] == "local"

@@ -231,6 +231,36 @@ def test_new_video_costs_only_its_own_requests(tmp_path, key):
     assert sorted(set(failures(tmp_path / "wd")["item_id"])) == ["allotment", "garden", "kitchen"]
 
 
+def test_retry_failures_asks_again_only_for_the_videos_that_failed(tmp_path, key):
+    """The endpoint failed one video's requests; a retry sends requests for that video only."""
+    rows = caption_rows("kitchen", KITCHEN_CAPTIONS) + caption_rows("garden", GARDEN)
+    state = {"down": True}
+
+    def garden_down(info):
+        return Fault.server_error(503) if state["down"] and "He fills a green watering can" in info.text else None
+
+    with OpenAITestServer(r1_responder, faults=garden_down, api_key=SECRET) as server:
+        ctx = make_ctx(tmp_path / "wd", rows, server, **{"qa.shard_size": 2, "qa.max_retries": 0})
+        first = run_stage(QAStage(), ctx)
+        kitchen_before = qa_table(tmp_path / "wd").query("video_id == 'kitchen'").reset_index(drop=True)
+        failed = failures(tmp_path / "wd")
+        assert set(failed.loc[failed["error_kind"].str.startswith("request_"), "item_id"]) == {"garden"}
+        assert "garden" not in set(qa_table(tmp_path / "wd")["video_id"])
+
+        state["down"] = False
+        server.reset_counters()
+        assert run_stage(QAStage(), ctx).status == "cached" and server.total_requests == 0
+        ctx.config.execution.retry_failures = True
+        retried = run_stage(QAStage(), ctx)
+    assert retried.status == "done" and retried.rows > first.rows
+    assert server.total_requests > 0 and all("He fills a green watering can" in r.text for r in server.requests if not is_refine_request(r))
+    assert "garden" in set(qa_table(tmp_path / "wd")["video_id"])
+    assert not failures(tmp_path / "wd")["error_kind"].str.startswith("request_").any()
+    kitchen_after = qa_table(tmp_path / "wd").query("video_id == 'kitchen'").reset_index(drop=True)
+    assert len(kitchen_before) > 0
+    pd.testing.assert_frame_equal(kitchen_after, kitchen_before)  # the finished video was kept as it was
+
+
 def test_unreachable_endpoint_stops_the_stage(tmp_path, key):
     with OpenAITestServer(r1_responder, faults=lambda info: Fault.server_error(502), api_key=SECRET) as server:
         ctx = make_ctx(tmp_path / "wd", caption_rows("garden", GARDEN), server, **{"qa.max_retries": 1})

@@ -86,6 +86,41 @@ def test_second_run_is_cached_and_does_no_work(tmp_path):
     assert report.status == "cached" and again.processed == []
 
 
+class FlakyStage(SquareStage):
+    """SquareStage whose multiples of 7 fail only while `down` (a flaky dependency)."""
+
+    def __init__(self, down: bool, **kw):
+        super().__init__(**kw)
+        self.down = down
+
+    def process_shard(self, ctx, items):
+        if self.down:
+            return super().process_shard(ctx, items)
+        self.processed += [it.payload["n"] for it in items]
+        return ShardResult({"squares": SQUARES.from_rows([{"n": it.payload["n"], "square": it.payload["n"] ** 2} for it in items])}, [])
+
+
+def test_retry_failures_reruns_only_shards_with_failures_and_changes_the_output_identity(tmp_path):
+    from tasks.stage import output_identity
+
+    ctx = _ctx(tmp_path)
+    first = run_stage(FlakyStage(down=True), ctx)
+    assert first.failures == 1 and first.manifest["failed_items"]  # 7 (0 is not a failure)
+    assert run_stage(FlakyStage(down=False), ctx).status == "cached"  # retrying is asked for, never implied
+
+    ctx.config.execution.retry_failures = True
+    retry = FlakyStage(down=False)
+    report = run_stage(retry, ctx)
+    assert report.status == "done" and retry.processed == [6, 7, 8]  # the shard of 7, not the others
+    assert report.failures == 0 and report.manifest["failed_items"] is None and report.rows == 10
+    assert report.manifest["fingerprint"] == first.manifest["fingerprint"]
+    # What downstream stages build on changed: they rerun, though the fingerprint did not.
+    assert output_identity(report.manifest) == report.manifest["fingerprint"] != output_identity(first.manifest)
+    assert sorted(pd.read_parquet(tmp_path / "wd" / "clip")["n"]) == list(range(10))
+    nothing_failed = FlakyStage(down=False)
+    assert run_stage(nothing_failed, ctx).status == "cached" and nothing_failed.processed == []
+
+
 def test_settings_change_reruns_every_shard(tmp_path):
     run_stage(SquareStage(10), _ctx(tmp_path))
     stage = SquareStage(10, offset=1)

@@ -35,7 +35,7 @@ from tasks.grpo.report import REPORT_FILE, write_grpo_report
 from tasks.grpo.trainer import GRPOJob
 from tasks.sft.stage import launch_spec as sft_launch_spec
 from tasks.sft.stage import video_exists
-from tasks.stage import ShardResult, StageContext, StageError, WorkItem, read_manifest
+from tasks.stage import ShardResult, StageContext, StageError, WorkItem, output_identity, read_manifest
 from tasks.staging import TrainingStage, launch_training, local_model, run_dir, staged_dir
 from tasks.training import MODEL_DIR
 
@@ -68,7 +68,7 @@ def init_model(ctx: StageContext) -> InitModel:
     if ref == SFT:
         manifest = read_manifest(ctx.workdir, SFT)
         if manifest is not None and ctx.workdir.exists(SFT, MODEL_DIR):
-            return InitModel(ctx.workdir.uri(SFT, MODEL_DIR), manifest["fingerprint"], True)
+            return InitModel(ctx.workdir.uri(SFT, MODEL_DIR), output_identity(manifest), True)
         ref = ctx.config.filter.model
     return InitModel(ref, stable_hash({"ref": ref}), False)
 
