@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.video import VIDEO_TOKEN_TYPE
 from parallel.sequence import IGNORE_INDEX, gather, pad_to_multiple, plan_vision_shards, shard, shift_labels
 from parallel.topology import SPGroup
 from parallel.ulysses import ULYSSES_ATTENTION, register_ulysses_attention
@@ -93,7 +94,12 @@ def sp_forward(
     core = model.model  # Qwen2_5_VLModel: .language_model, get_rope_index
     text = core.language_model
     if mm_token_type_ids is None:
-        mm_token_type_ids = torch.zeros_like(input_ids)
+        video_mask = input_ids == model.config.video_token_id
+        mm_token_type_ids = video_mask.long() * VIDEO_TOKEN_TYPE
+    else:
+        # The video positions by token type, as get_rope_index reads them: a sampled response may
+        # contain the `<|video_pad|>` token itself, which is text there (as it was when sampled).
+        video_mask = mm_token_type_ids == VIDEO_TOKEN_TYPE
     # 3-D positions from the full (unpadded) sequence, then sliced like the tokens.
     positions, _ = core.get_rope_index(
         input_ids, mm_token_type_ids, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
@@ -101,7 +107,6 @@ def sp_forward(
     )
     embeds = text.embed_tokens(shard(input_ids, sp, dim=1))
 
-    video_mask = input_ids == model.config.video_token_id
     n_video = int(video_mask.sum())
     if n_video != (0 if video_embeds is None else video_embeds.shape[0]):
         raise ValueError(f"{n_video} video tokens in the text but {0 if video_embeds is None else video_embeds.shape[0]} video embeddings")

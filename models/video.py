@@ -52,6 +52,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VIDEO_PREPROCESSOR_FILE = "lvr_video_preprocessor.json"
 VIDEO_TOKEN = "<|video_pad|>"
+VIDEO_TOKEN_TYPE = 2  # in mm_token_type_ids: 0 text, 1 image, 2 video (what get_rope_index reads)
 IMAGE_TOKEN = "<|image_pad|>"
 
 _UNSET: Any = object()
@@ -638,7 +639,7 @@ def build_video_inputs(
         input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
         attention_mask[b, sl] = 1
     mm_token_type_ids = torch.where(
-        (input_ids == video_id) & attention_mask.bool(), torch.tensor(2), torch.tensor(0)
+        (input_ids == video_id) & attention_mask.bool(), torch.tensor(VIDEO_TOKEN_TYPE), torch.tensor(0)
     ).to(torch.long)
 
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}

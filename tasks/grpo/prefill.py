@@ -7,8 +7,9 @@ stage 1 instead of pixels, so none of them runs the vision tower. Sequences are 
 then padded to a multiple of the SP degree and cut into equal contiguous slices (uniform padded
 sharding, the paper's Figure 7): each rank embeds its slice, positions come from the whole
 sequence (3-D mRoPE), attention is Ulysses (`parallel.ulysses`), and each rank projects onto the
-vocabulary only its slice's response positions. With an SP group of one rank this is the plain
-single-process forward pass.
+vocabulary only its slice's response positions: the MM-SP pass of `models.qwen_sp.sp_forward`, the
+one SFT trains with, fed embeddings. With an SP group of one rank this is the plain single-process
+forward pass.
 
 Per-position values that enter the loss (advantages, weights, old and reference log-probs) are
 laid out like the log-probs: full (rows, positions) tensors cut with `scored_values`.
@@ -23,12 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.qwen_sp import enable_ulysses, sp_forward
 from models.vlm import EncodedVideoBatch
 from parallel.loss import token_logprobs
 from parallel.sequence import IGNORE_INDEX, shard, shift_labels
 from parallel.topology import SPGroup
-
-VIDEO_TOKEN_TYPE = 2  # mm_token_type_ids: 0 text, 1 image, 2 video (models.video.build_video_inputs)
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,6 @@ def pack_sequences(batch: EncodedVideoBatch, prompt_of: Sequence[int], responses
 def ulysses_attention(model: nn.Module) -> Iterator[None]:
     """The text model's attention is Ulysses inside the block and what it was outside it: the same
     model also generates rollouts, which need the default attention and its KV cache."""
-    from models.qwen_sp import enable_ulysses
-
     previous = model.config.text_config._attn_implementation
     enable_ulysses(model)
     try:
@@ -112,35 +110,15 @@ def response_logprobs(model: nn.Module, seqs: PolicyBatch, sp: SPGroup) -> tuple
     """log pi(response token) at this rank's scored positions, in row-major order (fp32), and the
     (rows, padded length / SP) mask of those positions.
 
-    Every rank of the SP group passes the same `seqs`; the vision tower is never called.
+    Every rank of the SP group passes the same `seqs`; the vision tower is never called: the MM-SP
+    pass (`models.qwen_sp.sp_forward`) takes the rows' cached video embeddings.
     """
-    core = model.model  # Qwen2_5_VLModel: language_model, get_rope_index
-    text = core.language_model
-    positions, _ = core.get_rope_index(
-        seqs.input_ids, seqs.mm_token_type_ids, video_grid_thw=seqs.video_grid_thw,
-        second_per_grid_ts=seqs.second_per_grid_ts, attention_mask=seqs.attention_mask,
-    )
-    embeds = text.embed_tokens(shard(seqs.input_ids, sp, dim=1))
-    # The prompt's video positions, by token type (as `get_rope_index` reads them): a response may
-    # sample the `<|video_pad|>` token itself, which is text there, as it was during generation.
-    video_mask = seqs.mm_token_type_ids == VIDEO_TOKEN_TYPE
-    video_embeds = torch.cat(seqs.video_embeds)
-    if int(video_mask.sum()) != video_embeds.shape[0]:
-        raise ValueError(f"{int(video_mask.sum())} video tokens in the rows but {video_embeds.shape[0]} video embeddings")
-    # Video tokens are numbered in row-major order, as the model's own merge numbers them; each
-    # rank writes the embeddings that fall in its slice.
-    order = (video_mask.flatten().cumsum(0) - 1).view_as(video_mask)
-    local_mask = shard(video_mask, sp, dim=1, pad_value=False)
-    local_order = shard(order, sp, dim=1)[local_mask]
-    embeds = embeds.masked_scatter(local_mask.unsqueeze(-1), video_embeds[local_order].to(embeds.dtype))
     with ulysses_attention(model):
-        # Right padding: causality alone keeps padding away from real tokens, so no mask is needed.
-        hidden = text(
-            inputs_embeds=embeds, position_ids=shard(positions, sp, dim=2), attention_mask=None, use_cache=False, sp_group=sp
-        ).last_hidden_state
-    targets = shard(seqs.targets(), sp, dim=1, pad_value=IGNORE_INDEX)
-    scored = targets != IGNORE_INDEX
-    return token_logprobs(model.lm_head(hidden[scored]), targets[scored]), scored
+        out = sp_forward(
+            model, sp, seqs.input_ids, seqs.attention_mask, labels=seqs.labels, mm_token_type_ids=seqs.mm_token_type_ids,
+            video_grid_thw=seqs.video_grid_thw, second_per_grid_ts=seqs.second_per_grid_ts, video_embeds=torch.cat(seqs.video_embeds),
+        )
+    return token_logprobs(out.logits, out.targets), out.scored
 
 
 def scored_values(values: torch.Tensor, sp: SPGroup, scored: torch.Tensor) -> torch.Tensor:
