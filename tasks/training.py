@@ -89,7 +89,7 @@ class StepTrainer:
         """The `save_pretrained` model whose weights are being trained."""
         raise NotImplementedError
 
-    def describe(self, start: int) -> str:
+    def describe(self) -> str:
         """One line on what this run trains, logged by rank 0 before the first step."""
         raise NotImplementedError
 
@@ -111,7 +111,7 @@ class StepTrainer:
     def run(self) -> TrainResult:
         start = self.resume()
         if self.is_main:
-            self.log.info("%s%s", self.describe(start), f"; resuming after step {start}" if start else "")
+            self.log.info("%s%s", self.describe(), f"; resuming after step {start}" if start else "")
         total = self.total_steps
         for step in range(start, total):
             self.train_step(step)

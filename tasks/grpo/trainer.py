@@ -294,7 +294,7 @@ class Trainer(StepTrainer):
     def total_steps(self) -> int:
         return self.cfg.steps
 
-    def describe(self, start: int) -> str:
+    def describe(self) -> str:
         return (
             f"GRPO: {self.cfg.steps} steps on {len(self.job.examples)} questions, G={self.cfg.group_size}, "
             f"{self.cfg.prompts_per_step} questions per step and replica; world {self.topo.world_size} = {self.topo.dp_size} "

@@ -145,7 +145,7 @@ class Trainer(StepTrainer):
     def total_steps(self) -> int:
         return self.schedule.total_steps
 
-    def describe(self, start: int) -> str:
+    def describe(self) -> str:
         return (
             f"training {self.total_steps} steps on {len(self.job.examples)} examples: world {self.topo.world_size} = "
             f"{self.topo.dp_size} data-parallel x {self.topo.sp.size} sequence-parallel, ZeRO-{self.cfg.zero_stage}, {self.cfg.precision}"
