@@ -17,8 +17,8 @@ loop, so a slow answer (`latency_s`, a hang fault) never blocks the others.
   only" is easy to express whatever order concurrent requests arrive in.
 
 The bottom of the module holds QA fixtures: captions of a cooking video and hand-written answers in
-the shapes DeepSeek-R1 really produces, `r1_responder`, which replays them, and `CaptionsFixture`,
-which publishes caption rows as a complete `caption/` stage for the QA stage to read.
+the shapes DeepSeek-R1 really produces, `r1_responder`, which replays them, and `caption_rows`, caption
+rows of a video for `stand_ins.PublishedRows` to publish as a complete `caption/`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from data_schemas import CAPTIONS
-from tasks.artifacts import stable_hash
-from tasks.stage import ShardResult, Stage, WorkItem
 
 
 @dataclass(frozen=True)
@@ -514,23 +511,3 @@ def caption_rows(video_id: str, captions: list[tuple[float, float, str]]) -> lis
          "prompt_hash": "p", "frames_used": 8, "tokens_in": 100, "tokens_out": 30, "latency_s": 0.1}
         for i, (a, b, c) in enumerate(captions)
     ]
-
-
-class CaptionsFixture(Stage):
-    """Stands in for the caption stage: run with `run_stage`, it publishes the rows as a complete `caption/`."""
-
-    name = "caption"
-    code_version = "test"
-    output = CAPTIONS
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-
-    def settings(self, ctx):
-        return {"rows": stable_hash(self.rows)}
-
-    def list_items(self, ctx):
-        return [WorkItem("all", stable_hash(self.rows))]
-
-    def process_shard(self, ctx, items):
-        return ShardResult({CAPTIONS.name: CAPTIONS.from_rows(self.rows)}, [])

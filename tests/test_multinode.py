@@ -17,6 +17,8 @@ import time
 import pytest
 
 from conftest import REPO
+from stand_ins import PublishedRows
+from data_schemas import FILTER
 from flows.cli import main
 from parallel.local import free_port
 from tasks.artifacts import Workdir
@@ -24,7 +26,7 @@ from tasks.config import load_config
 from tasks.multinode import launch_pending, node_job, run_training_node
 from tasks.sft.stage import SFTStage
 from tasks.stage import StageContext, StageError, run_stage
-from test_sft_stage import FilterFixture, filter_rows, videos  # noqa: F401  (`videos` is a fixture)
+from test_sft_stage import filter_rows, videos  # noqa: F401  (`videos` is a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,7 @@ def two_node_overrides(port: int) -> dict:
 
 def filtered_workdir(root, videos, overrides: dict) -> StageContext:
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", overrides))
-    run_stage(FilterFixture(filter_rows(videos)), ctx)
+    run_stage(PublishedRows("filter", FILTER, filter_rows(videos)), ctx)
     return ctx
 
 
