@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from data_schemas import CAPTIONS  # noqa: E402
 from openai_server import OpenAITestServer, Reply, RequestInfo, caption_rows, is_refine_request, refined_reply, request_kind  # noqa: E402
-from stand_ins import PublishedRows  # noqa: E402
+from stand_ins import Published  # noqa: E402
 from tasks.artifacts import Workdir  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 from tasks.qa.captions import Clip, VideoCaptions  # noqa: E402
@@ -81,7 +81,7 @@ def run(port: int, conn, rows: list[dict], concurrency: int, scratch: Path) -> t
     overrides = {"qa.backend": "openai", "qa.base_url": f"http://127.0.0.1:{port}/v1", "qa.model": "deepseek-reasoner",
                  "qa.concurrency": concurrency, "qa.shard_size": 10_000, "qa.timeout_s": 60}
     ctx = StageContext(workdir=Workdir(str(workdir)), config=load_config("tiny", overrides))
-    run_stage(PublishedRows("caption", CAPTIONS, rows), ctx)
+    run_stage(Published("caption", CAPTIONS, rows), ctx)
     conn.send("reset")
     conn.recv()
     started = time.perf_counter()

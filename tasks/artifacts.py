@@ -42,6 +42,13 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
+def is_local_uri(uri: str) -> bool:
+    """A plain path (or file://), as opposed to an fsspec URL of another filesystem. Model ids
+    such as `Qwen/Qwen2.5-VL-7B-Instruct` count as local: they are not ours to fetch."""
+    protocol, _ = fsspec.core.split_protocol(uri)
+    return protocol in (None, "file", "local")
+
+
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of a local path or fsspec URL, never answering from a cached listing.
 
@@ -50,9 +57,8 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     deployment, the nodes of a training run, new videos in a bucket), so a long-lived worker
     would not see their files.
     """
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        return fs, path
+    if is_local_uri(url):
+        return fsspec.core.url_to_fs(url)
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TableSchema
 from models.vlm import Generation, HFVideoLM, VideoPrompt, video_messages
-from tasks.artifacts import Failure, Workdir, stable_hash, url_to_fs
+from tasks.artifacts import Failure, Workdir, is_local_uri, stable_hash, url_to_fs
 from tasks.config import EvalConfig
 from tasks.filter.labels import EVAL
 from tasks.filter.rollouts import sampling_seed
@@ -46,7 +46,7 @@ from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames
 from tasks.report_charts import inline_images, markdown_table, read_report_file, write_report_file
 from tasks.rewards import AnswerKey, Grade, grade, normalize_answer
 from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, output_identity, read_manifest, read_stage_table
-from tasks.staging import is_local_uri, local_model
+from tasks.staging import local_model
 from tasks.training import MODEL_DIR
 
 log = logging.getLogger("lvr.eval")

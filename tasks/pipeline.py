@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -133,7 +132,7 @@ def check_stage_manifest(name: str, ctx: StageContext) -> dict[str, Any]:
     problems = []
     if manifest.get("code_version") != stage.code_version:
         problems.append(f"code version {manifest.get('code_version')!r} where this flow has {stage.code_version!r} (image out of date?)")
-    expected = json.loads(json.dumps(stage.settings(ctx), default=str))
+    expected = stage.settings(ctx)  # hashed as the manifest's JSON copy was written: tuples as lists
     recorded = manifest.get("config") or {}
     if stable_hash(recorded) != stable_hash(expected):
         keys = sorted(k for k in set(recorded) | set(expected) if stable_hash(recorded.get(k)) != stable_hash(expected.get(k)))

@@ -104,6 +104,8 @@ MEDIA_CACHE_DIR = "media"  # under cache_dir(): remote videos and clips, downloa
 MEDIA_CACHE_GB_ENV = "LVR_MEDIA_CACHE_GB"
 MEDIA_CACHE_GB_DEFAULT = 50.0
 RECENTLY_USED_S = 600  # never evicted: another process may be about to open it
+EVICT_EVERY = 0.05  # of the limit, downloaded by this process: scanning the cache after every clip would be quadratic
+_downloaded_since_eviction = 0
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ def local_copy(uri: str) -> Iterator[Path]:
 
     Remote files are read many times (SFT and GRPO load a video's frames every step, filter and eval
     once per shard): each is downloaded once per content (URI, size, ETag or modification time) into
-    `<cache>/media/`, which keeps at most $LVR_MEDIA_CACHE_GB (default 50) by evicting the least
+    `<cache>/media/`, held near $LVR_MEDIA_CACHE_GB (default 50) by evicting the least
     recently used files.
     """
     fs, path = url_to_fs(uri)
@@ -138,14 +140,23 @@ def cached_download(fs: fsspec.AbstractFileSystem, path: str) -> Path:
         os.replace(partial, target)  # processes downloading the same file at once: one wins, both whole
     finally:
         partial.unlink(missing_ok=True)
-    evict_media(root, keep=target)
+    global _downloaded_since_eviction
+    _downloaded_since_eviction += target.stat().st_size
+    if _downloaded_since_eviction >= EVICT_EVERY * media_cache_limit():
+        _downloaded_since_eviction = 0
+        evict_media(root, keep=target)
     return target
+
+
+def media_cache_limit() -> float:
+    """Bytes the media cache may hold ($LVR_MEDIA_CACHE_GB)."""
+    return float(os.environ.get(MEDIA_CACHE_GB_ENV, MEDIA_CACHE_GB_DEFAULT)) * 2**30
 
 
 def evict_media(root: Path, keep: Path | None = None) -> list[Path]:
     """Delete the least recently used files of the media cache while it is over its size limit;
     files used in the last few minutes stay whatever the size. Returns the deleted files."""
-    limit = float(os.environ.get(MEDIA_CACHE_GB_ENV, MEDIA_CACHE_GB_DEFAULT)) * 2**30
+    limit = media_cache_limit()
     entries = []
     for path in root.glob("*/*"):
         if path.name.startswith("."):

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from data_schemas import TRAIN_METRICS, TableSchema
 from parallel.launch import LaunchSpec, launch, torchrun_argv
-from tasks.artifacts import WORK_DIR, Failure, Workdir, read_json, stable_hash, url_to_fs, write_table_atomic
+from tasks.artifacts import WORK_DIR, Failure, Workdir, is_local_uri, read_json, stable_hash, url_to_fs, write_table_atomic
 from tasks.config import cache_dir
 from tasks.sft import checkpoints as ckpt
 from tasks.training import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
@@ -51,13 +51,6 @@ TRAIN_DIR = "train"  # <stage>/_work/train/<run key>/: one training run's job, m
 METRICS_TABLE = "metrics.parquet"  # a training stage's table: one file, the folder also holds model/
 ERRORS_DIR = "errors"  # in a run's folder: the workers' tracebacks (every node writes there)
 POLL_S = 1.0  # how often the uploader looks for a new checkpoint (a local directory listing)
-
-
-def is_local_uri(uri: str) -> bool:
-    """A plain path (or file://), as opposed to an fsspec URL of another filesystem. Model ids
-    such as `Qwen/Qwen2.5-VL-7B-Instruct` count as local: they are not ours to fetch."""
-    protocol, _ = fsspec.core.split_protocol(uri)
-    return protocol in (None, "file", "local")
 
 
 @dataclass(frozen=True)

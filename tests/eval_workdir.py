@@ -9,37 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_video
-from data_schemas import FILTER, TRAIN_METRICS, VIDEOS, TableSchema
-from tasks.artifacts import Workdir, stable_hash
+from data_schemas import FILTER, TRAIN_METRICS, VIDEOS
+from tasks.artifacts import Workdir
 from tasks.clip import ClipStage
 from tasks.config import load_config
 from tasks.eval import EvalStage
 from tasks.prompting import user_prompt
-from tasks.stage import ShardResult, Stage, StageContext, StageReport, WorkItem, read_stage_table, run_stage
+from stand_ins import Published
+from tasks.stage import StageContext, StageReport, read_stage_table, run_stage
 
 OPTIONS = ["the red car", "the blue car", "a dog", "nobody"]
 EVAL_CONFIG = {
     "eval.models": ["base", "sft"], "eval.num_frames": 4, "eval.frames_sweep": [2], "eval.max_new_tokens": 16,
     "eval.batch_size": 4, "eval.shard_size": 3,
 }
-
-
-class Published(Stage):
-    """Stands in for an upstream stage: run with `run_stage`, it publishes the given rows as complete."""
-
-    code_version = "test"
-
-    def __init__(self, name: str, output: TableSchema, rows: list[dict[str, Any]]) -> None:
-        self.name, self.output, self.rows = name, output, rows
-
-    def settings(self, ctx):
-        return {"rows": stable_hash(self.rows)}
-
-    def list_items(self, ctx):
-        return [WorkItem("all", stable_hash(self.rows))]
-
-    def process_shard(self, ctx, items):
-        return ShardResult({self.output.name: self.output.from_rows(self.rows)}, [])
 
 
 def filter_row(qa_id: str, video_id: str, video_uri: str, category: str, qtype: str, answer: str, split: str = "eval") -> dict[str, Any]:

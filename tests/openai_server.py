@@ -18,7 +18,7 @@ loop, so a slow answer (`latency_s`, a hang fault) never blocks the others.
 
 The bottom of the module holds QA fixtures: captions of a cooking video and hand-written answers in
 the shapes DeepSeek-R1 really produces, `r1_responder`, which replays them, and `caption_rows`, caption
-rows of a video for `stand_ins.PublishedRows` to publish as a complete `caption/`.
+rows of a video for `stand_ins.Published` to publish as a complete `caption/`.
 """
 
 from __future__ import annotations

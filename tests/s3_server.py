@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from parallel.local import free_port
 
 # Fake credentials: moto accepts any, and they must never be real ones (a misrouted request then
 # fails to authenticate instead of touching a real account).
@@ -78,12 +79,6 @@ class S3Server:
             fs.rm(name, recursive=True)  # every object, then the bucket itself
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _moto_server_argv(port: int) -> list[str]:
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
@@ -117,7 +112,7 @@ def _clear_s3fs_instances() -> None:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(_moto_server_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env = {**FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}

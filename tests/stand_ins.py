@@ -7,7 +7,7 @@ from tasks.artifacts import stable_hash
 from tasks.stage import ShardResult, Stage, WorkItem
 
 
-class PublishedRows(Stage):
+class Published(Stage):
     """Stands in for an upstream stage: run with `run_stage`, it publishes `rows` as the complete
     output of stage `name` (e.g. a `caption/` for the qa stage to read)."""
 

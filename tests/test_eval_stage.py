@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TRAIN_METRICS
-from eval_workdir import EXPECTED_PER_CATEGORY, Published, eval_workdir, sft_metrics
+from eval_workdir import EXPECTED_PER_CATEGORY, eval_workdir, sft_metrics
+from stand_ins import Published
 from models.vlm import Generation
 from tasks.artifacts import Workdir
 from tasks.config import ConfigError, load_config

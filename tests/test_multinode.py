@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import REPO
-from stand_ins import PublishedRows
+from stand_ins import Published
 from data_schemas import FILTER
 from flows.cli import main
 from parallel.local import free_port
@@ -40,7 +40,7 @@ def two_node_overrides(port: int) -> dict:
 
 def filtered_workdir(root, videos, overrides: dict) -> StageContext:
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", overrides))
-    run_stage(PublishedRows("filter", FILTER, filter_rows(videos)), ctx)
+    run_stage(Published("filter", FILTER, filter_rows(videos)), ctx)
     return ctx
 
 

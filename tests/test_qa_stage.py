@@ -1,6 +1,6 @@
 """The QA stage end to end through the real engine: captions in, qa/ out, against a real HTTP server.
 
-The caption input is written by a stand-in caption stage (`stand_ins.PublishedRows`) run by `run_stage`, so
+The caption input is written by a stand-in caption stage (`stand_ins.Published`) run by `run_stage`, so
 the QA stage reads a genuine `caption/` table and manifest.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stand_ins import PublishedRows
+from stand_ins import Published
 from data_schemas import CAPTIONS, QA
 from openai_server import (
     KITCHEN_CAPTIONS, Fault, OpenAITestServer, Reply, caption_rows, is_refine_request, r1_responder, request_kind,
@@ -42,7 +42,7 @@ def make_ctx(root: Path, rows: list[dict], server: OpenAITestServer | None = Non
     if server is not None:
         overrides = {"qa.backend": "openai", "qa.base_url": server.base_url, "qa.api_key_env": KEY_ENV, "qa.model": "deepseek-r1", **overrides}
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", overrides))
-    run_stage(PublishedRows("caption", CAPTIONS, rows), ctx)
+    run_stage(Published("caption", CAPTIONS, rows), ctx)
     return ctx
 
 

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from data_schemas import FILTER
-from eval_workdir import Published, eval_workdir
+from eval_workdir import eval_workdir
+from stand_ins import Published
 from tasks.artifacts import Workdir
 from tasks.config import STAGE_ORDER, load_config
 from tasks.pipeline import RunRecord

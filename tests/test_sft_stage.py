@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import make_video, trainer_pids, wait_for
-from stand_ins import PublishedRows
+from stand_ins import Published
 from data_schemas import FILTER, TRAIN_METRICS
 from tasks.artifacts import Workdir, stable_hash
 from tasks.config import ConfigError, SFTConfig, load_config
@@ -73,7 +73,7 @@ def videos(tmp_path_factory) -> list[str]:
 
 def make_ctx(root: Path, videos: list[str], extra_rows: list[dict] = ()) -> StageContext:
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", OVERRIDES))
-    run_stage(PublishedRows("filter", FILTER, filter_rows(videos) + list(extra_rows)), ctx)
+    run_stage(Published("filter", FILTER, filter_rows(videos) + list(extra_rows)), ctx)
     return ctx
 
 
@@ -182,15 +182,15 @@ def test_missing_videos_bad_sp_degree_and_empty_split_are_errors(tmp_path, video
 
     root = tmp_path / "wd"
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", OVERRIDES))
-    run_stage(PublishedRows("filter", FILTER, filter_rows([str(tmp_path / "gone.mp4")])), ctx)
+    run_stage(Published("filter", FILTER, filter_rows([str(tmp_path / "gone.mp4")])), ctx)
     with pytest.raises(StageError, match="none of the 3 sft examples has its source video"):
         run_stage(SFTStage(), ctx)
-    run_stage(PublishedRows("filter", FILTER, filter_rows(videos)), ctx)
+    run_stage(Published("filter", FILTER, filter_rows(videos)), ctx)
     ctx.config = load_config("tiny", {**OVERRIDES, "sft.sp_degree": 8, "sft.nproc_per_node": 8})
     with pytest.raises(StageError, match="sp_degree=8 does not fit .* pick an SP degree that divides 4"):
         run_stage(SFTStage(), ctx)
     rows = [{**r, "split": "rl"} for r in filter_rows(videos)]
-    run_stage(PublishedRows("filter", FILTER, rows), ctx)
+    run_stage(Published("filter", FILTER, rows), ctx)
     with pytest.raises(StageError, match="no item in the sft split"):
         run_stage(SFTStage(), ctx)
 
