@@ -19,11 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.captioners import CaptionSettings, ClipRequest, HFCaptioner  # noqa: E402
 from models.video import FrameSampling, read_frames  # noqa: E402
-from tasks.artifacts import Workdir  # noqa: E402
-from tasks.clip import ClipStage  # noqa: E402
-from tasks.config import cache_dir, load_config  # noqa: E402
-from tasks.sample_videos import write_sample_videos  # noqa: E402
-from tasks.stage import StageContext, run_stage  # noqa: E402
+from tasks.clip.stage import ClipStage
+from tasks.config import cache_dir, load_config
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
+from tasks.samples.videos import write_sample_videos
 
 
 def sample_clips(workdir: Path, limit: int) -> list[ClipRequest]:

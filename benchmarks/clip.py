@@ -19,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.artifacts import Workdir  # noqa: E402
-from tasks.clip import ClipStage  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.stage import StageContext, run_stage  # noqa: E402
+from tasks.clip.stage import ClipStage
+from tasks.config import load_config
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 
 OUT = Path(__file__).resolve().parent / "out"
 

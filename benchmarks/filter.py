@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from models.video import FrameSampling, read_frames  # noqa: E402
 from models.vlm import HFVideoLM, VideoPrompt  # noqa: E402
-from tasks.config import cache_dir  # noqa: E402
-from tasks.prompting import prompt_messages  # noqa: E402
-from tasks.sample_videos import write_sample_videos  # noqa: E402
+from tasks.config import cache_dir
+from tasks.grading.prompts import prompt_messages
+from tasks.samples.videos import write_sample_videos
 
 QUESTIONS = [
     ("What happens first in the video?", "multiple_choice", ["A ball rolls in", "The light turns on", "A door opens", "Nothing moves"]),

@@ -38,12 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.video import SampledFrames, VideoPreprocessConfig, build_video_inputs  # noqa: E402
 from models.vlm import video_messages  # noqa: E402
+from parallel.embedding_cache import (
+    EmbeddingCache,
+    VideoRequest,
+    encode_requests,
+    vision_tower,
+)
 from parallel.topology import SPGroup  # noqa: E402
+from tasks.grading.prompts import user_prompt
 from tasks.grpo import core_algos  # noqa: E402
-from tasks.grpo.embeddings import EmbeddingCache, VideoRequest, encode_requests, vision_tower  # noqa: E402
 from tasks.grpo.prefill import PolicyBatch, pack_sequences, response_logprobs  # noqa: E402
 from tasks.grpo.rollout import HFRolloutEngine, make_rollout, stop_token_ids  # noqa: E402
-from tasks.prompting import user_prompt  # noqa: E402
 
 MODES = ("pixels", "mr-sp", "disk")
 SINGLE = SPGroup.single()
@@ -170,10 +175,10 @@ def tiny_models() -> Models:
 
 
 def gpu_models() -> Models:
+    from sp import qwen25_vl_7b_config  # benchmarks/sp.py
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from models.tiny import ensure_tiny_model
-    from sp import qwen25_vl_7b_config  # benchmarks/sp.py
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
     config = qwen25_vl_7b_config(tokenizer)

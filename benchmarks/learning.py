@@ -7,7 +7,7 @@ verifiable video QA set, with the tiny model on CPU (the shape of the paper's Ta
 videos split into sft / rl / eval) is written to a workdir, then the real stages run on it: sft
 (torchrun, DeepSpeed) on the sft split, grpo (MR-SP, from the SFT model) on the rl split, and eval
 (greedy answers of the base model, the SFT model and the GRPO model on the eval split, graded by
-`tasks.rewards`). Every stage's settings are printed. The settings were chosen in exploratory runs
+`tasks.grading.answers`). Every stage's settings are printed. The settings were chosen in exploratory runs
 on the set of seed 0; the default seed 1 draws other videos, questions and splits.
 
 `--matched-sft` also trains SFT alone for as many optimizer steps as SFT then GRPO took (on the SFT
@@ -30,13 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_schemas import EVAL_SUMMARY  # noqa: E402
-from tasks.artifacts import Workdir  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.eval import OVERALL, SUMMARY_DIR, EvalStage  # noqa: E402
+from tasks.config import load_config
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext, read_stage_table
+from tasks.engine.store import Workdir
+from tasks.eval.stage import OVERALL, SUMMARY_DIR, EvalStage
 from tasks.grpo.stage import GRPOStage  # noqa: E402
+from tasks.samples.synth import SynthSpec, write_synth
 from tasks.sft.stage import SFTStage  # noqa: E402
-from tasks.stage import StageContext, read_stage_table, run_stage  # noqa: E402
-from tasks.synth import SynthSpec, write_synth  # noqa: E402
 
 
 def overrides(args: argparse.Namespace, num_frames: int) -> dict:
@@ -55,7 +56,7 @@ def train_and_score(workdir: Path, settings: dict, stages: list) -> dict[str, fl
     """Run the stages on the workdir's synthetic filter/; Overall accuracy (%) per eval model."""
     ctx = StageContext(Workdir(str(workdir)), load_config("tiny", settings))
     for section in ("sft", "grpo", "eval"):
-        print(f"{section}: {ctx.config.section(section)}")
+        print(f"{section}: {getattr(ctx.config, section).output_settings()}")
     for stage in stages:
         started = time.perf_counter()
         result = run_stage(stage, ctx)

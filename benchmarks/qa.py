@@ -25,15 +25,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from data_schemas import CAPTIONS  # noqa: E402
-from openai_server import OpenAITestServer, Reply, RequestInfo, caption_rows, is_refine_request, refined_reply, request_kind  # noqa: E402
+from openai_server import (  # noqa: E402
+    OpenAITestServer,
+    Reply,
+    RequestInfo,
+    caption_rows,
+    is_refine_request,
+    refined_reply,
+    request_kind,
+)
 from stand_ins import Published  # noqa: E402
-from tasks.artifacts import Workdir  # noqa: E402
-from tasks.config import load_config  # noqa: E402
+
+from data_schemas import CAPTIONS  # noqa: E402
+from tasks.config import load_config
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 from tasks.qa.captions import Clip, VideoCaptions  # noqa: E402
 from tasks.qa.stage import QAStage  # noqa: E402
 from tasks.qa.template import draft_questions, render_answer  # noqa: E402
-from tasks.stage import StageContext, run_stage  # noqa: E402
 
 CAPTION_LINE = re.compile(r"^From (\d+):(\d\d) to (\d+):(\d\d): (.*)$", re.MULTILINE)
 SUBJECTS = ["a cyclist", "two children", "a baker", "an old fisherman", "a street musician", "a nurse", "a chess player", "a potter"]

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.video import SampledFrames, VideoPreprocessConfig  # noqa: E402
-from tasks.prompting import user_prompt  # noqa: E402
-from tasks.sft.data import SFTExample, collate, encode_example  # noqa: E402
+from tasks.grading.prompts import user_prompt
+from tasks.sft.data import SFTExample, collate, encode_example
 
 TARGET = "<think>" + " ".join(["First I look at the frames in order."] * 8) + "</think><answer>B</answer>"
 

@@ -3,14 +3,20 @@
 from data_schemas.schemas import (
     CAPTIONS,
     CLIPS,
+    DIFFICULTIES,
     EVAL_ITEMS,
+    EVAL_SPLIT,
     EVAL_SUMMARY,
     FAILURES,
     FILTER,
     FILTER_ROLLOUTS,
     QA,
+    RL_SPLIT,
     SCHEMAS,
+    SFT_SPLIT,
+    SPLITS,
     TRAIN_METRICS,
+    UNUSED_SPLIT,
     VIDEOS,
     SchemaError,
     TableSchema,
@@ -19,6 +25,6 @@ from data_schemas.schemas import (
 )
 
 __all__ = [
-    "CAPTIONS", "CLIPS", "EVAL_ITEMS", "EVAL_SUMMARY", "FAILURES", "FILTER", "FILTER_ROLLOUTS", "QA", "SCHEMAS",
+    "CAPTIONS", "CLIPS", "DIFFICULTIES", "EVAL_SPLIT", "RL_SPLIT", "SFT_SPLIT", "SPLITS", "UNUSED_SPLIT", "EVAL_ITEMS", "EVAL_SUMMARY", "FAILURES", "FILTER", "FILTER_ROLLOUTS", "QA", "SCHEMAS",
     "TRAIN_METRICS", "VIDEOS", "SchemaError", "TableSchema", "get_schema", "validate_table",
 ]

@@ -182,7 +182,7 @@ FILTER_ROLLOUTS = TableSchema(
             _f("response", pa.large_string(), doc="What the base model wrote."),
             _f("predicted", pa.large_string(), nullable=True, doc="The option letter or answer text read from the response; null if none."),
             _f("correct", BOOL),
-            _f("format_ok", BOOL, doc="The response is exactly <think>...</think><answer>...</answer> (tasks.rewards.format_reward)."),
+            _f("format_ok", BOOL, doc="The response is exactly <think>...</think><answer>...</answer> (tasks.grading.answers.format_reward)."),
             _f("grader", STRING, doc="choice (letter match), match (normalised text) or judge (the LLM judge decided)."),
             _f("tokens_out", I32),
             _f("finished", BOOL, doc="Ended with EOS rather than at max_new_tokens."),
@@ -191,6 +191,11 @@ FILTER_ROLLOUTS = TableSchema(
     ),
     "Every base-model answer drawn while filtering (filter/_rollouts/).",
 )
+
+# Values of FILTER's `difficulty` and `split` columns.
+DIFFICULTIES = ("easy", "medium", "hard")
+SFT_SPLIT, RL_SPLIT, EVAL_SPLIT, UNUSED_SPLIT = "sft", "rl", "eval", "unused"
+SPLITS = (SFT_SPLIT, RL_SPLIT, EVAL_SPLIT, UNUSED_SPLIT)
 
 FILTER = TableSchema(
     "filter",
@@ -205,7 +210,7 @@ FILTER = TableSchema(
             _f("question", pa.large_string()),
             _f("options", pa.list_(STRING), nullable=True, doc="Option texts in A-D order; null if open-ended."),
             _f("answer", pa.large_string(), doc="The option letter, or the answer text."),
-            _f("prompt", pa.large_string(), doc="The user turn's text after the video (tasks.prompting.user_prompt)."),
+            _f("prompt", pa.large_string(), doc="The user turn's text after the video (tasks.grading.prompts.user_prompt)."),
             _f("target", pa.large_string(), doc="<think>reasoning</think><answer>answer</answer>: the SFT target (from qa)."),
             _f("n_runs", I32),
             _f("n_correct", I32),
@@ -253,7 +258,7 @@ EVAL_ITEMS = TableSchema(
             _f("frames_used", I32, doc="Frames the model saw (read_frames rounds up to the temporal patch and caps at the video's frames)."),
             _f("samples", I32, doc="Answers drawn (1: greedy; more: sampled, then majority vote)."),
             _f("prediction", pa.large_string(), nullable=True, doc="The option letter or answer text read from the response (the majority's); null if none."),
-            _f("correct", BOOL, doc="tasks.rewards' verdict on the prediction."),
+            _f("correct", BOOL, doc="tasks.grading.answers' verdict on the prediction."),
             _f("votes", I32, doc="Samples that gave the prediction."),
             _f("n_correct", I32, doc="Samples that were right (pass@k is n_correct > 0)."),
             _f("format_ok", BOOL, doc="The chosen response is exactly <think>...</think><answer>...</answer>."),

@@ -1,5 +1,6 @@
 """`lvr`: the command line. Each command is a thin wrapper over plain functions in `tasks/` and the
-Prefect flows in `flows/pipeline.py`."""
+Prefect flows in `flows/pipeline.py`. Heavy modules (Prefect, torch, matplotlib) are imported by the
+commands that use them, so `lvr --help` and `lvr status` answer at once."""
 
 from __future__ import annotations
 
@@ -10,20 +11,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.config import DEFAULT_CONFIG, STAGE_ORDER, ConfigError, load_config
+from tasks.config import DEFAULT_CONFIG, ConfigError, load_config
+from tasks.engine.runs import workdir_status
+from tasks.engine.stage import StageContext, StageError
+from tasks.engine.store import Workdir
+from tasks.stages import STAGE_NAMES, TRAINING_STAGES, stage_spec
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-STAGE_DESCRIPTIONS = {
-    "clip": "probe source videos and cut ~10 s clips with ffmpeg, recording true boundaries",
-    "caption": "describe each clip with a VLM",
-    "qa": "reasoning LLM writes questions with reasoning over all captions of a video, then refines the reasoning",
-    "filter": "answer each question N times with the base VLM; difficulty labels and SFT / RL / eval splits",
-    "sft": "chain-of-thought SFT with multi-modal sequence parallelism",
-    "grpo": "GRPO with MR-SP (cached video embeddings, sequence-parallel prefill)",
-    "eval": "accuracy per reasoning category, charts and report",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG, help="built-in config name or YAML path (default: tiny)")
     run.add_argument("--source", default=None, help="directory, glob, list file or Parquet/CSV manifest (default: built-in sample)")
     run.add_argument("--workdir", default="runs/sample", help="where artifacts go: a path or fsspec URL (default: runs/sample)")
-    run.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, default=None, help="first stage (default: clip)")
-    run.add_argument("--to", dest="to_stage", choices=STAGE_ORDER, default=None, help="last stage (default: eval)")
+    run.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, default=None, help="first stage (default: clip)")
+    run.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, default=None, help="last stage (default: eval)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     run.add_argument(
         "--engine", choices=("prefect", "local"), default="prefect",
@@ -125,7 +120,6 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.stage import StageError
 
     if args.retry_failures:
         args.overrides = [*args.overrides, "execution.retry_failures=true"]
@@ -134,13 +128,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.engine == "local" and args.execution != "local":
             raise ConfigError("--execution deployments needs --engine prefect (stages run as Prefect deployments)")
         if args.engine == "local":
-            from tasks.artifacts import Workdir
             from tasks.pipeline import resolve_source, run_pipeline
+            from tasks.report import update_report
 
             cfg = load_config(args.config, args.overrides)
             record = run_pipeline(
                 Workdir(args.workdir), cfg, source=resolve_source(args.source, cfg),
-                from_stage=args.from_stage, to_stage=args.to_stage,
+                from_stage=args.from_stage, to_stage=args.to_stage, on_stage_done=update_report,
             )
             results = record.results
         else:
@@ -148,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             result = lvr_pipeline(
                 source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
-                from_stage=args.from_stage or STAGE_ORDER[0], to_stage=args.to_stage or STAGE_ORDER[-1],
+                from_stage=args.from_stage or STAGE_NAMES[0], to_stage=args.to_stage or STAGE_NAMES[-1],
                 execution=args.execution,
             )
             results = result["results"]
@@ -166,13 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(workdir: str) -> None:
-    from tasks.artifacts import Workdir
-    from tasks.pipeline import workdir_status
 
     wd = Workdir(workdir)
     if not wd.exists():
         return
-    rows = workdir_status(wd)
+    rows = workdir_status(wd, STAGE_NAMES)
     print(f"\n{'stage':<9} {'status':<16} {'rows':>8} {'failures':>9} {'work s':>9} {'wall s':>9}  note")
     for s in rows:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
@@ -183,7 +175,6 @@ def _print_summary(workdir: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.artifacts import Workdir
 
     if not Workdir(args.workdir).exists():
         print(f"lvr: no workdir at {args.workdir}", file=sys.stderr)
@@ -194,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tasks.synth import SynthSpec, write_synth
+    from tasks.samples.synth import SynthSpec, write_synth
 
     report = write_synth(args.workdir, SynthSpec(videos=args.videos, seed=args.seed))
     print(f"{report.rows} questions ({report.status}) in {args.workdir}/filter; next: lvr run --workdir {args.workdir} --from sft")
@@ -202,7 +193,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.artifacts import Workdir
     from tasks.report import build_report
 
     if not Workdir(args.workdir).exists():
@@ -213,13 +203,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(_: argparse.Namespace) -> int:
-    for i, name in enumerate(STAGE_ORDER, 1):
-        print(f"{i}. {name:<8} {STAGE_DESCRIPTIONS[name]}")
+    for i, name in enumerate(STAGE_NAMES, 1):
+        print(f"{i}. {name:<8} {stage_spec(name).description}")
     return 0
 
 
 def cmd_sample_videos(args: argparse.Namespace) -> int:
-    from tasks.sample_videos import write_sample_videos
+    from tasks.samples.videos import write_sample_videos
 
     for path in write_sample_videos(args.dir, overwrite=args.overwrite):
         print(path)
@@ -315,17 +305,13 @@ def _absolute(location: str) -> str:
 
 
 def cmd_train_node(args: argparse.Namespace) -> int:
-    from tasks.multinode import TRAINING_STAGES
-
     if args.stage not in TRAINING_STAGES:
         print(f"lvr: train-node runs a training stage ({', '.join(TRAINING_STAGES)}), not {args.stage!r}", file=sys.stderr)
         return EXIT_USAGE
     if args.node_rank == 0:
         return main(node_zero_argv(args))
     from parallel.launch import WorkerFailed
-    from tasks.artifacts import Workdir
-    from tasks.multinode import run_training_node
-    from tasks.stage import StageContext, StageError
+    from tasks.training.nodes import run_training_node
 
     try:
         ctx = StageContext(Workdir(args.workdir), load_config(args.config, args.overrides))

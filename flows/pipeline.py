@@ -24,12 +24,17 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from tasks.artifacts import Workdir
-from tasks.config import STAGE_ORDER, ExecutionConfig, StageName, load_config
-from tasks.pipeline import StageRunner, check_stage_manifest, resolve_source, run_pipeline
-from tasks.registry import get_stage
-from tasks.report.progress import FanOut, TerminalProgress, engine_progress
-from tasks.stage import ShardOutcome, ShardWork, StageContext, StageError, StageReport, read_manifest, run_stage
+from tasks.config import StageName, load_config
+from tasks.engine.manifest import read_manifest
+from tasks.engine.progress import FanOut, TerminalProgress, engine_progress
+from tasks.engine.run import ShardOutcome, ShardWork, run_stage
+from tasks.engine.runs import StageRunner, check_stage_manifest
+from tasks.engine.settings import ExecutionConfig
+from tasks.engine.stage import StageContext, StageError, StageReport
+from tasks.engine.store import Workdir
+from tasks.pipeline import resolve_source, run_pipeline
+from tasks.report import update_report
+from tasks.stages import STAGE_NAMES, get_stage
 
 
 @task(name="shard", task_run_name="{stage}-shard-{index}", cache_policy=NO_CACHE, persist_result=False)
@@ -145,6 +150,7 @@ def _stage_flow(name: str):
     return stage_flow
 
 
+# Module-level names: prefect.yaml's entrypoints (`flows/pipeline.py:<stage>_flow`) point at them.
 clip_flow = _stage_flow("clip")
 caption_flow = _stage_flow("caption")
 qa_flow = _stage_flow("qa")
@@ -152,10 +158,8 @@ filter_flow = _stage_flow("filter")
 sft_flow = _stage_flow("sft")
 grpo_flow = _stage_flow("grpo")
 eval_flow = _stage_flow("eval")
-STAGE_FLOWS = {
-    "clip": clip_flow, "caption": caption_flow, "qa": qa_flow, "filter": filter_flow,
-    "sft": sft_flow, "grpo": grpo_flow, "eval": eval_flow,
-}
+# A stage added to the stage list without its flow fails here, at import.
+STAGE_FLOWS = {name: globals()[f"{name}_flow"] for name in STAGE_NAMES}
 
 
 class ExecutionMode(str, enum.Enum):
@@ -198,7 +202,7 @@ def _deployment_stage_runner(parameters: dict[str, Any], deployment: str) -> Sta
                 f"{name}: flow run {child.name!r} of {target} ended {state.name if state else 'without a state'}"
                 f"{': ' + state.message if state and state.message else ''}; retry this run once it is fixed (finished stages are kept)"
             )
-        manifest = check_stage_manifest(name, ctx)
+        manifest = check_stage_manifest(get_stage(name), ctx)
         # A cached stage leaves its old manifest; a run that did work writes a new one.
         started = child.start_time or child.expected_start_time
         finished = datetime.fromisoformat(manifest["finished_at"])
@@ -215,8 +219,8 @@ def lvr_pipeline(
     workdir: str = "runs/sample",
     config: str = "tiny",
     overrides: list[str] | None = None,
-    from_stage: StageName = StageName.clip,
-    to_stage: StageName = StageName.eval,
+    from_stage: StageName = StageName(STAGE_NAMES[0]),
+    to_stage: StageName = StageName(STAGE_NAMES[-1]),
     execution: ExecutionMode = ExecutionMode.local,
     stage_deployment: str = "lvr-{stage}",
     retry_failures: bool = False,
@@ -257,7 +261,7 @@ def lvr_pipeline(
 
     record = run_pipeline(
         Workdir(workdir), cfg, source=src, from_stage=_value(from_stage), to_stage=_value(to_stage),
-        run_id=run_id, stage_runner=stage_runner,
+        run_id=run_id, stage_runner=stage_runner, on_stage_done=update_report,
     )
     return {"run_id": record.run_id, "results": record.results}
 
@@ -266,4 +270,4 @@ def _value(stage: StageName | str) -> str:
     return stage.value if isinstance(stage, StageName) else str(stage)
 
 
-__all__ = ["lvr_pipeline", "STAGE_FLOWS", "STAGE_ORDER"]
+__all__ = ["lvr_pipeline", "STAGE_FLOWS", "STAGE_NAMES"]

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from models.video import VIDEO_TOKEN_TYPE
-from parallel.sequence import IGNORE_INDEX, gather, pad_to_multiple, plan_vision_shards, shard, shift_labels
+from parallel.sequence import (
+    IGNORE_INDEX,
+    gather,
+    pad_to_multiple,
+    plan_vision_shards,
+    shard,
+    shift_labels,
+)
 from parallel.topology import SPGroup
 from parallel.ulysses import ULYSSES_ATTENTION, register_ulysses_attention
 

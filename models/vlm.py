@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.video import VIDEO_PREPROCESSOR_FILE, SampledFrames, VideoPreprocessConfig, build_video_inputs
+from models.video import (
+    VIDEO_PREPROCESSOR_FILE,
+    SampledFrames,
+    VideoPreprocessConfig,
+    build_video_inputs,
+)
 
 log = logging.getLogger("lvr.vlm")
 

@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from parallel.topology import sp_layout
+from tasks.engine.settings import ExecutionConfig, Section
+from tasks.stages import STAGE_NAMES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
@@ -23,52 +27,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LVR_CACHE_DIR", Path.home() / ".cache" / "lvr")).expanduser()
 
 
-class StageName(str, enum.Enum):
-    """The DAG's stages, in execution order."""
-
-    clip = "clip"
-    caption = "caption"
-    qa = "qa"
-    filter = "filter"
-    sft = "sft"
-    grpo = "grpo"
-    eval = "eval"
-
-
-STAGE_ORDER: tuple[str, ...] = tuple(s.value for s in StageName)
+# The config form's stage choices (Prefect renders an enum as a dropdown), from the one stage list.
+StageName = enum.Enum("StageName", [(name, name) for name in STAGE_NAMES], type=str)
 
 
 class ConfigError(ValueError):
     """A config file or override that does not validate; the message names keys and expected types."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class ClipConfig(Section):
+    # How work is grouped, not what it produces.
+    runtime_keys = ("shard_size",)
 
-
-class ExecutionConfig(_Section):
-    task_runner: Literal["threads", "processes", "ray"] = Field(
-        "threads", description="Where shard tasks run: threads of the flow's process, worker processes, or a Ray cluster."
-    )
-    ray_address: str | None = Field(
-        None,
-        description="Ray cluster: ray://head:10001 (Ray Client, from outside the cluster) or head:6379 (this process on a "
-        "Ray node); empty starts a local Ray.",
-    )
-    shard_workers: int = Field(1, ge=1, description="Shards of one stage processed concurrently.")
-    shard_retries: int = Field(2, ge=0, description="Prefect retries per shard task.")
-    shard_retry_delay_s: float = Field(5.0, ge=0)
-    retry_failures: bool = Field(
-        False,
-        description="Process again the items a stage recorded as failures (a flaky endpoint, a video missing for a while); "
-        "finished items are kept.",
-    )
-    deployment_poll_s: float = Field(
-        5.0, gt=0, description="With `execution: deployments`: how often the pipeline checks on a stage's flow run."
-    )
-
-
-class ClipConfig(_Section):
     seconds: float = Field(10.0, gt=0, description="Target clip length.")
     min_seconds: float = Field(3.0, gt=0, description="A tail shorter than this joins the previous clip.")
     max_deviation_s: float = Field(2.0, ge=0, description="Copy mode snaps cuts to keyframes within this distance, else the video is re-encoded.")
@@ -89,7 +59,10 @@ class ClipConfig(_Section):
         return self
 
 
-class CaptionConfig(_Section):
+class CaptionConfig(Section):
+    # How work is scheduled or authenticated, never what a caption says.
+    runtime_keys = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env")
+
     backend: Literal["hf", "openai", "vllm"] = "hf"
     model: str = Field("tiny", description="A local checkpoint folder, a model id already on disk, or 'tiny'.")
     prompt: str = "Elaborate on the visual and narrative elements of the video in detail."
@@ -110,7 +83,14 @@ class CaptionConfig(_Section):
     shard_size: int = Field(64, ge=1, description="Clips per shard.")
 
 
-class QAConfig(_Section):
+class QAConfig(Section):
+    # How requests are made, not what they produce: a new endpoint, key variable or concurrency
+    # reuses the finished stage (and the answer cache makes reruns free anyway).
+    runtime_keys = (
+        "shard_size", "concurrency", "stream", "timeout_s", "max_retries", "backoff_s", "backoff_max_s",
+        "base_url", "refine_base_url", "api_key_env", "refine_api_key_env",
+    )
+
     backend: Literal["openai", "template"] = "template"
     base_url: str | None = None
     model: str = "deepseek-reasoner"
@@ -142,7 +122,10 @@ class QAConfig(_Section):
 Difficulty = Literal["easy", "medium", "hard"]
 
 
-class FilterConfig(_Section):
+class FilterConfig(Section):
+    # How work is grouped and the judge reached, not what is answered or judged.
+    runtime_keys = ("shard_size", "judge_base_url", "judge_api_key_env", "judge_concurrency", "judge_timeout_s", "judge_max_retries")
+
     backend: Literal["hf", "vllm"] = "hf"
     model: str = Field("tiny", description="The base model: a local checkpoint folder, a model id already on disk, or 'tiny'.")
     trust_remote_code: bool = False
@@ -184,18 +167,22 @@ class FilterConfig(_Section):
         return self
 
 
+TRAINING_RUNTIME_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
+
+
 def check_topology(sp_degree: int, procs_per_node: int, nnodes: int, node_rank: int, master_addr: str | None) -> None:
     """The distributed layout a training stage asks for is one torchrun can start."""
-    world = procs_per_node * nnodes
-    if world % sp_degree:
-        raise ValueError(f"sp_degree ({sp_degree}) must divide nproc_per_node x nnodes ({world})")
+    sp_layout(procs_per_node * nnodes, sp_degree)  # raises when sp_degree does not divide the processes
     if node_rank >= nnodes:
         raise ValueError(f"node_rank ({node_rank}) must be below nnodes ({nnodes})")
     if nnodes > 1 and not master_addr:
         raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
 
 
-class SFTConfig(_Section):
+class SFTConfig(Section):
+    # Where and how often state is written, and this node's place: not what is trained.
+    runtime_keys = TRAINING_RUNTIME_KEYS
+
     model: str = Field("tiny", description="Base checkpoint: a local folder, a model id already on disk, or 'tiny'.")
     sp_degree: int = Field(2, ge=1, description="Ranks sharing one sequence (Ulysses); must divide the world size and the attention heads.")
     nproc_per_node: int = Field(2, ge=1, description="Training processes per node (one per GPU; on CPU, gloo processes).")
@@ -219,13 +206,20 @@ class SFTConfig(_Section):
     save_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
 
+    @property
+    def procs_per_node(self) -> int:
+        return self.nproc_per_node
+
     @model_validator(mode="after")
     def _sp_divides_world(self) -> "SFTConfig":
         check_topology(self.sp_degree, self.nproc_per_node, self.nnodes, self.node_rank, self.master_addr)
         return self
 
 
-class GRPOConfig(_Section):
+class GRPOConfig(Section):
+    # As SFT's, and where the embedding cache lives.
+    runtime_keys = (*TRAINING_RUNTIME_KEYS, "embedding_cache_dir")
+
     model: str = Field(
         "sft",
         description="Initial policy and frozen reference: sft = the SFT stage's model (<workdir>/sft/model) once that stage is "
@@ -286,7 +280,10 @@ class GRPOConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
+    # How work is grouped and what models may run, not what they answer.
+    runtime_keys = ("shard_size", "trust_remote_code")
+
     models: list[str] = Field(
         default_factory=lambda: ["base", "sft", "grpo"],
         description="Models to score: base (filter.model), sft (<workdir>/sft/model), grpo (<workdir>/grpo/model), or a "
@@ -320,7 +317,7 @@ class EvalConfig(_Section):
         return sorted({self.num_frames, *self.frames_sweep})
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     profile: str = "tiny"
     source: str | None = Field(None, description="Default source when none is given on the command line.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
@@ -331,10 +328,6 @@ class PipelineConfig(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    def section(self, stage: str) -> dict[str, Any]:
-        """A stage's own settings as plain JSON-able data (what its fingerprint hashes)."""
-        return getattr(self, stage).model_dump(mode="json")
 
 
 def resolve_config_path(config: str | Path) -> Path:

@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_video
-from data_schemas import FILTER, TRAIN_METRICS, VIDEOS
-from tasks.artifacts import Workdir
-from tasks.clip import ClipStage
-from tasks.config import load_config
-from tasks.eval import EvalStage
-from tasks.prompting import user_prompt
 from stand_ins import Published
-from tasks.stage import StageContext, StageReport, read_stage_table, run_stage
+
+from data_schemas import FILTER, TRAIN_METRICS, VIDEOS
+from tasks.clip.stage import ClipStage
+from tasks.config import load_config
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext, StageReport, read_stage_table
+from tasks.engine.store import Workdir
+from tasks.eval.stage import EvalStage
+from tasks.grading.prompts import user_prompt
 
 OPTIONS = ["the red car", "the blue car", "a dog", "nobody"]
 EVAL_CONFIG = {

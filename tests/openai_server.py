@@ -42,7 +42,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
-
 @dataclass(frozen=True)
 class Reply:
     content: str

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from data_schemas import TableSchema
-from tasks.artifacts import stable_hash
-from tasks.stage import ShardResult, Stage, WorkItem
+from tasks.engine.stage import ShardResult, Stage, WorkItem
+from tasks.engine.store import stable_hash
 
 
 class Published(Stage):

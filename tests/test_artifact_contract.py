@@ -7,12 +7,13 @@ import json
 import fsspec
 import pandas as pd
 import pytest
-
 from conftest import make_video
-from tasks.artifacts import Workdir
-from tasks.clip import ClipStage
+
+from tasks.clip.stage import ClipStage
 from tasks.config import load_config
-from tasks.stage import StageContext, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 
 
 @pytest.fixture(scope="module")

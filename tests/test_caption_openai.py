@@ -10,15 +10,16 @@ import shutil
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import make_video
 from openai_server import Fault, OpenAITestServer, Reply
-from tasks.artifacts import Workdir
-from tasks.caption import CaptionStage
-from tasks.clip import ClipStage
+from PIL import Image
+
+from tasks.caption.stage import CaptionStage
+from tasks.clip.stage import ClipStage
 from tasks.config import load_config
-from tasks.stage import StageContext, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 
 KEY_ENV = "LVR_TEST_CAPTION_KEY"
 SECRET = "sk-caption-secret-7f3a9c"

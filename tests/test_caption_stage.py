@@ -8,15 +8,16 @@ import shutil
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_video
+
 from models.captioners import CaptionResult
 from models.vlm import HFVideoLM, ModelLoadError
-from tasks.artifacts import Workdir
-from tasks.caption import CaptionStage, caption_problem
-from tasks.clip import ClipStage
+from tasks.caption.stage import CaptionStage, caption_problem
+from tasks.clip.stage import ClipStage
 from tasks.config import load_config
-from tasks.stage import StageContext, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_sigkill_mid_caption_then_rerun_matches_clean_run(clipped, tmp_path):
 
 
 def test_clean_caption_drops_control_characters_and_reasoning_tags():
-    from tasks.caption import clean_caption
+    from tasks.caption.stage import clean_caption
 
     assert clean_caption("a red\x07 ball </think> rolls<answer>\n") == "a red ball   rolls"
     assert clean_caption("line one\nline two\ttab") == "line one\nline two\ttab"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, make_video, run_cli
 
 pytestmark = pytest.mark.slow
@@ -69,17 +68,17 @@ def test_from_caption_without_clip_fails_clearly(tmp_path, small_source):
 
 def test_full_run_end_to_end(tmp_path, small_source):
     """`lvr run` over the whole DAG on the tiny profile: every stage done, the report written."""
-    from tasks.config import STAGE_ORDER
+    from tasks.stages import STAGE_NAMES
 
     wd = tmp_path / "wd"
     # The tiny profile (SP=2 training, as `make run`), with fewer steps and samples.
     cheaper = ["filter.runs=4", "caption.max_new_tokens=16", "sft.epochs=1", "grpo.steps=2", "eval.max_new_tokens=16"]
     out = run_cli("run", "--source", str(small_source), "--workdir", str(wd), *[a for o in cheaper for a in ("--set", o)])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert all((wd / s / "_manifest.json").exists() for s in STAGE_ORDER)
+    assert all((wd / s / "_manifest.json").exists() for s in STAGE_NAMES)
     assert (wd / "report" / "index.html").exists() and len(pd.read_parquet(wd / "eval" / "_summary")) > 0
     status = run_cli("status", str(wd)).stdout
-    assert [ln.split()[1] for ln in status.splitlines() if ln.split() and ln.split()[0] in STAGE_ORDER] == ["done"] * 7
+    assert [ln.split()[1] for ln in status.splitlines() if ln.split() and ln.split()[0] in STAGE_NAMES] == ["done"] * 7
 
 
 def _clip_rows(workdir: Path) -> list[dict]:

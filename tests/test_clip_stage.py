@@ -7,12 +7,13 @@ import shutil
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_video
-from tasks.artifacts import Workdir
-from tasks.clip import ClipStage
+
+from tasks.clip.stage import ClipStage
 from tasks.config import load_config
-from tasks.stage import StageContext, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 
 
 def _run(tmp_path, source, *overrides, workdir="wd"):
@@ -128,7 +129,7 @@ def test_list_file_manifest_and_glob_sources(tmp_path, sources):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    from tasks.stage import StageError
+    from tasks.engine.stage import StageError
 
     with pytest.raises(StageError, match="does not exist"):
         _run(tmp_path, tmp_path / "nowhere")

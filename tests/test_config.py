@@ -55,6 +55,9 @@ def test_unknown_key_in_yaml_file(tmp_path: Path):
         load_config(str(path))
 
 
-def test_section_is_plain_json():
+def test_output_settings_are_plain_json_without_runtime_keys():
     cfg = PipelineConfig()
-    assert cfg.section("clip")["seconds"] == 10.0
+    settings = cfg.clip.output_settings()
+    assert settings["seconds"] == 10.0 and "shard_size" not in settings
+    qa = cfg.qa.output_settings()
+    assert "base_url" not in qa and "concurrency" not in qa and qa["model"] == cfg.qa.model

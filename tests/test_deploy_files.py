@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -243,8 +242,9 @@ def test_compose_creates_and_serves_the_pools_prefect_yaml_deploys_to():
         assert images == {image_of(render(json.loads((REPO / spec["template"]).read_text()), {}))}, (pool, images)
         assert services[spec["worker_service"]]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         # Flow-run containers join the compose network and use its MinIO as their S3 endpoint.
-        from flows.deploy import with_defaults
         from prefect.server.schemas.actions import WorkPoolCreate
+
+        from flows.deploy import with_defaults
 
         site = with_defaults(json.loads((REPO / spec["template"]).read_text()), spec["defaults"])
         WorkPoolCreate(name=pool, type="docker", base_job_template=site)
@@ -315,8 +315,9 @@ def test_multinode_template_commands_are_what_the_code_runs():
     from flows.cli import _parser, node_zero_argv
     from parallel.launch import torchrun_argv
     from tasks.config import load_config
-    from tasks.multinode import TRAINING_STAGES
-    from tasks.sft.stage import launch_spec
+    from tasks.engine.stage import StageContext
+    from tasks.engine.store import Workdir
+    from tasks.stages import TRAINING_STAGES, get_stage
 
     docs = k8s_training()
     job, service = docs["Job"], docs["Service"]
@@ -342,9 +343,11 @@ def test_multinode_template_commands_are_what_the_code_runs():
         # The workdir and the caches every node must share are on the shared volume.
         for path in (args.workdir, env["LVR_CACHE_DIR"], env["HF_HOME"]):
             assert path.startswith(mounts["workdir"] + "/"), path
-        cfg = getattr(load_config(args.config, args.overrides), args.stage)  # validates the topology too
+        config = load_config(args.config, args.overrides)  # validates the topology too
+        cfg = getattr(config, args.stage)
         assert cfg.nnodes == nnodes and cfg.master_addr == master and cfg.master_port == port
         assert container["resources"]["limits"]["nvidia.com/gpu"] == cfg.nproc_per_node
-        argv = torchrun_argv(launch_spec(cfg, Path(args.workdir) / "job.json"), node_rank=rank)
+        spec = get_stage(args.stage).launch_spec(StageContext(Workdir(args.workdir), config), Path(args.workdir) / "job.json")
+        argv = torchrun_argv(spec, node_rank=rank)
         assert {f"--nnodes={nnodes}", f"--node-rank={rank}", f"--master-addr={master}", f"--master-port={port}",
                 f"--nproc-per-node={cfg.nproc_per_node}"} <= set(argv)

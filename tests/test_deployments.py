@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, make_video
-from flows.deploy import single_machine_spec
 from openai_server import Fault, OpenAITestServer, r1_responder
 from prefect_server import PrefectServer
+
+from flows.deploy import single_machine_spec
 
 pytestmark = pytest.mark.slow
 

@@ -11,16 +11,17 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
-from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TRAIN_METRICS
 from eval_workdir import EXPECTED_PER_CATEGORY, eval_workdir, sft_metrics
 from stand_ins import Published
+
+from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TRAIN_METRICS
 from models.vlm import Generation
-from tasks.artifacts import Workdir
 from tasks.config import ConfigError, load_config
-from tasks.eval import EvalStage, eval_examples, resolve_models
-from tasks.rewards import AnswerKey, accuracy_reward, grade
-from tasks.stage import StageContext, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
+from tasks.eval.stage import EvalStage, eval_examples, resolve_models
+from tasks.grading.answers import AnswerKey, accuracy_reward, grade
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -178,7 +179,7 @@ def test_eval_config_validation():
 
 
 def test_a_model_that_cannot_load_stops_the_stage_with_its_name(tmp_path, built):
-    from tasks.stage import StageError
+    from tasks.engine.stage import StageError
 
     ctx = StageContext(Workdir(str(tmp_path / "wd")), load_config("tiny", {"eval.models": [str(Path(tmp_path / "no-such-model"))]}))
     run_stage(Published("filter", FILTER, built.filter_rows[:1]), ctx)

@@ -7,17 +7,17 @@ from collections import Counter
 
 import pytest
 
-from tasks.artifacts import stable_hash
 from tasks.config import ConfigError, load_config
+from tasks.engine.store import stable_hash
 from tasks.filter.labels import (
     SplitItem,
     SplitRules,
     assign_splits,
-    difficulty,
     label_rows,
     reasoning_quality,
     reasoning_words,
 )
+from tasks.grading.difficulty import difficulty
 
 CATEGORIES = ["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]
 RULES = SplitRules(eval_fraction=0.2, rl_difficulties=("medium",), sft_fraction=0.33, sft_difficulties=("easy", "hard"), salt="v1")

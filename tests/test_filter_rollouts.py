@@ -6,13 +6,13 @@ With the real tiny Qwen2.5-VL through `from_pretrained` / `generate`, on real fr
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_video
+
 from models.video import FrameSampling, read_frames
 from models.vlm import HFVideoLM, VideoPrompt
 from tasks.config import load_config
 from tasks.filter.rollouts import HFSampler, RolloutRequest
-from tasks.prompting import prompt_messages
+from tasks.grading.prompts import prompt_messages
 
 QUESTION = ("What happens first in the video?", "multiple_choice", ["A red ball", "A blue car", "A dog", "Nothing"])
 

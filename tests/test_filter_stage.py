@@ -19,17 +19,18 @@ import jinja2
 import pandas as pd
 import pyarrow as pa
 import pytest
-
 from conftest import make_video
+from openai_server import OpenAITestServer, Reply
+
 from data_schemas import CLIPS, FILTER, FILTER_ROLLOUTS, QA, VIDEOS, TableSchema
 from models.vlm import Generation
-from openai_server import OpenAITestServer, Reply
-from tasks.artifacts import Workdir, stable_hash
 from tasks.config import load_config
-from tasks.filter import FilterStage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+from tasks.engine.store import Workdir, stable_hash
 from tasks.filter.rollouts import RolloutRequest
-from tasks.prompting import user_prompt
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, run_stage
+from tasks.filter.stage import FilterStage
+from tasks.grading.prompts import user_prompt
 
 CATEGORIES = ["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]
 OPTIONS = ["the red car", "the blue car", "a dog", "nobody"]

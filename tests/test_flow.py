@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import make_video
 from prefect.client.orchestration import get_client
 
-from conftest import make_video
 from flows.pipeline import STAGE_FLOWS, lvr_pipeline
-from tasks.config import STAGE_ORDER
+from tasks.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +19,11 @@ def test_parameters_render_as_a_typed_form():
     assert set(props) == {"source", "workdir", "config", "overrides", "from_stage", "to_stage", "execution", "stage_deployment",
                           "retry_failures"}
     stage_enum = schema["definitions"]["StageName"]["enum"]
-    assert stage_enum == list(STAGE_ORDER)
+    assert stage_enum == list(STAGE_NAMES)
     assert schema["definitions"]["ExecutionMode"]["enum"] == ["local", "deployments"] and props["execution"]["default"] == "local"
     assert props["from_stage"]["default"] == "clip" and props["to_stage"]["default"] == "eval"
     assert "Dotted-key overrides" in props["overrides"]["description"]
-    assert {f.name for f in STAGE_FLOWS.values()} == {f"lvr-{s}" for s in STAGE_ORDER}
+    assert {f.name for f in STAGE_FLOWS.values()} == {f"lvr-{s}" for s in STAGE_NAMES}
 
 
 def test_pipeline_flow_runs_clip_as_subflow_with_shard_tasks(tmp_path):

@@ -9,11 +9,11 @@ import torch
 
 from models.video import FrameSampling, build_video_inputs, read_frames
 from models.vlm import HFVideoLM, video_messages
+from parallel.embedding_cache import EmbeddingCache, VideoRequest, encode_requests
 from parallel.topology import SPGroup
-from tasks.grpo.embeddings import EmbeddingCache, VideoRequest, encode_requests
 from tasks.grpo.prefill import pack_sequences, response_logprobs
 from tasks.grpo.rollout import HFRolloutEngine
-from tasks.synth import SynthSpec, write_video
+from tasks.samples.synth import SynthSpec, write_video
 
 SINGLE = SPGroup.single()
 

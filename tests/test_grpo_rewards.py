@@ -1,13 +1,13 @@
-"""GRPO's rewards are the filter stage's (`tasks.rewards`) with the configured weights."""
+"""GRPO's rewards are the filter stage's (`tasks.grading.answers`) with the configured weights."""
 
 from __future__ import annotations
 
 import torch
 
 from tasks.config import GRPOConfig
+from tasks.grading.answers import AnswerKey
 from tasks.grpo.rollout import Rollout
 from tasks.grpo.trainer import score_rollouts
-from tasks.rewards import AnswerKey
 
 
 def rollouts(*texts: str) -> list[Rollout]:

@@ -10,7 +10,7 @@ import torch
 
 from models.video import FrameSampling, read_frames
 from models.vlm import video_messages
-from tasks.synth import SynthSpec, write_video
+from tasks.samples.synth import SynthSpec, write_video
 
 SP = 2
 
@@ -35,9 +35,9 @@ def _prefill(video_paths: list[str], responses: list[list[int]], sp_degree: int)
     """On one rank (or the only process): stage 1 encoding, the policy prefill, and the gradient
     of one GRPO update (what this rank back-propagates)."""
     from models.vlm import HFVideoLM
+    from parallel.embedding_cache import VideoRequest, encode_requests
     from parallel.topology import init_topology
     from tasks.config import GRPOConfig
-    from tasks.grpo.embeddings import VideoRequest, encode_requests
     from tasks.grpo.prefill import PolicyModule, pack_sequences, response_logprobs
     from tasks.grpo.trainer import plan_update, policy_update
 

@@ -19,14 +19,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import trainer_pids, wait_for
+
 from data_schemas import TRAIN_METRICS
-from tasks.artifacts import Workdir
 from tasks.config import load_config
+from tasks.engine.manifest import read_manifest
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext, StageError
+from tasks.engine.store import Workdir
 from tasks.grpo.stage import GRPOStage, init_model
-from tasks.stage import StageContext, StageError, read_manifest, run_stage
-from tasks.synth import SynthSpec, write_synth
+from tasks.samples.synth import SynthSpec, write_synth
 
 STEPS = 4
 SPEC = SynthSpec(videos=6)  # 1 eval, 2 sft and 3 rl videos; 3 questions each
@@ -38,16 +40,18 @@ def prime_model(workdir: Workdir, out: Path) -> Path:
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from models.tiny import ensure_tiny_model
+    from models.video import FrameSampling
     from models.vlm import load_preprocess_config
-    from tasks.sft.checkpoints import copy_processor_files
-    from tasks.sft.data import collate, encode_example, load_frames, load_sft_examples
+    from tasks.media.frames import read_video_frames
+    from tasks.sft.data import collate, encode_example, load_sft_examples
+    from tasks.training.checkpoints import copy_processor_files
 
     torch.manual_seed(0)
     base = ensure_tiny_model()
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     examples = load_sft_examples(workdir)[:2]
-    batch = collate([encode_example(tokenizer, load_preprocess_config(base), e, load_frames(e.video_uri, SPEC.num_frames)) for e in examples],
+    batch = collate([encode_example(tokenizer, load_preprocess_config(base), e, read_video_frames(e.video_uri, FrameSampling(num_frames=SPEC.num_frames))) for e in examples],
                     tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(12):
@@ -75,10 +79,11 @@ def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
     ctx = StageContext(Workdir(str(root)), load_config("tiny", overrides(model)))
 
     script = textwrap.dedent(f"""
-        from tasks.artifacts import Workdir
+        from tasks.engine.store import Workdir
         from tasks.config import load_config
         from tasks.grpo.stage import GRPOStage
-        from tasks.stage import StageContext, run_stage
+        from tasks.engine.stage import StageContext
+        from tasks.engine.run import run_stage
         run_stage(GRPOStage(), StageContext(Workdir({str(root)!r}), load_config("tiny", {overrides(model)!r})))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -9,16 +9,21 @@ import torch
 
 from models.video import FrameSampling, read_frames
 from models.vlm import HFVideoLM
+from parallel.embedding_cache import VideoRequest, encode_requests
 from parallel.topology import SPGroup, Topology
 from tasks.config import GRPOConfig
+from tasks.grading.prompts import user_prompt
 from tasks.grpo import core_algos
 from tasks.grpo.data import RLExample
-from tasks.grpo.embeddings import VideoRequest, encode_requests
-from tasks.grpo.prefill import PolicyBatch, PolicyModule, pack_sequences, response_logprobs
+from tasks.grpo.prefill import (
+    PolicyBatch,
+    PolicyModule,
+    pack_sequences,
+    response_logprobs,
+)
 from tasks.grpo.rollout import make_rollout, stop_token_ids
 from tasks.grpo.trainer import plan_update, policy_update, score_rollouts
-from tasks.prompting import user_prompt
-from tasks.synth import PALETTE, SynthSpec, write_video
+from tasks.samples.synth import PALETTE, SynthSpec, write_video
 
 SINGLE = SPGroup.single()
 TOPOLOGY = Topology(0, 1, SINGLE, 0, 1)

@@ -14,11 +14,11 @@ def test_vllm_rollouts_from_cached_embeddings_and_weight_sync(tmp_path):
     from models.tiny import ensure_tiny_model
     from models.video import FrameSampling, read_frames
     from models.vlm import HFVideoLM, video_messages
+    from parallel.embedding_cache import VideoRequest, encode_requests
     from parallel.topology import SPGroup
     from tasks.config import GRPOConfig
-    from tasks.grpo.embeddings import VideoRequest, encode_requests
     from tasks.grpo.rollout import make_rollout_engine
-    from tasks.synth import SynthSpec, write_video
+    from tasks.samples.synth import SynthSpec, write_video
 
     write_video(tmp_path / "v.mp4", [("red", 3), ("blue", 5)], SynthSpec(videos=1))
     lm = HFVideoLM("tiny", device="cuda", dtype="bf16")

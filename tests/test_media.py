@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.media import (
+from tasks.media.ffmpeg import (
     ClipFile,
     CutPlan,
     MediaError,
     VideoProbe,
+    _rotation_cw,
     content_id,
     cut_video,
     measure_clip,
     plan_cuts,
     probe_video,
 )
-from tasks.media import _rotation_cw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOP250_KEYFRAMES = (0.0, 250 / 30, 500 / 30, 750 / 30, 1000 / 30)
@@ -148,7 +148,7 @@ def test_permission_denied_is_unreadable(tmp_path: Path, source: Path) -> None:
     locked.chmod(0)
     script = (
         "import sys\n"
-        "from tasks.media import MediaError, probe_video, content_id\n"
+        "from tasks.media.ffmpeg import MediaError, probe_video, content_id\n"
         "for check in (probe_video, content_id):\n"
         "    try:\n"
         "        check(sys.argv[1])\n"
@@ -462,7 +462,7 @@ def test_cut_unusable_source_raises_media_error(tmp_path: Path) -> None:
 
 
 def test_content_id_of_large_files_samples_their_bytes(tmp_path):
-    from tasks import media
+    from tasks.media import ffmpeg as media
 
     size = media._FULL_HASH_MAX_BYTES + 3 * media._MIB
     data = bytearray(os.urandom(size))

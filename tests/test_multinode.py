@@ -15,18 +15,19 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
 from stand_ins import Published
+from test_sft_stage import filter_rows, videos  # noqa: F401  (`videos` is a fixture)
+
 from data_schemas import FILTER
 from flows.cli import main
 from parallel.local import free_port
-from tasks.artifacts import Workdir
 from tasks.config import load_config
-from tasks.multinode import launch_pending, node_job, run_training_node
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext, StageError
+from tasks.engine.store import Workdir
 from tasks.sft.stage import SFTStage
-from tasks.stage import StageContext, StageError, run_stage
-from test_sft_stage import filter_rows, videos  # noqa: F401  (`videos` is a fixture)
+from tasks.training.nodes import launch_pending, node_job, run_training_node
 
 pytestmark = pytest.mark.slow
 

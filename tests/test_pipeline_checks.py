@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import make_video
-from tasks.artifacts import Workdir
+
 from tasks.config import load_config
-from tasks.pipeline import check_stage_manifest
-from tasks.registry import get_stage
-from tasks.stage import StageContext, StageError, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.runs import check_stage_manifest
+from tasks.engine.stage import StageContext, StageError
+from tasks.engine.store import Workdir
+from tasks.stages import get_stage
 
 
 @pytest.fixture(scope="module")
@@ -43,30 +44,30 @@ def _caption_manifest(ctx: StageContext, **changes) -> dict:
 
 
 def test_a_manifest_of_this_recipe_passes(clipped):
-    manifest = check_stage_manifest("clip", clipped)
+    manifest = check_stage_manifest(get_stage("clip"), clipped)
     assert manifest["stage"] == "clip" and manifest["rows"] >= 1
 
 
 def test_other_settings_are_named(clipped):
     other = StageContext(clipped.workdir, load_config("tiny", {"clip.seconds": 4.0}), source=clipped.source)
     with pytest.raises(StageError, match=r"settings differ in seconds"):
-        check_stage_manifest("clip", other)
+        check_stage_manifest(get_stage("clip"), other)
 
 
 def test_missing_manifest_says_the_worker_must_share_the_workdir(clipped, tmp_path):
     empty = StageContext(Workdir(str(tmp_path / "elsewhere")), clipped.config, source=clipped.source)
     with pytest.raises(StageError, match=r"missing or incomplete.*same workdir"):
-        check_stage_manifest("clip", empty)
+        check_stage_manifest(get_stage("clip"), empty)
 
 
 def test_stale_code_version_and_upstream_are_refused(clipped):
     _write_manifest(clipped, "caption", _caption_manifest(clipped))
-    assert check_stage_manifest("caption", clipped)["input_fingerprints"]
+    assert check_stage_manifest(get_stage("caption"), clipped)["input_fingerprints"]
 
     _write_manifest(clipped, "caption", _caption_manifest(clipped, code_version="0-old-image"))
     with pytest.raises(StageError, match=r"code version '0-old-image'"):
-        check_stage_manifest("caption", clipped)
+        check_stage_manifest(get_stage("caption"), clipped)
 
     _write_manifest(clipped, "caption", _caption_manifest(clipped, input_fingerprints={"clip": "an-older-clip-run"}))
     with pytest.raises(StageError, match=r"built on clip an-older-clip-run"):
-        check_stage_manifest("caption", clipped)
+        check_stage_manifest(get_stage("caption"), clipped)

@@ -9,9 +9,16 @@ import random
 import time
 
 import pytest
-
-from models.openai_client import ChatClient, ChatRequestError, MissingAPIKey, backoff_delay, parse_retry_after, read_api_key
 from openai_server import Fault, OpenAITestServer, Reply
+
+from models.openai_client import (
+    ChatClient,
+    ChatRequestError,
+    MissingAPIKey,
+    backoff_delay,
+    parse_retry_after,
+    read_api_key,
+)
 
 KEY = "sk-test-client-0123456789"
 MSG = [{"role": "user", "content": "hello"}]

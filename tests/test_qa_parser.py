@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from openai_server import R1_ANSWERS
+
 from tasks.qa import parser as P
-from tasks.qa.parser import ParseFailure, parse_generation, parse_refinement, resolve_choice
+from tasks.qa.parser import (
+    ParseFailure,
+    parse_generation,
+    parse_refinement,
+    resolve_choice,
+)
 
 OPTIONS = {"A": "The man opens the door", "B": "The dog runs to the garden", "C": "A car drives past", "D": "Rain starts falling"}
 MC = {

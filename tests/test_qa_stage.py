@@ -14,18 +14,27 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from stand_ins import Published
-from data_schemas import CAPTIONS, QA
 from openai_server import (
-    KITCHEN_CAPTIONS, Fault, OpenAITestServer, Reply, caption_rows, is_refine_request, r1_responder, request_kind,
+    KITCHEN_CAPTIONS,
+    Fault,
+    OpenAITestServer,
+    Reply,
+    caption_rows,
+    is_refine_request,
+    r1_responder,
+    request_kind,
 )
-from tasks.artifacts import Workdir
+from stand_ins import Published
+
+from data_schemas import CAPTIONS, QA
 from tasks.config import load_config
+from tasks.engine.manifest import read_manifest
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext, StageError
+from tasks.engine.store import Workdir
+from tasks.grading.answers import FORMAT_PATTERN
 from tasks.qa import parser as P
-from tasks.rewards import FORMAT_PATTERN
 from tasks.qa.stage import QAStage, qa_id
-from tasks.stage import StageContext, StageError, read_manifest, run_stage
 
 KEY_ENV = "LVR_TEST_QA_KEY"
 SECRET = f"sk-secret-{uuid.uuid4().hex}"

@@ -10,14 +10,20 @@ import random
 import re
 
 import pytest
-
 from openai_server import KITCHEN_CAPTIONS
+
+from tasks.grading.answers import FORMAT_PATTERN
+from tasks.grading.prompts import CATEGORIES, QUESTION_TYPES
 from tasks.qa.captions import Clip, VideoCaptions, caption_lines, mmss
 from tasks.qa.parser import parse_generation, parse_refinement
-from tasks.qa.prompts import CATEGORIES, LETTERS, QUESTION_TYPES
+from tasks.qa.prompts import LETTERS
 from tasks.qa.refine import build_target
-from tasks.rewards import FORMAT_PATTERN
-from tasks.qa.template import distinctive_snippets, draft_questions, render_answer, rewrite_reasoning
+from tasks.qa.template import (
+    distinctive_snippets,
+    draft_questions,
+    render_answer,
+    rewrite_reasoning,
+)
 
 QUOTE = re.compile(r"\u201c(.*?)\u201d")
 SPAN = re.compile(r"\b\d{2,}:\d{2}-\d{2,}:\d{2}\b")

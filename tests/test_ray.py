@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-
 from conftest import make_video
+
 from flows.pipeline import lvr_pipeline
 from parallel.local import free_port
 
@@ -126,7 +126,12 @@ def prefect_shard_runs(pipeline_run_id: str) -> dict[str, str]:
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     async def read() -> dict[str, str]:
         async with get_client() as client:

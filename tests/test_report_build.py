@@ -10,16 +10,18 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from eval_workdir import eval_workdir
 from PIL import Image
+from stand_ins import Published
 
 from data_schemas import FILTER
-from eval_workdir import eval_workdir
-from stand_ins import Published
-from tasks.artifacts import Workdir
-from tasks.config import STAGE_ORDER, load_config
-from tasks.pipeline import RunRecord
+from tasks.config import load_config
+from tasks.engine.run import run_stage
+from tasks.engine.runs import RunRecord
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir
 from tasks.report import build_report, update_report
-from tasks.stage import StageContext, run_stage
+from tasks.stages import STAGE_NAMES
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -70,7 +72,7 @@ def visible_text(dom: str) -> str:
 def test_report_renders_in_chromium_with_every_stage_failures_and_samples(built, tmp_path):
     wd = Workdir(str(built.root))
     RunRecord(
-        "run-report-test", wd.url, list(STAGE_ORDER), status="failed",
+        "run-report-test", wd.url, list(STAGE_NAMES), status="failed",
         results={"clip": {"status": "cached"}, "grpo": {"status": "failed", "message": "RuntimeError: rollout worker died"}},
     ).save(wd)
     index = Path(build_report(str(built.root)))
@@ -78,7 +80,7 @@ def test_report_renders_in_chromium_with_every_stage_failures_and_samples(built,
 
     dom = chromium(tmp_path, "--dump-dom", index.as_uri()).stdout
     text = visible_text(dom)
-    for stage in STAGE_ORDER:
+    for stage in STAGE_NAMES:
         assert f"<td><b>{stage}</b></td>" in dom  # a row per stage, run or not
     assert "clip cached" in text and "grpo failed" in text and "RuntimeError: rollout worker died" in text
     assert "caption missing" in text and "eval done" in text
@@ -113,7 +115,7 @@ def test_rebuilding_reuses_charts_and_thumbnails(built):
 def test_update_report_degrades_and_never_raises(tmp_path, built, caplog):
     empty = tmp_path / "empty"
     text = visible_text(Path(update_report(str(empty))).read_text())
-    assert all(f"{stage} missing" in text for stage in STAGE_ORDER) and "No questions yet" in text
+    assert all(f"{stage} missing" in text for stage in STAGE_NAMES) and "No questions yet" in text
 
     ctx = StageContext(Workdir(str(tmp_path / "wd")), load_config("tiny"))
     run_stage(Published("filter", FILTER, built.filter_rows), ctx)

@@ -6,10 +6,11 @@ import io
 import logging
 
 from data_schemas import TRAIN_METRICS
-from tasks.artifacts import Workdir, stable_hash
 from tasks.config import load_config
-from tasks.report.progress import FanOut, TerminalProgress, engine_progress
-from tasks.stage import ShardResult, Stage, StageContext, WorkItem, run_stage
+from tasks.engine.progress import FanOut, TerminalProgress, engine_progress
+from tasks.engine.run import run_stage
+from tasks.engine.stage import ShardResult, Stage, StageContext, WorkItem
+from tasks.engine.store import Workdir, stable_hash
 
 
 class FakeTTY(io.StringIO):

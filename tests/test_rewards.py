@@ -5,23 +5,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from openai_server import OpenAITestServer, Reply
 
 from models.openai_client import ChatClient
-from openai_server import OpenAITestServer, Reply
-from tasks.rewards import (
+from tasks.grading.answers import (
     AnswerKey,
-    JudgeError,
-    LLMJudge,
     accuracy_reward,
     extract_answer,
     extract_choice,
     format_reward,
     grade,
-    judge_grades,
     normalize_answer,
-    parse_verdict,
     total_reward,
 )
+from tasks.grading.judge import JudgeError, LLMJudge, judge_grades, parse_verdict
 
 OPTIONS = ["the red car", "the blue car drives away", "a dog jumps", "nobody enters the room"]
 

@@ -22,17 +22,31 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, make_video, run_cli, trainer_pids, wait_for
-from data_schemas import CLIPS, EVAL_ITEMS, FILTER, TRAIN_METRICS
 from s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
-from tasks.artifacts import Workdir
-from tasks.config import STAGE_ORDER, cache_dir, load_config
-from tasks.pipeline import RunRecord, run_pipeline
-from tasks.sft.checkpoints import STATE_FILE, TRAIN_INFO_FILE, TrainerState, checkpoints, step_dir, write_state
-from tasks.training import CHECKPOINTS_DIR
-from tasks.staging import (
-    MODELS_DIR, STAGING_DIR, CheckpointUploader, local_model, pull_newest_checkpoint, push_dir, staged_dir,
+
+from data_schemas import CLIPS, EVAL_ITEMS, FILTER, TRAIN_METRICS
+from tasks.config import cache_dir, load_config
+from tasks.engine.runs import RunRecord
+from tasks.engine.store import Workdir
+from tasks.pipeline import run_pipeline
+from tasks.stages import STAGE_NAMES
+from tasks.training.checkpoints import (
+    STATE_FILE,
+    TRAIN_INFO_FILE,
+    TrainerState,
+    checkpoints,
+    step_dir,
+    write_state,
+)
+from tasks.training.loop import CHECKPOINTS_DIR
+from tasks.training.models import MODELS_DIR, local_model
+from tasks.training.staging import (
+    STAGING_DIR,
+    CheckpointUploader,
+    pull_newest_checkpoint,
+    push_dir,
+    staged_dir,
 )
 
 SFT_STEPS = 30  # enough steps for the kill to land mid-training even on a slow, shared machine
@@ -103,7 +117,7 @@ def _run(server: S3Server, bucket: str, local_videos: Path) -> S3Run:
 
     # SFT in its own process group, killed once a checkpoint is complete in the bucket.
     script = textwrap.dedent(f"""
-        from tasks.artifacts import Workdir
+        from tasks.engine.store import Workdir
         from tasks.config import load_config
         from tasks.pipeline import run_pipeline
         run_pipeline(Workdir({url!r}), load_config("tiny", {OVERRIDES!r}), source={source!r}, from_stage="sft", to_stage="sft")
@@ -132,7 +146,7 @@ def _run(server: S3Server, bucket: str, local_videos: Path) -> S3Run:
 
 def test_every_stage_is_published_in_the_bucket(s3_run):
     fs = s3_run.fs
-    for stage in STAGE_ORDER:
+    for stage in STAGE_NAMES:
         manifest = s3_run.read_json(stage, "_manifest.json")
         assert manifest["status"] == "complete" and manifest["rows"] > 0, stage
         for table in manifest["tables"].values():
@@ -195,14 +209,14 @@ def test_a_retry_on_a_fresh_machine_resumes_from_the_checkpoint_in_the_bucket(s3
 
 def test_a_rerun_without_local_staging_is_fully_cached(s3_run):
     assert s3_run.cached.status == "completed"
-    assert {s: r["status"] for s, r in s3_run.cached.results.items()} == {s: "cached" for s in STAGE_ORDER}
+    assert {s: r["status"] for s, r in s3_run.cached.results.items()} == {s: "cached" for s in STAGE_NAMES}
 
 
 def test_status_and_report_commands_on_the_bucket(s3_run):
     status = run_cli("status", s3_run.workdir, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
-    rows = {ln.split()[0]: ln.split()[1] for ln in status.stdout.splitlines() if ln.split() and ln.split()[0] in STAGE_ORDER}
-    assert rows == {s: "cached" for s in STAGE_ORDER}
+    rows = {ln.split()[0]: ln.split()[1] for ln in status.stdout.splitlines() if ln.split() and ln.split()[0] in STAGE_NAMES}
+    assert rows == {s: "cached" for s in STAGE_NAMES}
 
     s3_run.fs.rm(s3_run.key("report", "index.html"))
     report = run_cli("report", s3_run.workdir, timeout=120)
@@ -310,7 +324,7 @@ def test_a_model_in_the_bucket_is_fetched_once_per_identity(s3_bucket, s3_server
 
 def test_a_source_bucket_that_gains_a_video_is_listed_again(s3_bucket, s3_server, tmp_path):  # noqa: F811
     """A long-lived process (a Prefect worker) must see videos added since its last listing."""
-    from tasks.sources import list_sources
+    from tasks.media.sources import list_sources
 
     video = make_video(tmp_path / "a.mp4", 1, audio=False)
     fs = s3_server.filesystem
@@ -325,7 +339,7 @@ def test_a_source_bucket_that_gains_a_video_is_listed_again(s3_bucket, s3_server
 
 
 def test_eval_names_models_in_a_bucket_by_url_and_sees_them_rewritten(s3_bucket, s3_server):  # noqa: F811
-    from tasks.eval import resolve_models
+    from tasks.eval.stage import resolve_models
 
     fs = s3_server.filesystem
     folder = f"{s3_bucket}/checkpoints/mine"
@@ -342,7 +356,12 @@ def test_remote_media_is_downloaded_once_per_content_and_evicted_least_recent_fi
     """SFT and GRPO read a video's frames every step: a remote video must not cost a download each time."""
     import time
 
-    from tasks.sources import MEDIA_CACHE_DIR, RECENTLY_USED_S, evict_media, local_copy
+    from tasks.media.cache import (
+        MEDIA_CACHE_DIR,
+        RECENTLY_USED_S,
+        evict_media,
+        local_copy,
+    )
 
     monkeypatch.setenv("LVR_CACHE_DIR", str(tmp_path / "cache"))
     fs = s3_server.filesystem

@@ -1,4 +1,4 @@
-"""Tests of tasks.sample_videos: real renders of the sample videos with ffmpeg."""
+"""Tests of tasks.samples.videos: real renders of the sample videos with ffmpeg."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tasks.sample_videos as sample_videos
-from tasks.media import MediaError, VideoProbe, plan_cuts, probe_video
-from tasks.sample_videos import (
+import tasks.samples.videos as sample_videos
+from tasks.media.ffmpeg import MediaError, VideoProbe, plan_cuts, probe_video
+from tasks.samples.videos import (
     SAMPLE_SPECS,
     SCENES_FILE,
     SampleSpec,

@@ -18,18 +18,28 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_video, trainer_pids, wait_for
 from stand_ins import Published
+
 from data_schemas import FILTER, TRAIN_METRICS
-from tasks.artifacts import Workdir, stable_hash
+from models.video import FrameSampling
 from tasks.config import ConfigError, SFTConfig, load_config
-from tasks.prompting import user_prompt
-from tasks.sft.checkpoints import TrainerState, checkpoints, prune, step_dir, write_state
-from tasks.sft.data import SFTExample, collate, encode_example, load_frames, load_sft_examples
-from tasks.sft.schedule import TrainSchedule
+from tasks.engine.manifest import read_manifest
+from tasks.engine.run import run_stage
+from tasks.engine.stage import StageContext
+from tasks.engine.store import Workdir, stable_hash
+from tasks.grading.prompts import user_prompt
+from tasks.media.frames import read_video_frames
+from tasks.sft.data import SFTExample, collate, encode_example, load_sft_examples
 from tasks.sft.stage import SFTStage
-from tasks.stage import StageContext, read_manifest, run_stage
+from tasks.training.checkpoints import (
+    TrainerState,
+    checkpoints,
+    prune,
+    step_dir,
+    write_state,
+)
+from tasks.training.schedule import TrainSchedule
 
 MAX_STEPS = 8
 OVERRIDES = {
@@ -86,7 +96,7 @@ def split_loss(model_dir: str, examples: list[SFTExample]) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     preprocess = load_preprocess_config(model_dir)
-    batch = collate([encode_example(tokenizer, preprocess, e, load_frames(e.video_uri, 8)) for e in examples], tokenizer.pad_token_id)
+    batch = collate([encode_example(tokenizer, preprocess, e, read_video_frames(e.video_uri, FrameSampling(num_frames=8))) for e in examples], tokenizer.pad_token_id)
     with torch.no_grad():
         return float(model(**batch).loss)
 
@@ -100,10 +110,11 @@ def test_sigkill_then_rerun_resumes_and_sft_lowers_the_loss(tmp_path, videos):
 
     # 1. The stage in its own process group, killed with SIGKILL once the first checkpoint exists.
     script = textwrap.dedent(f"""
-        from tasks.artifacts import Workdir
+        from tasks.engine.store import Workdir
         from tasks.config import load_config
         from tasks.sft.stage import SFTStage
-        from tasks.stage import StageContext, run_stage
+        from tasks.engine.stage import StageContext
+        from tasks.engine.run import run_stage
         run_stage(SFTStage(), StageContext(Workdir({str(root)!r}), load_config("tiny", {OVERRIDES!r})))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -165,12 +176,12 @@ def test_sigkill_then_rerun_resumes_and_sft_lowers_the_loss(tmp_path, videos):
 
 def test_worker_failure_fails_the_stage_with_its_traceback(tmp_path, videos, monkeypatch):
     """The stage launches through `launch_spec`; here its workers are ones whose rank 1 raises."""
-    import tasks.sft.stage as sft_stage
-    from parallel.launch import WorkerFailed
     from test_sp_launch import boom_spec
 
+    from parallel.launch import WorkerFailed
+
     ctx = make_ctx(tmp_path / "wd", videos)
-    monkeypatch.setattr(sft_stage, "launch_spec", lambda cfg, job_file: boom_spec(tmp_path))
+    monkeypatch.setattr(SFTStage, "launch_spec", lambda self, ctx, job_file: boom_spec(tmp_path))
     with pytest.raises(WorkerFailed, match="boom from rank 1") as info:
         run_stage(SFTStage(), ctx)
     assert info.value.rank == 1 and "Traceback" in info.value.worker_traceback
@@ -178,7 +189,7 @@ def test_worker_failure_fails_the_stage_with_its_traceback(tmp_path, videos, mon
 
 
 def test_missing_videos_bad_sp_degree_and_empty_split_are_errors(tmp_path, videos):
-    from tasks.stage import StageError
+    from tasks.engine.stage import StageError
 
     root = tmp_path / "wd"
     ctx = StageContext(workdir=Workdir(str(root)), config=load_config("tiny", OVERRIDES))
@@ -205,7 +216,7 @@ def test_labels_score_only_the_assistant_turn(videos):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     target = "<think>The bars come first.</think><answer>B</answer>"
     example = SFTExample("q", videos[0], user_prompt("What is first?", "open_ended", None), target)
-    enc = encode_example(tokenizer, load_preprocess_config(model_dir), example, load_frames(videos[0], 8))
+    enc = encode_example(tokenizer, load_preprocess_config(model_dir), example, read_video_frames(videos[0], FrameSampling(num_frames=8)))
     scored = enc["labels"][enc["labels"] != -100]
     assert tokenizer.decode(scored) == target + "<|im_end|>\n"
     assert int((enc["input_ids"] == tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum()) == enc["video_grid_thw"].prod() // 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_video
 
 SP = 2
@@ -18,8 +17,8 @@ def _sp_step(model_dir: str, batch: dict, zero_stage: int):
     from parallel.loss import count_sum, cross_entropy_sum
     from parallel.topology import init_topology
     from tasks.config import SFTConfig
-    from tasks.sft.schedule import TrainSchedule
     from tasks.sft.trainer import build_engine, forward_backward, scored_tokens
+    from tasks.training.schedule import TrainSchedule
 
     torch.use_deterministic_algorithms(True)
     cfg = SFTConfig(sp_degree=SP, nproc_per_node=SP, zero_stage=zero_stage, micro_batch_size=2, max_grad_norm=0.0)
@@ -54,9 +53,11 @@ def batch_and_model(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from models.tiny import ensure_tiny_model
+    from models.video import FrameSampling
     from models.vlm import load_preprocess_config
-    from tasks.prompting import user_prompt
-    from tasks.sft.data import SFTExample, collate, encode_example, load_frames
+    from tasks.grading.prompts import user_prompt
+    from tasks.media.frames import read_video_frames
+    from tasks.sft.data import SFTExample, collate, encode_example
 
     root = tmp_path_factory.mktemp("sp-step")
     model_dir = str(ensure_tiny_model())
@@ -68,7 +69,7 @@ def batch_and_model(tmp_path_factory):
                     "<think>First I look at the frames in order. The car moves first.</think><answer>A</answer>"), 8),
         (SFTExample("b", str(videos[1]), user_prompt("What is shown?", "open_ended", None), "<think>Colour bars fill the frame.</think><answer>colour bars</answer>"), 6),
     ]
-    encoded = [encode_example(tokenizer, preprocess, ex, load_frames(ex.video_uri, n)) for ex, n in examples]
+    encoded = [encode_example(tokenizer, preprocess, ex, read_video_frames(ex.video_uri, FrameSampling(num_frames=n))) for ex, n in examples]
     return model_dir, collate(encoded, tokenizer.pad_token_id)
 
 

@@ -10,9 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import SchemaError, TableSchema
-from tasks.artifacts import Failure, Workdir, read_dataset, write_bytes_atomic, write_table_atomic
 from tasks.config import PipelineConfig
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, plan_stage, read_manifest, run_stage
+from tasks.engine.manifest import read_manifest
+from tasks.engine.run import plan_stage, run_stage
+from tasks.engine.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+from tasks.engine.store import (
+    Failure,
+    Workdir,
+    read_dataset,
+    write_bytes_atomic,
+    write_table_atomic,
+)
 
 SQUARES = TableSchema("squares", 1, pa.schema([pa.field("n", pa.int64(), nullable=False), pa.field("square", pa.int64(), nullable=False)]))
 
@@ -101,7 +109,7 @@ class FlakyStage(SquareStage):
 
 
 def test_retry_failures_reruns_only_shards_with_failures_and_changes_the_output_identity(tmp_path):
-    from tasks.stage import output_identity
+    from tasks.engine.manifest import output_identity
 
     ctx = _ctx(tmp_path)
     first = run_stage(FlakyStage(down=True), ctx)

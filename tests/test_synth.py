@@ -11,11 +11,12 @@ import pytest
 
 from data_schemas import FILTER
 from models.video import FrameSampling, read_frames
-from tasks.artifacts import Workdir
-from tasks.prompting import LETTERS
-from tasks.rewards import AnswerKey, grade
-from tasks.stage import read_manifest, read_stage_table
-from tasks.synth import KINDS, PALETTE, SynthSpec, plan_segments, write_synth
+from tasks.engine.manifest import read_manifest
+from tasks.engine.stage import read_stage_table
+from tasks.engine.store import Workdir
+from tasks.grading.answers import AnswerKey, grade
+from tasks.grading.prompts import LETTERS
+from tasks.samples.synth import KINDS, PALETTE, SynthSpec, plan_segments, write_synth
 
 
 def nearest_colour(pixel: np.ndarray) -> str:

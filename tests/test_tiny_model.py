@@ -22,7 +22,12 @@ from models.tiny import (
     default_tiny_dir,
     ensure_tiny_model,
 )
-from models.video import FrameSampling, VideoPreprocessConfig, build_video_inputs, read_frames
+from models.video import (
+    FrameSampling,
+    VideoPreprocessConfig,
+    build_video_inputs,
+    read_frames,
+)
 
 FFMPEG = shutil.which("ffmpeg") or ("/usr/bin/ffmpeg" if Path("/usr/bin/ffmpeg").exists() else None)
 

@@ -62,10 +62,14 @@ def clips(tmp_path_factory) -> dict[str, Path]:
 # smart_resize
 # ---------------------------------------------------------------------------------------------
 def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_pil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        smart_resize as hf_pil,
+    )
 
     try:  # the torchvision-backed module has its own copy; it cannot import without torchvision
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_fast
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+            smart_resize as hf_fast,
+        )
     except ImportError:
         hf_fast = hf_pil
 
@@ -93,7 +97,8 @@ def test_smart_resize_matches_transformers():
 
 
 def test_constants_match_transformers():
-    from transformers.image_utils import OPENAI_CLIP_MEAN as M, OPENAI_CLIP_STD as S
+    from transformers.image_utils import OPENAI_CLIP_MEAN as M
+    from transformers.image_utils import OPENAI_CLIP_STD as S
 
     assert tuple(OPENAI_CLIP_MEAN) == tuple(M) and tuple(OPENAI_CLIP_STD) == tuple(S)
     cfg = VideoPreprocessConfig()
@@ -120,7 +125,9 @@ def _reference_video_patches(frames: np.ndarray, cfg: VideoPreprocessConfig):
     that tp axis, giving (grid_t, gh/m, gw/m, mh, mw, C, tp, ph, pw) - Qwen2VLVideoProcessor's
     layout.  An odd frame count is padded with the last frame (as that processor does).
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels})
     out = ip(images=list(frames), return_tensors="np")
@@ -171,7 +178,9 @@ def test_pixel_values_match_pil_image_processor(shape, bounds):
 def test_two_identical_frames_equal_one_image():
     """For a 2-frame video of one image the layouts coincide exactly: the image processor
     broadcasts the image over the temporal patch axis."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)

@@ -1,5 +1,5 @@
-"""Filter stage: the base model answers every question `filter.runs` times; difficulty labels, splits, exports."""
+"""Filter stage: the base model answers every question `filter.runs` times; difficulty labels, splits, exports.
 
-from tasks.filter.stage import FilterStage
-
-__all__ = ["FilterStage"]
+`stage` (the Stage), `rollouts` (the samplers), `labels` (difficulty, SFT quality, splits),
+`exports` (files for other trainers), `report`.
+"""

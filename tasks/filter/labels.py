@@ -39,25 +39,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.artifacts import stable_hash
+from data_schemas import SPLITS
 from tasks.config import FilterConfig
-from tasks.rewards import FORMAT_PATTERN
+from tasks.engine.store import stable_hash
+from tasks.grading.answers import FORMAT_PATTERN
+from tasks.grading.difficulty import difficulty
 
-EASY, MEDIUM, HARD = "easy", "medium", "hard"
-DIFFICULTIES = (EASY, MEDIUM, HARD)
-SFT, RL, EVAL, UNUSED = "sft", "rl", "eval", "unused"
-SPLITS = (SFT, RL, EVAL, UNUSED)
+SFT, RL, EVAL, UNUSED = SPLITS
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TIMESTAMP = re.compile(r"\b(?:\d+:)?\d{1,2}:\d{2}\b")
-
-
-def difficulty(pass_rate: float, easy_min_pass_rate: float, hard_max_pass_rate: float) -> str:
-    if pass_rate >= easy_min_pass_rate:
-        return EASY
-    if pass_rate <= hard_max_pass_rate:
-        return HARD
-    return MEDIUM
 
 
 def reasoning_words(target: str) -> int:

@@ -14,20 +14,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.artifacts import Failure, Workdir
+from data_schemas import DIFFICULTIES, SPLITS
 from tasks.config import FilterConfig
-from tasks.filter.labels import DIFFICULTIES, SPLITS, difficulty
-from tasks.report_charts import (
+from tasks.engine.store import Failure, Workdir
+from tasks.grading.difficulty import difficulty
+from tasks.report.charts import (
+    DIFFICULTY_PNG,
+    SPLITS_PNG,
     difficulty_histogram_chart,
-    markdown_table,
-    md_text,
     split_category_chart,
-    write_report_file,
 )
+from tasks.report.markdown import markdown_table, md_text, write_report_file
 
 REPORT_FILE = "filter.md"
-DIFFICULTY_PNG = "filter_difficulty.png"
-SPLITS_PNG = "filter_splits.png"
 SAMPLES_SHOWN = 3
 
 

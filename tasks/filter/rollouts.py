@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from models.video import SampledFrames
 from models.vlm import Generation, GenerationTiming, HFVideoLM, VideoPrompt
-from tasks.artifacts import stable_hash
 from tasks.config import FilterConfig
+from tasks.grading.prompts import sampling_seed
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,6 @@ class Sampler(Protocol):
     def sample(self, requests: Sequence[RolloutRequest]) -> list[list[Generation]]:
         """`filter.runs` generations per request, in request order."""
         ...
-
-
-def sampling_seed(qa_ids: Sequence[str], base: int) -> int:
-    """The seed of a generation over these questions: the same batch draws the same answers on any
-    machine, in any shard order, and after a crash."""
-    return int(stable_hash({"qa_ids": list(qa_ids), "seed": base}), 16) % (2**31)
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 Items are QA rows (item id = qa id). A shard reads each of its videos once (`filter.num_frames`
 frames across the whole source video, with the one frame-sampling function), puts every question
-to the base model in the training prompt format (`tasks.prompting`) and draws all of its answers
-in one batched generation (`tasks.filter.rollouts`), grades them (`tasks.rewards`; optionally an
+to the base model in the training prompt format (`tasks.grading.prompts`) and draws all of its answers
+in one batched generation (`tasks.filter.rollouts`), grades them (`tasks.grading.answers`; optionally an
 LLM judge for open-ended answers) and writes one row per question (`filter/`) and one per answer
 (`filter/_rollouts/`).
 
 Labels and splits need the whole dataset, so `finalize` sets them (`tasks.filter.labels`; shard
-results hold "pending"), then writes the exports (`filter/_exports/`, `tasks.exports`) and the
+results hold "pending"), then writes the exports (`filter/_exports/`, `tasks.filter.exports`) and the
 report (`<workdir>/report/filter.md` and PNGs) before the engine publishes. Only the rollout
 settings key the shards (`shard_settings`): changing thresholds, split rules or the report reruns
 the stage in seconds, reusing every answer already drawn.
@@ -21,33 +21,42 @@ refuses us (401/403/404) or its key's variable is unset: every item would fail t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from data_schemas import FILTER, FILTER_ROLLOUTS, QA, VIDEOS, TableSchema
-from models.video import FrameSampling, SampledFrames, read_frames
+from models.video import SampledFrames
 from models.vlm import Generation
-from tasks.artifacts import Failure, stable_hash
 from tasks.config import FilterConfig
-from tasks.exports import EXPORTS_DIR, write_exports
+from tasks.engine.stage import (
+    ShardResult,
+    Stage,
+    StageContext,
+    StageError,
+    WorkItem,
+    read_stage_table,
+)
+from tasks.engine.store import Failure, stable_hash
+from tasks.filter.exports import EXPORTS_DIR, write_exports
 from tasks.filter.labels import label_rows, reasoning_words
 from tasks.filter.report import REPORT_FILE, write_filter_report
 from tasks.filter.rollouts import RolloutRequest, Sampler, make_sampler
-from tasks.prompting import LETTERS, MULTIPLE_CHOICE, OPEN_ENDED, prompt_fingerprint, prompt_messages, user_prompt
-from tasks.report_charts import inline_images, read_report_file
-from tasks.rewards import AnswerKey, Grade, JudgeError, LLMJudge, grade, judge_grades
-from tasks.sources import local_copy
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_stage_table
+from tasks.grading.answers import AnswerKey, Grade, grade
+from tasks.grading.judge import JudgeError, judge_all
+from tasks.grading.prompts import (
+    posable_items,
+    prompt_fingerprint,
+    prompt_messages,
+    user_prompt,
+)
+from tasks.media.frames import frames_by_video
+from tasks.report.markdown import inline_images, read_report_file
 
 log = logging.getLogger("lvr.filter")
 
-# How the judge is reached, not what it decides: left out of the fingerprint.
-RUNTIME_SETTINGS = ("shard_size", "judge_base_url", "judge_api_key_env", "judge_concurrency", "judge_timeout_s", "judge_max_retries")
 # What an answer depends on; everything else only changes labels, splits, exports or the report.
 ROLLOUT_SETTINGS = (
     "backend", "model", "trust_remote_code", "runs", "temperature", "top_p", "seed", "num_frames", "max_new_tokens",
@@ -56,67 +65,6 @@ ROLLOUT_SETTINGS = (
 ITEM_COLUMNS = ("qa_id", "video_id", "category", "question_type", "question", "options", "answer", "target")
 PENDING = "pending"  # difficulty and split of a shard row, until finalize labels the whole dataset
 ROLLOUTS_DIR = "_rollouts"
-
-
-def item_problem(p: dict[str, Any]) -> str | None:
-    """Why a QA row cannot be put to the model, or None."""
-    if p["question_type"] == OPEN_ENDED:
-        return None if p["answer"].strip() else "empty answer"
-    if p["question_type"] != MULTIPLE_CHOICE:
-        return f"unknown question type {p['question_type']!r}"
-    options = p["options"] or []
-    if len(options) < 2 or len(options) > len(LETTERS):
-        return f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {len(options)}"
-    if p["answer"].strip().upper() not in LETTERS[: len(options)]:
-        return f"answer {p['answer']!r} is not one of the option letters {LETTERS[: len(options)]}"
-    return None
-
-
-def judge_all(cfg: FilterConfig, pending: Sequence[tuple[AnswerKey, list[Grade]]]) -> list[list[Grade] | BaseException]:
-    """The judge's verdicts on the open-ended misses of every item; an item's exception in its place."""
-    from models.openai_client import ChatClient, MissingAPIKey, read_api_key
-
-    assert cfg.judge_model is not None
-    try:
-        api_key = read_api_key(cfg.judge_api_key_env)
-    except MissingAPIKey as exc:
-        raise StageError(f"filter: judge: {exc}") from None
-
-    async def run() -> list[list[Grade] | BaseException]:
-        async with ChatClient(
-            base_url=cfg.judge_base_url, api_key=api_key, concurrency=cfg.judge_concurrency, timeout_s=cfg.judge_timeout_s,
-            max_retries=cfg.judge_max_retries,
-        ) as client:
-            judge = LLMJudge(client, cfg.judge_model)
-            return await asyncio.gather(*(judge_grades(judge, key, grades) for key, grades in pending), return_exceptions=True)
-
-    return asyncio.run(run())
-
-
-def read_item_videos(items: Sequence[WorkItem], num_frames: int) -> tuple[list[tuple[WorkItem, SampledFrames]], list[Failure]]:
-    """Each good item with its video's frames (read once per video; items of one video kept
-    together, so a batch of them shares one encoding), and failure rows for the others."""
-    failures: list[Failure] = []
-    by_video: dict[str | None, list[WorkItem]] = {}
-    for item in items:
-        problem = item_problem(item.payload)
-        if problem:
-            failures.append(Failure(item.item_id, "bad_item", problem))
-        else:
-            by_video.setdefault(item.payload["video_uri"], []).append(item)
-    ready: list[tuple[WorkItem, SampledFrames]] = []
-    for uri, group in by_video.items():
-        if uri is None:
-            failures += [Failure(it.item_id, "unknown_video", f"video {it.payload['video_id']} is not in clip/_videos") for it in group]
-            continue
-        try:
-            with local_copy(uri) as path:
-                frames = read_frames(str(path), FrameSampling(num_frames=num_frames))
-        except Exception as exc:  # a missing or corrupt video fails its questions, not the shard
-            failures += [Failure(it.item_id, "unreadable_video", f"{uri}: {type(exc).__name__}: {exc}") for it in group]
-            continue
-        ready += [(it, frames) for it in group]
-    return ready, failures
 
 
 class FilterStage(Stage):
@@ -132,18 +80,13 @@ class FilterStage(Stage):
         self._lock = threading.Lock()
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in RUNTIME_SETTINGS:
-            settings.pop(key)
+        settings = super().settings(ctx)
         settings["prompt_version"] = prompt_fingerprint()
         return settings
 
     def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
         settings = self.settings(ctx)
         return {key: settings[key] for key in ROLLOUT_SETTINGS}
-
-    def shard_size(self, ctx: StageContext) -> int:
-        return ctx.config.filter.shard_size  # not from settings(), which leaves it out
 
     def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
         if schema.name == FILTER_ROLLOUTS.name:
@@ -167,7 +110,9 @@ class FilterStage(Stage):
 
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         cfg = ctx.config.filter
-        ready, failures = read_item_videos(items, cfg.num_frames)
+        posable, failures = posable_items(items)
+        ready, unreadable = frames_by_video(posable, cfg.num_frames)
+        failures += unreadable
         requests = [
             RolloutRequest(it.item_id, prompt_messages(it.payload["question"], it.payload["question_type"], it.payload["options"]), frames)
             for it, frames in ready

@@ -7,9 +7,9 @@ from typing import Any
 
 from data_schemas import FILTER
 from models.vlm import video_messages
-from tasks.artifacts import Workdir, stable_hash
-from tasks.rewards import AnswerKey
-from tasks.stage import read_stage_table
+from tasks.engine.stage import read_stage_table
+from tasks.engine.store import Workdir, stable_hash
+from tasks.grading.answers import AnswerKey
 
 RL_SPLIT = "rl"
 
@@ -17,7 +17,7 @@ RL_SPLIT = "rl"
 @dataclass(frozen=True)
 class RLExample:
     """One RL question about a whole source video. `prompt` is the user turn's text after the
-    video, as `tasks.prompting.user_prompt` wrote it for the filter stage."""
+    video, as `tasks.grading.prompts.user_prompt` wrote it for the filter stage."""
 
     qa_id: str
     video_id: str

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tasks.artifacts import Workdir
 from tasks.config import GRPOConfig
-from tasks.report.charts import GRPO_REWARD_PNG, reward_chart
-from tasks.report_charts import markdown_table, write_report_file
-from tasks.sft.report import series
+from tasks.engine.store import Workdir
+from tasks.report.charts import GRPO_REWARD_PNG, reward_chart, series
+from tasks.report.markdown import markdown_table, write_report_file
 
 REPORT_FILE = "grpo.md"
 TABLE_ROWS = 12

@@ -15,7 +15,7 @@ Outputs: `grpo/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `gr
 time, vision-encoder calls... per step), `report/grpo.md` with the reward curve (also the stage's
 Prefect artifact), the manifest, and the embedding cache `grpo/_embeddings/` (kept across runs).
 On an object-store workdir the workers write to a local staging folder mirrored to the workdir
-(`tasks.staging`, as for SFT), and the SFT model is downloaded once into the local model cache.
+(`tasks.training.staging`, as for SFT), and the SFT model is downloaded once into the local model cache.
 """
 
 from __future__ import annotations
@@ -24,35 +24,22 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-
 from data_schemas import TRAIN_METRICS
 from models.vlm import resolve_model_ref
-from parallel.launch import LaunchSpec
-from tasks.artifacts import Failure, stable_hash
-from tasks.config import GRPOConfig, SFTConfig
+from tasks.engine.manifest import output_identity, read_manifest
+from tasks.engine.stage import ShardResult, StageContext, StageError, WorkItem
+from tasks.engine.store import Failure, stable_hash
 from tasks.grpo.data import RLExample, load_rl_examples
 from tasks.grpo.report import REPORT_FILE, write_grpo_report
 from tasks.grpo.trainer import GRPOJob
-from tasks.sft.stage import launch_spec as sft_launch_spec
-from tasks.sft.stage import video_exists
-from tasks.stage import ShardResult, StageContext, StageError, WorkItem, output_identity, read_manifest
-from tasks.staging import TrainingStage, launch_training, local_model, run_dir, staged_dir
-from tasks.training import MODEL_DIR
+from tasks.media.sources import video_exists
+from tasks.training.loop import MODEL_DIR
+from tasks.training.models import local_model
+from tasks.training.stage import TrainingStage
+from tasks.training.staging import run_dir, staged_dir
 
-
-TRAINER_MODULE = "tasks.grpo.trainer"
 SFT = "sft"
 EMBEDDINGS_DIR = "_embeddings"
-
-
-def launch_spec(cfg: GRPOConfig, job_file: Path) -> LaunchSpec:
-    """The SFT stage's torchrun launch (CPU: DeepSpeed's CPU accelerator, a thread share per
-    process), running the GRPO worker with GRPO's process layout."""
-    topology = SFTConfig(
-        sp_degree=cfg.sp_degree, nproc_per_node=cfg.procs_per_node, nnodes=cfg.nnodes, node_rank=cfg.node_rank,
-        master_addr=cfg.master_addr, master_port=cfg.master_port,
-    )
-    return dataclasses.replace(sft_launch_spec(topology, job_file), module=TRAINER_MODULE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +64,8 @@ class GRPOStage(TrainingStage):
     name = "grpo"
     code_version = "1"
     # inputs: filter, plus sft when its model is the initial policy (`input_fingerprints`)
-    execution_keys = (*TrainingStage.execution_keys, "embedding_cache_dir")
     report_file = REPORT_FILE
+    trainer_module = "tasks.grpo.trainer"
 
     def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
         fingerprints = super().input_fingerprints(ctx)
@@ -136,8 +123,7 @@ class GRPOStage(TrainingStage):
             run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)),
             cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None,
         )
-        _, metrics = launch_training(staged, job, lambda job_file: launch_spec(cfg, job_file), cfg.keep_checkpoints)
-        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(metrics)}, failures)
+        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(self.train(ctx, job))}, failures)
 
     def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
         write_grpo_report(ctx.workdir, metrics, result, ctx.config.grpo)

@@ -6,7 +6,7 @@ replica takes `prompts_per_step` RL questions (`TrainSchedule`, seeded per step)
 1. reads each question's video (THE frame sampling) and encodes every distinct video once, frames
    split over the SP group, or reads it from the embedding cache (MR-SP stage 1, `embeddings`);
 2. draws G rollouts per question from those embeddings (`rollout`; the SP ranks share the samples);
-3. grades them with `tasks.rewards` (format, accuracy, the configured weights; optionally the
+3. grades them with `tasks.grading.answers` (format, accuracy, the configured weights; optionally the
    filter stage's LLM judge) and computes group advantages (Eq. 2); groups whose rewards are all
    equal are dropped (DAPO) unless `drop_zero_variance` is off;
 4. prefills the old-policy (when `updates_per_step` > 1) and reference log-probs from the same
@@ -18,7 +18,7 @@ The vision tower is frozen; the reference is a frozen copy of the initial model 
 Every random draw is seeded by (seed, step, rank), so a run resumed from a checkpoint continues
 exactly as the killed one would have. Checkpoints (`<out_dir>/_checkpoints/step-N/`: DeepSpeed's
 module and optimizer state, the metrics so far, the trainer state written last) and the final model
-(`<out_dir>/model/`) follow the SFT trainer's layout and helpers (`tasks.sft.checkpoints`).
+(`<out_dir>/model/`) follow the SFT trainer's layout and helpers (`tasks.training.checkpoints`).
 """
 
 from __future__ import annotations
@@ -35,22 +35,34 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from models.video import FrameSampling
 from models.vlm import EncodedVideoBatch, HFVideoLM
+from parallel.embedding_cache import (
+    EmbeddingCache,
+    VideoRequest,
+    encode_requests,
+    vision_tower,
+)
 from parallel.launch import run_worker
 from parallel.loss import count_sum
 from parallel.sequence import IGNORE_INDEX
 from parallel.topology import SPGroup, Topology
-from tasks.artifacts import stable_hash
 from tasks.config import FilterConfig, GRPOConfig
+from tasks.engine.store import stable_hash
+from tasks.grading.answers import AnswerKey, Grade, grade, total_reward
 from tasks.grpo import core_algos
 from tasks.grpo.data import RLExample
-from tasks.grpo.embeddings import EmbeddingCache, VideoRequest, encode_requests, vision_tower
-from tasks.grpo.prefill import PolicyBatch, PolicyModule, pack_sequences, response_logprobs, scored_values
+from tasks.grpo.prefill import (
+    PolicyBatch,
+    PolicyModule,
+    pack_sequences,
+    response_logprobs,
+    scored_values,
+)
 from tasks.grpo.rollout import Rollout, RolloutEngine, make_rollout_engine
-from tasks.rewards import AnswerKey, Grade, grade, total_reward
-from tasks.sft.data import load_frames
-from tasks.sft.schedule import TrainSchedule
-from tasks.training import StepTrainer, init_distributed, worker_main
+from tasks.media.frames import read_video_frames
+from tasks.training.loop import StepTrainer, init_distributed, worker_main
+from tasks.training.schedule import TrainSchedule
 
 log = logging.getLogger("lvr.grpo.trainer")
 
@@ -112,10 +124,10 @@ class Scores:
 
 
 def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollout]], cfg: GRPOConfig, judge: FilterConfig | None) -> Scores:
-    """Grade every rollout with `tasks.rewards`; the judge (if any) decides open-ended misses."""
+    """Grade every rollout with `tasks.grading.answers`; the judge (if any) decides open-ended misses."""
     grades: list[list[Grade]] = [[grade(r.text, key) for r in group] for key, group in zip(keys, rollouts)]
     if judge is not None:
-        from tasks.filter.stage import judge_all
+        from tasks.grading.judge import judge_all
 
         for i, judged in enumerate(judge_all(judge, list(zip(keys, grades)))):
             if isinstance(judged, BaseException):  # an unanswered judge leaves the plain verdicts
@@ -314,7 +326,7 @@ class Trainer(StepTrainer):
         return [self.job.examples[i] for i in indices]
 
     def encode(self, examples: Sequence[RLExample]) -> tuple[EncodedVideoBatch, dict[str, float]]:
-        frames = {uri: load_frames(uri, self.cfg.num_frames) for uri in dict.fromkeys(e.video_uri for e in examples)}
+        frames = {uri: read_video_frames(uri, FrameSampling(num_frames=self.cfg.num_frames)) for uri in dict.fromkeys(e.video_uri for e in examples)}
         requests = [VideoRequest(e.messages(), frames[e.video_uri], e.video_key(self.cfg.num_frames)) for e in examples]
         calls = self.policy.encoder_calls
         batch, stats = encode_requests(self.policy.model, self.policy.tokenizer, self.policy.preprocess, requests, self.topo.sp, self.cache)

@@ -11,15 +11,21 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from models.openai_client import ChatClient, ChatRequestError, ChatResult, MissingAPIKey, read_api_key
+from models.openai_client import (
+    ChatClient,
+    ChatRequestError,
+    ChatResult,
+    MissingAPIKey,
+    read_api_key,
+)
 from tasks.config import QAConfig
+from tasks.engine.stage import StageError
 from tasks.qa import template
 from tasks.qa.cache import AnswerCache, request_key
 from tasks.qa.captions import VideoCaptions
 from tasks.qa.parser import ParsedItem
 from tasks.qa.prompts import PromptSet, generation_prompt, refine_prompt
 from tasks.qa.refine import display_answer
-from tasks.stage import StageError
 
 GENERATE = "generate"
 REFINE = "refine"

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 
 from models.openai_client import ChatResult
-from tasks.artifacts import read_json, stable_hash, write_json_atomic
+from tasks.engine.store import read_json, stable_hash, write_json_atomic
 
 CACHE_DIR = "_llm_cache"  # under the stage's directory; "_" keeps it out of the stage's table
 

@@ -15,13 +15,11 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from tasks.artifacts import stable_hash
+from tasks.engine.store import stable_hash
 from tasks.qa.captions import VideoCaptions, caption_lines, mmss
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
-CATEGORIES = ("Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative")
-QUESTION_TYPES = ("multiple_choice", "open_ended")
 QUESTION_TYPE_LABELS = {"multiple_choice": "multiple-choice with four options A-D", "open_ended": "open-ended"}
 LETTERS = ("A", "B", "C", "D")
 

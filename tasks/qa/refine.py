@@ -2,14 +2,14 @@
 
 The target is `<think>{refined reasoning}</think><answer>{answer}</answer>`, the answer being the
 option letter for multiple-choice questions and the answer text for open-ended ones: exactly what
-the GRPO format reward checks (`tasks.rewards.FORMAT_PATTERN`).
+the GRPO format reward checks (`tasks.grading.answers.FORMAT_PATTERN`).
 """
 
 from __future__ import annotations
 
+from tasks.grading.answers import FORMAT_PATTERN
 from tasks.qa.parser import ParsedItem
 from tasks.qa.prompts import LETTERS
-from tasks.rewards import FORMAT_PATTERN
 
 
 def display_answer(item: ParsedItem) -> str:

@@ -29,24 +29,25 @@ from typing import Any
 
 from data_schemas import CAPTIONS, FAILURES, QA
 from models.openai_client import ChatRequestError
-from tasks.artifacts import FAILURES_FILE, Failure, read_table_file, stable_hash
 from tasks.config import QAConfig
+from tasks.engine.stage import (
+    ShardResult,
+    Stage,
+    StageContext,
+    StageError,
+    WorkItem,
+    read_stage_table,
+)
+from tasks.engine.store import FAILURES_FILE, Failure, read_table_file, stable_hash
 from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
 from tasks.qa.cache import CACHE_DIR, AnswerCache
 from tasks.qa.captions import VideoCaptions, videos_from_rows
 from tasks.qa.parser import ParsedItem, ParseFailure, parse_generation, parse_refinement
 from tasks.qa.prompts import PromptError, PromptSet
 from tasks.qa.refine import build_target
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, read_stage_table
 
 log = logging.getLogger("lvr.qa")
 
-# How requests are made, not what they produce: left out of the fingerprint, so that a new endpoint,
-# key variable or concurrency reuses the finished stage (and the cache makes reruns free anyway).
-RUNTIME_SETTINGS = (
-    "shard_size", "concurrency", "stream", "timeout_s", "max_retries", "backoff_s", "backoff_max_s",
-    "base_url", "refine_base_url", "api_key_env", "refine_api_key_env",
-)
 MIN_CLIPS = 2  # the questions must need several clips
 CAPTION_COLUMNS = ["clip_id", "video_id", "start_s", "end_s", "caption"]
 
@@ -67,9 +68,7 @@ class QAStage(Stage):
     item_columns = {QA.name: "video_id"}
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in RUNTIME_SETTINGS:
-            settings.pop(key)
+        settings = super().settings(ctx)
         cfg = ctx.config.qa
         try:  # the prompt files' text, so editing a template reruns the stage even without a new version
             settings["prompt_files"] = {

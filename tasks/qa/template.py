@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tasks.artifacts import stable_hash
+from tasks.engine.store import stable_hash
 from tasks.qa.captions import Clip, VideoCaptions
 from tasks.qa.prompts import LETTERS
 

@@ -24,14 +24,58 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
-from data_schemas import CLIPS, EVAL_ITEMS, EVAL_SUMMARY, FAILURES, FILTER, QA, TRAIN_METRICS, TableSchema
-from tasks.artifacts import FAILURES_FILE, Workdir, read_json, read_table_file, stable_hash, write_json_atomic
-from tasks.config import STAGE_ORDER
-from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, GRPO_REWARD_PNG, accuracy_chart, frames_chart, reward_chart
-from tasks.report.html import AnswerView, ChartView, ReportData, SampleView, StageView, render
-from tasks.report_charts import REPORT_DIR, read_report_file, write_report_file
-from tasks.stage import read_manifest
+from data_schemas import (
+    CLIPS,
+    EVAL_ITEMS,
+    EVAL_SPLIT,
+    EVAL_SUMMARY,
+    FAILURES,
+    FILTER,
+    QA,
+    TRAIN_METRICS,
+    TableSchema,
+)
+from models.video import FrameSampling
+from tasks.config import FilterConfig
+from tasks.engine.manifest import read_manifest
+from tasks.engine.runs import LATEST_RUN, RUNS_DIR, workdir_status
+from tasks.engine.store import (
+    FAILURES_FILE,
+    Workdir,
+    read_json,
+    read_table_file,
+    stable_hash,
+    write_json_atomic,
+)
+from tasks.grading.difficulty import difficulty
+from tasks.grading.prompts import category_order
+from tasks.media.frames import read_video_frames
+from tasks.report.accuracy import OVERALL, accuracy_table
+from tasks.report.charts import (
+    ACCURACY_PNG,
+    DIFFICULTY_PNG,
+    FRAMES_PNG,
+    GRPO_REWARD_PNG,
+    LOSS_PNG,
+    accuracy_chart,
+    difficulty_histogram_chart,
+    frames_chart,
+    loss_chart,
+    reward_chart,
+    series,
+)
+from tasks.report.html import (
+    AnswerView,
+    ChartView,
+    ReportData,
+    SampleView,
+    StageView,
+    render,
+)
+from tasks.report.markdown import REPORT_DIR, read_report_file, write_report_file
+from tasks.stages import STAGE_NAMES
 
 log = logging.getLogger("lvr.report")
 
@@ -59,10 +103,6 @@ def read_published(workdir: Workdir, manifest: dict[str, Any], schema: TableSche
 # Charts
 # ------------------------------------------------------------------------------------------------
 def _difficulty(workdir: Workdir, manifest: dict[str, Any]) -> bytes | None:
-    from tasks.config import FilterConfig
-    from tasks.filter.labels import difficulty
-    from tasks.report_charts import difficulty_histogram_chart
-
     rows = read_published(workdir, manifest, FILTER).select(["category", "n_correct", "n_runs"]).to_pylist()
     if not rows:
         return None
@@ -78,8 +118,6 @@ def _difficulty(workdir: Workdir, manifest: dict[str, Any]) -> bytes | None:
 
 
 def _sft_loss(workdir: Workdir, manifest: dict[str, Any]) -> bytes | None:
-    from tasks.sft.report import loss_chart, series
-
     rows = read_published(workdir, manifest, TRAIN_METRICS).to_pylist()
     loss = series(rows, "loss")
     return loss_chart(loss, series(rows, "lr")) if loss else None
@@ -94,8 +132,6 @@ def _eval_accuracy(workdir: Workdir, manifest: dict[str, Any]) -> bytes | None:
 
 
 def _eval_frames(workdir: Workdir, manifest: dict[str, Any]) -> bytes | None:
-    from tasks.eval import OVERALL
-
     return frames_chart(read_published(workdir, manifest, EVAL_SUMMARY).to_pylist(), OVERALL)
 
 
@@ -110,9 +146,9 @@ class ChartSpec:
 CHARTS = (
     ChartSpec(ACCURACY_PNG, "Accuracy per category and model", "eval", _eval_accuracy),
     ChartSpec(FRAMES_PNG, "Accuracy versus frames", "eval", _eval_frames),
-    ChartSpec("sft_loss.png", "SFT loss", "sft", _sft_loss),
+    ChartSpec(LOSS_PNG, "SFT loss", "sft", _sft_loss),
     ChartSpec(GRPO_REWARD_PNG, "GRPO reward", "grpo", _grpo_reward),
-    ChartSpec("filter_difficulty.png", "Difficulty per category (base model's correct answers)", "filter", _difficulty),
+    ChartSpec(DIFFICULTY_PNG, "Difficulty per category (base model's correct answers)", "filter", _difficulty),
 )
 
 
@@ -154,19 +190,13 @@ def ensure_charts(workdir: Workdir, manifests: dict[str, dict[str, Any] | None])
 def thumbnail(workdir: Workdir, clip: dict[str, Any]) -> bytes | None:
     """A JPEG of the clip's middle frame (the one frame-sampling function), cached per clip; None
     when the clip cannot be read (the report shows the question without it)."""
-    from PIL import Image
-
-    from models.video import FrameSampling, read_frames
-    from tasks.sources import local_copy
-
     # The clip's file, not only its id, names the thumbnail: clips re-cut with other settings keep their ids.
     name = f"{THUMBS_DIR}/{re.sub(r'[^A-Za-z0-9_.-]', '_', clip['clip_id'])}-{stable_hash(clip['clip_uri'], 8)}.jpg"
     cached = read_report_file(workdir, name)
     if cached is not None:
         return cached
     try:
-        with local_copy(clip["clip_uri"]) as path:
-            frames = read_frames(path, FrameSampling(num_frames=1, temporal_patch_size=1))
+        frames = read_video_frames(clip["clip_uri"], FrameSampling(num_frames=1, temporal_patch_size=1))
     except Exception as exc:  # a missing clip costs its thumbnail, never the report
         log.info("report: no thumbnail for %s: %s: %s", clip["clip_id"], type(exc).__name__, exc)
         return None
@@ -191,10 +221,7 @@ def _spread(items: list[Any], k: int) -> list[Any]:
 def _pick_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One question per category (eval split first, so the models' answers can be shown), then
     more in qa_id order up to SAMPLES."""
-    from tasks.eval import category_order
-    from tasks.filter.labels import EVAL
-
-    ranked = sorted(rows, key=lambda r: (r.get("split") != EVAL, r["qa_id"]))
+    ranked = sorted(rows, key=lambda r: (r.get("split") != EVAL_SPLIT, r["qa_id"]))
     first = {}
     for r in ranked:
         first.setdefault(r["category"], r)
@@ -252,11 +279,8 @@ def collect_samples(workdir: Workdir, manifests: dict[str, dict[str, Any] | None
 # Stages and failures
 # ------------------------------------------------------------------------------------------------
 def collect_stages(workdir: Workdir, manifests: dict[str, dict[str, Any] | None]) -> list[StageView]:
-    # tasks.pipeline calls update_report after each stage: imported here, not at module load.
-    from tasks.pipeline import workdir_status
-
     views = []
-    for status in workdir_status(workdir):
+    for status in workdir_status(workdir, STAGE_NAMES):
         kinds: dict[str, int] = {}
         shown: list[dict[str, Any]] = []
         path = workdir.path(status.stage, FAILURES_FILE)
@@ -269,14 +293,12 @@ def collect_stages(workdir: Workdir, manifests: dict[str, dict[str, Any] | None]
 
 
 def collect(workdir: Workdir) -> ReportData:
-    manifests = {name: read_manifest(workdir, name) for name in STAGE_ORDER}
-    run = read_json(workdir.fs, workdir.path("_runs", "latest.json")) or {}
+    manifests = {name: read_manifest(workdir, name) for name in STAGE_NAMES}
+    run = read_json(workdir.fs, workdir.path(RUNS_DIR, LATEST_RUN)) or {}
     eval_manifest = manifests.get("eval")
     eval_table: list[dict[str, str]] = []
     eval_notes: list[str] = []
     if eval_manifest is not None:
-        from tasks.eval import accuracy_table
-
         eval_table = accuracy_table(read_published(workdir, eval_manifest, EVAL_SUMMARY).to_pylist())
         eval_notes = list(eval_manifest["config"].get("skipped", []))
     reports = sorted(

@@ -8,12 +8,11 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # tasks.pipeline imports the report to update it after each stage
-    from tasks.pipeline import StageStatus
+from tasks.engine.runs import StageStatus
+from tasks.grading.prompts import LETTERS
 
-LETTERS = "ABCDEFGHIJ"
 STATUS_COLORS = {
     "done": "#2e7d32", "cached": "#1565c0", "failed": "#c62828",
     "incomplete": "#ef6c00", "missing": "#757575",

@@ -1,5 +1,5 @@
-"""Chain-of-thought SFT with multi-modal sequence parallelism (issue 6).
+"""Chain-of-thought SFT with multi-modal sequence parallelism.
 
 `stage.SFTStage` (the DAG stage) launches `trainer` under torchrun; `data` turns the filter
-stage's SFT split into model inputs; `schedule` and `checkpoints` make training resumable.
+stage's SFT split into model inputs; the step loop, schedule and checkpoints are `tasks.training`'s.
 """

@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 from data_schemas import FILTER
-from models.video import FrameSampling, SampledFrames, VideoPreprocessConfig, build_video_inputs, read_frames
+from models.video import SampledFrames, VideoPreprocessConfig, build_video_inputs
 from models.vlm import video_messages
 from parallel.sequence import IGNORE_INDEX
-from tasks.artifacts import Workdir
-from tasks.sources import local_copy
-from tasks.stage import read_stage_table
+from tasks.engine.stage import read_stage_table
+from tasks.engine.store import Workdir
 
 SFT_SPLIT = "sft"
 
@@ -22,7 +21,7 @@ SFT_SPLIT = "sft"
 class SFTExample:
     """One chain-of-thought SFT sample: a question about a whole source video.
 
-    `prompt`: the user turn's text after the video, as `tasks.prompting.user_prompt` writes it
+    `prompt`: the user turn's text after the video, as `tasks.grading.prompts.user_prompt` writes it
     (the filter stage stores it per item); `target`: `<think>...</think><answer>...</answer>`.
     """
 
@@ -43,12 +42,6 @@ def load_sft_examples(workdir: Workdir) -> list[SFTExample]:
         (SFTExample(r["qa_id"], r["video_uri"], r["prompt"], r["target"]) for r in rows if r["split"] == SFT_SPLIT),
         key=lambda e: e.qa_id,
     )
-
-
-def load_frames(uri: str, num_frames: int) -> SampledFrames:
-    """THE frame sampling (`models.video.read_frames`) of a whole source video, local or remote."""
-    with local_copy(uri) as path:
-        return read_frames(path, FrameSampling(num_frames=num_frames))
 
 
 def encode_example(tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, frames: SampledFrames) -> dict[str, torch.Tensor]:

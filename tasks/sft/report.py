@@ -5,33 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tasks.artifacts import Workdir
-from tasks.report_charts import figure_png, markdown_table, write_report_file
+from tasks.engine.store import Workdir
+from tasks.report.charts import LOSS_PNG, loss_chart, series
+from tasks.report.markdown import markdown_table, write_report_file
 
 REPORT_FILE = "sft.md"
-LOSS_PNG = "sft_loss.png"
 TABLE_ROWS = 12
-
-
-def series(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric from TRAIN_METRICS rows, by step."""
-    return sorted((int(r["step"]), float(r["value"])) for r in rows if r["name"] == name)
-
-
-def loss_chart(loss: Sequence[tuple[int, float]], lr: Sequence[tuple[int, float]]) -> bytes:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 3.2))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([s for s, _ in loss], [v for _, v in loss], marker="o", markersize=3, color="#1f77b4")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)", color="#1f77b4")
-    twin = ax.twinx()
-    twin.plot([s for s, _ in lr], [v for _, v in lr], color="#ff7f0e", linewidth=1, linestyle="--")
-    twin.set_ylabel("learning rate", color="#ff7f0e")
-    ax.set_title("SFT loss", fontsize=11)
-    fig.tight_layout()
-    return figure_png(fig)
 
 
 def write_sft_report(workdir: Workdir, rows: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:

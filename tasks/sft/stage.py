@@ -9,44 +9,27 @@ same run key under `sft/_checkpoints/`.
 Outputs: `sft/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `sft/metrics.parquet`
 (TRAIN_METRICS, one row per step and metric), the report `report/sft.md` with the loss curve,
 and the manifest. The workers write with plain file I/O: on an object-store workdir they write to a
-local staging folder that `tasks.staging` mirrors to the workdir (checkpoints as they complete,
+local staging folder that `tasks.training.staging` mirrors to the workdir (checkpoints as they complete,
 then the model), and a retry on a fresh machine resumes from the checkpoints found there.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data_schemas import TRAIN_METRICS
 from models.vlm import resolve_model_ref
-from parallel.launch import LaunchSpec
 from parallel.ulysses import kv_repeat_factor
-from tasks.artifacts import Failure, stable_hash, url_to_fs
-from tasks.config import SFTConfig
+from tasks.engine.stage import ShardResult, StageContext, StageError, WorkItem
+from tasks.engine.store import Failure, stable_hash
+from tasks.media.sources import video_exists
 from tasks.sft.data import load_sft_examples
 from tasks.sft.report import REPORT_FILE, write_sft_report
 from tasks.sft.trainer import TrainJob
-from tasks.stage import ShardResult, StageContext, StageError, WorkItem
-from tasks.staging import TrainingStage, launch_training, run_dir, staged_dir
-
-
-
-def launch_spec(cfg: SFTConfig, job_file: Path) -> LaunchSpec:
-    """torchrun for the trainer: DeepSpeed's CPU accelerator and one thread share per process on
-    a machine without CUDA (unless the environment already says otherwise)."""
-    env: dict[str, str] = {}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
-        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)))
-    return LaunchSpec(
-        module="tasks.sft.trainer", args=(str(job_file),), nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes,
-        node_rank=cfg.node_rank, master_addr=cfg.master_addr, master_port=cfg.master_port, env=env,
-    )
+from tasks.training.stage import TrainingStage
+from tasks.training.staging import run_dir, staged_dir
 
 
 def check_sp_degree(model_path: str, sp_degree: int) -> None:
@@ -64,15 +47,11 @@ def check_sp_degree(model_path: str, sp_degree: int) -> None:
         raise StageError(f"sft.sp_degree={sp_degree} does not fit {model_path}: {exc}") from None
 
 
-def video_exists(uri: str) -> bool:
-    fs, path = url_to_fs(uri)
-    return bool(fs.exists(path))
-
-
 class SFTStage(TrainingStage):
     name = "sft"
     code_version = "1"
     report_file = REPORT_FILE
+    trainer_module = "tasks.sft.trainer"
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:
         examples = load_sft_examples(ctx.workdir)
@@ -99,8 +78,7 @@ class SFTStage(TrainingStage):
         staged = staged_dir(ctx.workdir, self.name)
         run_key = self.run_key(ctx, item)
         job = TrainJob(run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)))
-        _, metrics = launch_training(staged, job, lambda job_file: launch_spec(cfg, job_file), cfg.keep_checkpoints)
-        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(metrics)}, failures)
+        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(self.train(ctx, job))}, failures)
 
     def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
         write_sft_report(ctx.workdir, metrics, result)

@@ -18,15 +18,17 @@ from typing import Any
 
 import torch
 
+from models.video import FrameSampling
 from parallel.launch import run_worker
 from parallel.loss import count_sum, cross_entropy_sum
 from parallel.sequence import IGNORE_INDEX, shift_labels
 from parallel.topology import Topology
 from tasks.config import SFTConfig
-from tasks.sft import checkpoints as ckpt
-from tasks.sft.data import SFTExample, collate, encode_example, load_frames
-from tasks.sft.schedule import TrainSchedule
-from tasks.training import MODEL_DIR, StepTrainer, init_distributed, worker_main
+from tasks.media.frames import read_video_frames
+from tasks.sft.data import SFTExample, collate, encode_example
+from tasks.training import checkpoints as ckpt
+from tasks.training.loop import MODEL_DIR, StepTrainer, init_distributed, worker_main
+from tasks.training.schedule import TrainSchedule
 
 METRIC_NAMES = ("loss", "tokens_per_s", "lr", "grad_norm")
 
@@ -158,7 +160,7 @@ class Trainer(StepTrainer):
             encoded = []
             for i in indices:
                 example = self.job.examples[i]
-                frames = load_frames(example.video_uri, self.cfg.num_frames)
+                frames = read_video_frames(example.video_uri, FrameSampling(num_frames=self.cfg.num_frames))
                 encoded.append(encode_example(self.tokenizer, self.preprocess, example, frames))
             out.append(collate(encoded, pad))
         return out

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from data_schemas import FILTER
-from tasks.artifacts import Workdir, stable_hash
 from tasks.config import PipelineConfig
-from tasks.prompting import LETTERS, MULTIPLE_CHOICE, user_prompt
-from tasks.stage import ShardResult, Stage, StageContext, StageReport, WorkItem, run_stage
+from tasks.engine.run import run_stage
+from tasks.engine.stage import ShardResult, Stage, StageContext, StageReport, WorkItem
+from tasks.engine.store import Workdir, stable_hash
+from tasks.grading.prompts import LETTERS, MULTIPLE_CHOICE, user_prompt
 
 PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("red", (230, 25, 25)), ("green", (25, 170, 50)), ("blue", (30, 60, 230)), ("yellow", (240, 220, 30)),

@@ -12,10 +12,24 @@ from typing import Any
 import pyarrow as pa
 
 from data_schemas import CLIPS, VIDEOS
-from tasks.artifacts import Failure, stable_hash
-from tasks.media import ClipFile, MediaError, VideoProbe, content_id, cut_video, plan_cuts, probe_video
-from tasks.sources import SourceError, SourceVideo, list_sources, local_copy, source_fingerprint
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+from tasks.engine.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+from tasks.engine.store import Failure, stable_hash
+from tasks.media.cache import local_copy
+from tasks.media.ffmpeg import (
+    ClipFile,
+    MediaError,
+    VideoProbe,
+    content_id,
+    cut_video,
+    plan_cuts,
+    probe_video,
+)
+from tasks.media.sources import (
+    SourceError,
+    SourceVideo,
+    list_sources,
+    source_fingerprint,
+)
 
 log = logging.getLogger("lvr.clip")
 
@@ -31,11 +45,6 @@ class ClipStage(Stage):
 
     def __init__(self) -> None:
         self._listing: tuple[str, list[SourceVideo]] | None = None
-
-    def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        settings.pop("shard_size")  # how work is grouped, not what it produces
-        return settings
 
     def _sources(self, ctx: StageContext) -> list[SourceVideo]:
         source = ctx.source or ctx.config.source

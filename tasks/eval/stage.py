@@ -4,9 +4,9 @@ Items are (model, frame count, eval question) triples, id `<model>::<frames>::<q
 hold one model at one frame count (ids sort that way) and a model loads once per stage run.
 A shard reads each video once per frame count (the one frame-sampling function, across the whole
 source video as in training), puts each question to the model with the prompt the filter stage
-stored for it (the training prompt, `tasks.prompting`), draws `eval.samples` answers from one
+stored for it (the training prompt, `tasks.grading.prompts`), draws `eval.samples` answers from one
 encoding of the video (greedy for one sample), takes the majority answer and grades it with
-`tasks.rewards.grade`. Outputs: `eval/` (EVAL_ITEMS, one row per item), `eval/_summary/`
+`tasks.grading.answers.grade`. Outputs: `eval/` (EVAL_ITEMS, one row per item), `eval/_summary/`
 (EVAL_SUMMARY: model x category x frames, and an Overall row), `report/eval.md` with its charts.
 
 Models: `base` is `filter.model` (the model the dataset was filtered with), `sft` / `grpo` the
@@ -14,7 +14,7 @@ model the stage of that name wrote under the workdir, anything else a checkpoint
 id. A missing sft / grpo model is skipped with a note; once it exists, its manifest fingerprint
 enters the stage's inputs and the items' keys, so retraining reruns exactly that model's items.
 Models in an object-store workdir (or named by such a URL) are downloaded once into the local
-model cache (`tasks.staging.local_model`) and loaded from there.
+model cache (`tasks.training.models.local_model`) and loaded from there.
 
 Failure rows (the run goes on): a malformed item (`bad_item`), a video that is unknown
 (`unknown_video`) or unreadable (`unreadable_video`). A model that cannot be loaded stops the stage.
@@ -33,31 +33,44 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from data_schemas import EVAL_ITEMS, EVAL_SUMMARY, FILTER, TableSchema
+from data_schemas import EVAL_ITEMS, EVAL_SPLIT, EVAL_SUMMARY, FILTER, TableSchema
 from models.vlm import Generation, HFVideoLM, VideoPrompt, video_messages
-from tasks.artifacts import Failure, Workdir, is_local_uri, stable_hash, url_to_fs
 from tasks.config import EvalConfig
-from tasks.filter.labels import EVAL
-from tasks.filter.rollouts import sampling_seed
-from tasks.filter.stage import read_item_videos
-from tasks.prompting import MULTIPLE_CHOICE
-from tasks.qa.prompts import CATEGORIES
+from tasks.engine.manifest import output_identity, read_manifest
+from tasks.engine.stage import (
+    ShardResult,
+    Stage,
+    StageContext,
+    StageError,
+    WorkItem,
+    read_stage_table,
+)
+from tasks.engine.store import Failure, Workdir, is_local_uri, stable_hash, url_to_fs
+from tasks.grading.answers import AnswerKey, Grade, grade, normalize_answer
+from tasks.grading.prompts import (
+    MULTIPLE_CHOICE,
+    category_order,
+    posable_items,
+    sampling_seed,
+)
+from tasks.media.frames import frames_by_video
+from tasks.report.accuracy import OVERALL, accuracy_table
 from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
-from tasks.report_charts import inline_images, markdown_table, read_report_file, write_report_file
-from tasks.rewards import AnswerKey, Grade, grade, normalize_answer
-from tasks.stage import ShardResult, Stage, StageContext, StageError, WorkItem, output_identity, read_manifest, read_stage_table
-from tasks.staging import local_model
-from tasks.training import MODEL_DIR
+from tasks.report.markdown import (
+    inline_images,
+    markdown_table,
+    read_report_file,
+    write_report_file,
+)
+from tasks.training.loop import MODEL_DIR
+from tasks.training.models import local_model
 
 log = logging.getLogger("lvr.eval")
 
 BASE = "base"
 TRAINED_STAGES = ("sft", "grpo")  # eval.models keywords naming the model a stage of the same name trains
-OVERALL = "Overall"
 SUMMARY_DIR = "_summary"
 REPORT_FILE = "eval.md"
-# How work is grouped and what models may run, not what they answer.
-EXECUTION_KEYS = ("shard_size", "trust_remote_code")
 # What one answer depends on besides its model, frame count and question (those key the items).
 ANSWER_SETTINGS = ("samples", "temperature", "top_p", "seed", "max_new_tokens", "batch_size")
 SAMPLING_KEYS = ("temperature", "top_p", "seed")  # unused by greedy answers (samples == 1)
@@ -90,7 +103,7 @@ def eval_examples(filter_rows: Iterable[dict[str, Any]]) -> list[EvalExample]:
             list(r["options"]) if r["options"] is not None else None, r["answer"], r["prompt"],
         )
         for r in filter_rows
-        if r["split"] == EVAL
+        if r["split"] == EVAL_SPLIT
     ]
     return sorted(examples, key=lambda e: e.qa_id)
 
@@ -229,12 +242,6 @@ def eval_row(model: EvalModel, payload: dict[str, Any], frames_used: int, genera
 # ------------------------------------------------------------------------------------------------
 # Summary
 # ------------------------------------------------------------------------------------------------
-def category_order(categories: Iterable[str]) -> list[str]:
-    """The paper's categories first (Table 2's order), any others alphabetically."""
-    present = set(categories)
-    return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
-
-
 def summarize(rows: Sequence[dict[str, Any]], model_order: Sequence[str]) -> list[dict[str, Any]]:
     """EVAL_SUMMARY rows: per model (in `model_order`), frame count and category, then Overall."""
     cells: dict[tuple[str, int, str], list[bool]] = {}
@@ -252,15 +259,6 @@ def summarize(rows: Sequence[dict[str, Any]], model_order: Sequence[str]) -> lis
                 "correct": sum(verdicts), "accuracy": sum(verdicts) / len(verdicts),
             })
     return out
-
-
-def accuracy_table(summary: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per model and frame count, one column per category: `accuracy% (correct/n)`."""
-    table: dict[tuple[str, int], dict[str, str]] = {}
-    for r in summary:
-        row = table.setdefault((r["model"], r["num_frames"]), {"model": r["model"], "frames": str(r["num_frames"])})
-        row[r["category"]] = f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['n']})"
-    return list(table.values())
 
 
 def eval_markdown(summary: Sequence[dict[str, Any]], cfg: EvalConfig, notes: Sequence[str], failures: Sequence[Failure]) -> str:
@@ -319,8 +317,8 @@ class EvalStage(Stage):
         return fingerprints
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in EXECUTION_KEYS + (SAMPLING_KEYS if settings["samples"] == 1 else ()):
+        settings = super().settings(ctx)
+        for key in SAMPLING_KEYS if settings["samples"] == 1 else ():
             settings.pop(key)
         models, notes = self.models(ctx)
         settings["models"] = [asdict(m) for m in models]
@@ -330,9 +328,6 @@ class EvalStage(Stage):
     def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
         settings = self.settings(ctx)
         return {key: settings[key] for key in ANSWER_SETTINGS if key in settings}
-
-    def shard_size(self, ctx: StageContext) -> int:
-        return ctx.config.eval.shard_size
 
     def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
         if schema.name == EVAL_SUMMARY.name:
@@ -378,8 +373,9 @@ class EvalStage(Stage):
         rows: list[dict[str, Any]] = []
         failures: list[Failure] = []
         for (label, num_frames), group in groupby(items, key=lambda it: (it.payload["model"], it.payload["num_frames"])):
-            ready, bad = read_item_videos(list(group), num_frames)
-            failures += bad
+            posable, bad = posable_items(list(group))
+            ready, unreadable = frames_by_video(posable, num_frames)
+            failures += bad + unreadable
             if not ready:
                 continue
             model = models[label]

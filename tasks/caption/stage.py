@@ -6,19 +6,27 @@ import contextlib
 import logging
 import re
 import threading
-from typing import Any
 
 from data_schemas import CAPTIONS, CLIPS
-from models.captioners import CaptionResult, Captioner, CaptionSettings, ClipRequest, prompt_hash
-from tasks.artifacts import Failure, stable_hash
+from models.captioners import (
+    Captioner,
+    CaptionResult,
+    CaptionSettings,
+    ClipRequest,
+    prompt_hash,
+)
 from tasks.config import CaptionConfig
-from tasks.sources import local_copy
-from tasks.stage import ShardResult, Stage, StageContext, WorkItem, read_stage_table
+from tasks.engine.stage import (
+    ShardResult,
+    Stage,
+    StageContext,
+    WorkItem,
+    read_stage_table,
+)
+from tasks.engine.store import Failure, stable_hash
+from tasks.media.cache import local_copy
 
 log = logging.getLogger("lvr.caption")
-
-# Settings that change how work is scheduled or authenticated, never what a caption says.
-EXECUTION_KEYS = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env")
 
 
 def make_captioner(cfg: CaptionConfig) -> Captioner:
@@ -72,12 +80,6 @@ class CaptionStage(Stage):
     def __init__(self) -> None:
         self._captioner: Captioner | None = None
         self._lock = threading.Lock()
-
-    def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in EXECUTION_KEYS:
-            settings.pop(key, None)
-        return settings
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:
         clips = read_stage_table(ctx.workdir, "clip", CLIPS).to_pylist()

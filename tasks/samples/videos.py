@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ffmpeg
 
-from tasks.media import MediaError, run_tool, stderr_tail
+from tasks.media.ffmpeg import MediaError, run_tool, stderr_tail
 
 FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 SCENES_FILE = "scenes.json"

@@ -12,7 +12,7 @@ A checkpoint is written under `.tmp-step-<N>` and renamed into place once every 
 its part, so a `step-<N>` folder is always complete; a `.tmp-*` folder is a save that was killed.
 Checkpoints belong to one run key (training data and settings): a rerun resumes only from its
 own key's newest checkpoint, and other keys' checkpoints are deleted when a run starts.
-On an object-store workdir `tasks.staging` uploads each `step-<N>` as soon as it appears, with
+On an object-store workdir `tasks.training.staging` uploads each `step-<N>` as soon as it appears, with
 trainer_state.json last (there is no rename there), and prunes the uploaded ones by the same rule.
 """
 

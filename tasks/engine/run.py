@@ -1,6 +1,7 @@
-"""The stage engine: fingerprints, shard planning, resumable shard execution and the manifest.
+"""Running a stage: shard planning, resumable shard execution with item reuse, and publishing.
 
-Every stage is a `Stage` (what to do with a shard of items); this module owns how it is done:
+Every stage is a `Stage` (`tasks.engine.stage`: what to do with a shard of items); this module
+owns how it is done:
 a stage whose fingerprint matches a complete manifest is skipped; otherwise its items are cut
 into shards, each shard's result is written atomically under `_work/shards/<key>/` with a
 completion marker written last, and shards already complete are reused. Only when every shard is
@@ -14,141 +15,43 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_schemas import FAILURES, TableSchema, validate_table
-from tasks.artifacts import (
+from data_schemas import FAILURES, validate_table
+from tasks.engine.manifest import lvr_version, read_manifest, stage_fingerprint
+from tasks.engine.stage import (
+    ShardResult,
+    Stage,
+    StageContext,
+    StageError,
+    StageReport,
+    WorkItem,
+    class_path,
+    load_class,
+    load_stage,
+)
+from tasks.engine.store import (
     FAILURES_FILE,
     MANIFEST,
     WORK_DIR,
     Failure,
     Workdir,
     failures_table,
-    read_dataset,
     read_json,
     read_table_file,
     stable_hash,
-    write_dataset,
     write_json_atomic,
     write_table_atomic,
 )
-from tasks.config import PipelineConfig
 
 log = logging.getLogger("lvr.stage")
 
 SHARD_DONE = "_done.json"
-
-
-class StageError(RuntimeError):
-    """A stage that cannot run (missing input, bad input schema); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One unit of a stage's input. `key` captures everything about the item that affects its output."""
-
-    item_id: str
-    key: str
-    payload: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ShardResult:
-    tables: dict[str, pa.Table]
-    failures: list[Failure]
-
-
-@dataclass
-class StageContext:
-    workdir: Workdir
-    config: PipelineConfig
-    source: str | None = None
-    progress: Callable[[int, int], None] | None = None
-
-    def stage_path(self, stage: str, *parts: str) -> str:
-        return self.workdir.path(stage, *parts)
-
-
-class Stage:
-    """Base class of a DAG stage. Subclasses set the class attributes and implement the hooks."""
-
-    name: str
-    code_version: str  # bump when the stage's output for the same input changes
-    inputs: tuple[str, ...] = ()
-    output: TableSchema
-    side_outputs: tuple[TableSchema, ...] = ()
-    # For item-level reuse: the column of each output table (and failures' item_id) naming the item a
-    # row came from. With it, an item already processed under the same recipe in any earlier shard
-    # is copied instead of recomputed, so a source that gained 5 videos costs about 5 videos of work.
-    item_columns: dict[str, str] = {}
-
-    def settings(self, ctx: StageContext) -> dict[str, Any]:
-        """What of the config this stage's output depends on (hashed into fingerprints)."""
-        return ctx.config.section(self.name)
-
-    def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
-        """What of the settings a shard's result depends on (hashed into shard keys). Narrower than
-        `settings` for stages whose `finalize` uses settings the shards do not: changing only those
-        reruns the stage but reuses every shard."""
-        return self.settings(ctx)
-
-    def shard_size(self, ctx: StageContext) -> int:
-        return int(ctx.config.section(self.name).get("shard_size", 1))
-
-    def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
-        fps = {}
-        for upstream in self.inputs:
-            manifest = read_manifest(ctx.workdir, upstream)
-            if manifest is None:
-                raise StageError(
-                    f"stage {self.name!r} needs the output of {upstream!r}, which is missing or incomplete in "
-                    f"{ctx.workdir.uri(upstream)}; run with --from {upstream} (or an earlier stage)"
-                )
-            fps[upstream] = output_identity(manifest)
-        return fps
-
-    def list_items(self, ctx: StageContext) -> list[WorkItem]:
-        raise NotImplementedError
-
-    def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
-        raise NotImplementedError
-
-    def finalize(
-        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
-    ) -> tuple[dict[str, pa.Table], list[Failure]]:
-        """Whole-stage post-processing over all shards' rows (e.g. cross-shard de-duplication)."""
-        return tables, failures
-
-    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
-        """Stage-specific findings (tables, chart links) appended to the stage's Prefect artifact."""
-        return None
-
-    def report_table(self, ctx: StageContext, manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """Rows for a Prefect table artifact of the stage's results (e.g. accuracy per category)."""
-        return None
-
-    def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
-        if schema.name == self.output.name:
-            return ctx.stage_path(self.name)
-        return ctx.stage_path(self.name, f"_{schema.name}")
-
-    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
-        """Write one of the stage's final tables where readers look for it; returns the files.
-
-        Default: part files in `table_dir`. A stage whose folder also holds other outputs (a
-        training stage's `model/`, which Arrow's dataset discovery would try to read) writes a
-        single named file instead.
-        """
-        return write_dataset(ctx.workdir.fs, self.table_dir(ctx, schema), table, schema)
-
-    @property
-    def all_outputs(self) -> tuple[TableSchema, ...]:
-        return (self.output, *self.side_outputs)
 
 
 @dataclass(frozen=True)
@@ -177,43 +80,6 @@ class ShardOutcome:
     work_s: float
     items_reused: int = 0
     items_computed: int = 0
-
-
-@dataclass(frozen=True)
-class StageReport:
-    stage: str
-    status: str  # "done" or "cached"
-    manifest: dict[str, Any]
-
-    @property
-    def rows(self) -> int:
-        return int(self.manifest.get("rows", 0))
-
-    @property
-    def failures(self) -> int:
-        return int(self.manifest.get("failures", 0))
-
-
-def stage_fingerprint(stage: str, settings: dict[str, Any], input_fingerprints: dict[str, str], code_version: str) -> str:
-    return stable_hash({"stage": stage, "settings": settings, "inputs": input_fingerprints, "code": code_version})
-
-
-def output_identity(manifest: dict[str, Any]) -> str:
-    """What a downstream stage builds on: the stage's fingerprint, and which items failed.
-
-    The fingerprint alone names the output only while a run is a pure function of it; a retry of
-    the failed items (`execution.retry_failures`) can turn failures into rows under the same
-    fingerprint, and what was built on the old output must then be rebuilt.
-    """
-    failed = manifest.get("failed_items")
-    return manifest["fingerprint"] if not failed else stable_hash({"fingerprint": manifest["fingerprint"], "failed": failed})
-
-
-def read_manifest(workdir: Workdir, stage: str) -> dict[str, Any] | None:
-    manifest = read_json(workdir.fs, workdir.path(stage, MANIFEST))
-    if manifest is None or manifest.get("status") != "complete":
-        return None
-    return manifest
 
 
 def plan_stage(stage: Stage, ctx: StageContext) -> StagePlan:
@@ -475,15 +341,14 @@ class ShardWork:
 
     def __getstate__(self) -> dict[str, Any]:
         return {
-            "stage": self.stage.name, "workdir": self.ctx.workdir.url, "config": self.ctx.config.model_dump(mode="json"),
-            "source": self.ctx.source, "plan": self.plan,
+            "stage": class_path(self.stage), "workdir": self.ctx.workdir.url, "config_class": class_path(self.ctx.config),
+            "config": self.ctx.config.model_dump(mode="json"), "source": self.ctx.source, "plan": self.plan,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from tasks.config import PipelineConfig
-
         self.stage = _process_stage(state["stage"], state["plan"].recipe)
-        self.ctx = StageContext(Workdir(state["workdir"]), PipelineConfig.model_validate(state["config"]), state["source"])
+        config_class = load_class(state["config_class"])
+        self.ctx = StageContext(Workdir(state["workdir"]), config_class.model_validate(state["config"]), state["source"])
         self.plan = state["plan"]
         self._lock = threading.Lock()
         self._item_index = None
@@ -495,14 +360,13 @@ _PROCESS_STAGES: dict[tuple[str, str], Stage] = {}
 _PROCESS_STAGES_LOCK = threading.Lock()
 
 
-def _process_stage(name: str, recipe: str) -> Stage:
+def _process_stage(path: str, recipe: str) -> Stage:
     """One stage instance per worker process and recipe, so its model loads once per process."""
-    from tasks.registry import get_stage
-
     with _PROCESS_STAGES_LOCK:
-        if (name, recipe) not in _PROCESS_STAGES:
-            _PROCESS_STAGES[(name, recipe)] = get_stage(name)
-        return _PROCESS_STAGES[(name, recipe)]
+        if (path, recipe) not in _PROCESS_STAGES:
+            _PROCESS_STAGES[(path, recipe)] = load_stage(path)
+        return _PROCESS_STAGES[(path, recipe)]
+
 
 
 ShardMapper = Callable[[ShardWork, list[int]], list[ShardOutcome]]
@@ -531,15 +395,3 @@ def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_
     return StageReport(stage.name, "done", manifest)
 
 
-def read_stage_table(workdir: Workdir, stage: str, schema: TableSchema, table_dir: str | None = None) -> pa.Table:
-    """An upstream stage's table, validated against the schema this reader expects."""
-    return read_dataset(workdir.fs, workdir.path(stage, table_dir or ""), schema)
-
-
-def lvr_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lvr")
-    except PackageNotFoundError:
-        return "0+unknown"

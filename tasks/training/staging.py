@@ -21,36 +21,30 @@ file uploaded last and removed first: a checkpoint's `trainer_state.json`, a mod
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import fsspec
-import pyarrow as pa
 
-from data_schemas import TRAIN_METRICS, TableSchema
-from parallel.launch import LaunchSpec, launch, torchrun_argv
-from tasks.artifacts import WORK_DIR, Failure, Workdir, is_local_uri, read_json, stable_hash, url_to_fs, write_table_atomic
 from tasks.config import cache_dir
-from tasks.sft import checkpoints as ckpt
-from tasks.training import CHECKPOINTS_DIR, JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
-from tasks.report_charts import inline_images, read_report_file
-from tasks.stage import Stage, StageContext, StageError, WorkItem
+from tasks.engine.stage import StageError
+from tasks.engine.store import WORK_DIR, Workdir, stable_hash
+from tasks.training import checkpoints as ckpt
+from tasks.training.loop import CHECKPOINTS_DIR, MODEL_DIR, RESULT_FILE
 
 log = logging.getLogger("lvr.staging")
 
 STAGING_DIR = "staging"  # under cache_dir(): local stand-ins of remote stage folders
-MODELS_DIR = "models"  # under cache_dir(): models downloaded from workdirs
 TRAIN_DIR = "train"  # <stage>/_work/train/<run key>/: one training run's job, metrics, result
-METRICS_TABLE = "metrics.parquet"  # a training stage's table: one file, the folder also holds model/
 ERRORS_DIR = "errors"  # in a run's folder: the workers' tracebacks (every node writes there)
 POLL_S = 1.0  # how often the uploader looks for a new checkpoint (a local directory listing)
+
 
 
 @dataclass(frozen=True)
@@ -288,129 +282,3 @@ def mirrored_training(staged: StagedDir, run_key: str, keep_checkpoints: int, nn
 def run_dir(staged: StagedDir, run_key: str) -> Path:
     """One training run's local folder: its job file, metrics, result and the workers' tracebacks."""
     return staged.local_path(WORK_DIR, TRAIN_DIR, run_key)
-
-
-class TrainingJob(Protocol):
-    """What a trainer's workers read from the job file (`TrainJob`, `GRPOJob`)."""
-
-    run_key: str
-    model_path: str
-
-    def save(self, path: Path) -> None: ...
-
-
-def launch_training(
-    staged: StagedDir, job: TrainingJob, make_spec: Callable[[Path], LaunchSpec], keep_checkpoints: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Write the job file, tell the other nodes how to join, run this node's ranks with torchrun
-    (mirrored to the workdir when it is remote) and return the run's result and metric rows."""
-    work = run_dir(staged, job.run_key)
-    work.mkdir(parents=True, exist_ok=True)
-    job.save(work / JOB_FILE)
-    spec = make_spec(work / JOB_FILE)
-    stage_log = logging.getLogger(f"lvr.{staged.stage}")
-    for node in range(1, spec.nnodes):
-        stage_log.info(
-            "%s: node %d joins with `lvr train-node %s --node-rank %d` (same workdir, config and overrides), which runs: %s",
-            staged.stage, node, staged.stage, node, " ".join(torchrun_argv(spec, node_rank=node)),
-        )
-    with mirrored_training(staged, job.run_key, keep_checkpoints, spec.nnodes):
-        launch(spec, logging.getLogger(f"lvr.{staged.stage}.workers"), work / ERRORS_DIR)
-    result = json.loads((work / RESULT_FILE).read_text())
-    stage_log.info(
-        "%s: trained %d steps (%s) in %.1f s", staged.stage, result["steps"],
-        f"resumed after step {result['resumed_from_step']}" if result["resumed_from_step"] else f"from {job.model_path}",
-        result["train_time_s"],
-    )
-    return result, ckpt.read_metrics(work / METRICS_FILE)
-
-
-def finished_run(staged: StagedDir, run_key: str) -> dict[str, Any]:
-    """The result record of training run `run_key`, read from the workdir once its model is there;
-    other runs' work folders are dropped (in the workdir and in local staging)."""
-    fs = staged.workdir.fs
-    info = read_json(fs, staged.remote_path(MODEL_DIR, ckpt.TRAIN_INFO_FILE)) or {}
-    if info.get("run_key") != run_key:
-        raise StageError(
-            f"{staged.workdir.uri(staged.stage, MODEL_DIR)} does not hold the model this configuration trains (run {run_key}); "
-            f"it was replaced by an interrupted run of another configuration. Delete {staged.workdir.uri(staged.stage, WORK_DIR)} "
-            "and rerun to retrain"
-        )
-    result = read_json(fs, staged.remote_path(WORK_DIR, TRAIN_DIR, run_key, RESULT_FILE))
-    if result is None:
-        raise StageError(f"{staged.workdir.uri(staged.stage, WORK_DIR, TRAIN_DIR, run_key)} has no {RESULT_FILE}: rerun to retrain")
-    train_dir = staged.remote_path(WORK_DIR, TRAIN_DIR)
-    for other in fs.ls(train_dir, detail=False):
-        if other.rstrip("/").rsplit("/", 1)[-1] != run_key:
-            fs.rm(other, recursive=True)
-    local_train = staged.local_path(WORK_DIR, TRAIN_DIR)
-    if staged.mirrored and local_train.is_dir():
-        for other in local_train.iterdir():
-            if other.name != run_key:
-                shutil.rmtree(other, ignore_errors=True)
-    return result
-
-
-class TrainingStage(Stage):
-    """What the sft and grpo stages share: one item (the whole run), settings without the keys
-    that only say where and how often state is written, a run key that checkpoints must match,
-    the metrics as one file (the folder also holds `model/`), and the report page."""
-
-    inputs = ("filter",)
-    output = TRAIN_METRICS
-    execution_keys: tuple[str, ...] = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
-    report_file: str
-
-    def settings(self, ctx: StageContext) -> dict[str, Any]:
-        settings = ctx.config.section(self.name)
-        for key in self.execution_keys:
-            settings.pop(key)
-        return settings
-
-    def run_key(self, ctx: StageContext, item: WorkItem) -> str:
-        """Identifies one training run (data, initial model, settings, code): checkpoints of
-        another run key are never resumed from."""
-        return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
-
-    def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
-        path = ctx.stage_path(self.name, METRICS_TABLE)
-        write_table_atomic(ctx.workdir.fs, path, table, schema)
-        return [path]
-
-    def finalize(
-        self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
-    ) -> tuple[dict[str, pa.Table], list[Failure]]:
-        (item,) = self.list_items(ctx)
-        result = finished_run(staged_dir(ctx.workdir, self.name), self.run_key(ctx, item))
-        self.write_report(ctx, tables[TRAIN_METRICS.name].to_pylist(), result)
-        return tables, failures
-
-    def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
-        data = read_report_file(ctx.workdir, self.report_file)
-        return inline_images(data.decode(), ctx.workdir) if data is not None else None
-
-
-# ------------------------------------------------------------------------------------------------
-# Models stored in a workdir
-# ------------------------------------------------------------------------------------------------
-_MODELS_LOCK = threading.Lock()
-
-
-def local_model(uri: str, identity: str) -> str:
-    """A model folder as a local path for `from_pretrained`: itself when local (or a model id),
-    else a copy under `<cache>/models/` downloaded once per (URI, identity), where identity is
-    what changes when the folder is rewritten (the producing stage's manifest fingerprint)."""
-    if is_local_uri(uri):
-        return uri
-    dest = cache_dir() / MODELS_DIR / stable_hash({"uri": uri, "identity": identity})
-    with _MODELS_LOCK:  # eval shards in threads ask for the same model at once: download it once
-        if not dest.is_dir():
-            fs, path = url_to_fs(uri)
-            log.info("downloading model %s to %s", uri, dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if not pull_dir(fs, path, dest, replace=False):
-                raise FileNotFoundError(f"no model files under {uri}")
-    return str(dest)

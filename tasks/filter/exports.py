@@ -15,7 +15,7 @@ and pyarrow read it; `datasets` refuses to build an empty split, but globbing it
   its options and answer rule), `videos` (one path), `answer` (`<answer>X</answer>`),
   `problem_type` ("multiple choice" or "free-form", the Video-R1 vocabulary EasyR1-style reward
   functions switch on). `easyr1/format_prompt.jinja` adds the format rule: EasyR1 given
-  `data.format_prompt=<it>` renders exactly the prompt used here (`tasks.prompting`).
+  `data.format_prompt=<it>` renders exactly the prompt used here (`tasks.grading.prompts`).
 
 Every record also carries `qa_id`, `category`, `question_type`, `difficulty` and `pass_rate`.
 """
@@ -31,8 +31,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import write_bytes_atomic
-from tasks.prompting import FORMAT_RULE, MULTIPLE_CHOICE, answer_tag, question_with_rule
+from tasks.engine.store import write_bytes_atomic
+from tasks.grading.prompts import (
+    FORMAT_RULE,
+    MULTIPLE_CHOICE,
+    answer_tag,
+    question_with_rule,
+)
 
 EXPORTS_DIR = "_exports"
 EXPORT_SPLITS = ("sft", "rl", "eval")  # the `split` values of filter/ worth a file; "unused" is not

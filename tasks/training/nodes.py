@@ -13,28 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from parallel.launch import LaunchResult, LaunchSpec, launch
-from tasks.registry import get_stage
-from tasks.stage import StageContext, StageError, plan_stage, read_manifest
-from tasks.staging import ERRORS_DIR, run_dir, staged_dir
-from tasks.training import JOB_FILE, RESULT_FILE
+from tasks.engine.manifest import read_manifest
+from tasks.engine.run import plan_stage
+from tasks.engine.stage import StageContext, StageError
+from tasks.stages import TRAINING_STAGES, get_stage
+from tasks.training.loop import JOB_FILE, RESULT_FILE
+from tasks.training.staging import ERRORS_DIR, run_dir, staged_dir
 
 log = logging.getLogger("lvr.multinode")
-TRAINING_STAGES = ("sft", "grpo")
-
-
-def _launch_spec_factory(stage: str) -> Callable:
-    if stage == "sft":
-        from tasks.sft.stage import launch_spec
-    else:
-        from tasks.grpo.stage import launch_spec
-    return launch_spec
-
-
 @dataclass(frozen=True)
 class NodeJob:
     """What node 0 launches for a stage's run: the job file and the torchrun spec around it."""
@@ -63,7 +53,7 @@ def node_job(stage_name: str, ctx: StageContext) -> NodeJob | None:
     ((item,),) = plan.shards  # a training stage is one item: the whole run
     run_key = stage.run_key(ctx, item)
     job_file = run_dir(staged_dir(ctx.workdir, stage_name), run_key) / JOB_FILE
-    spec = _launch_spec_factory(stage_name)(getattr(ctx.config, stage_name), job_file)
+    spec = stage.launch_spec(ctx, job_file)
     return NodeJob(stage_name, plan.fingerprint, job_file, spec)
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from parallel.launch import configure_worker_logging
 from parallel.topology import Topology, init_topology
-from tasks.sft import checkpoints as ckpt
+from tasks.training import checkpoints as ckpt
 
 JOB_FILE = "job.json"  # in a run's work folder: what the workers train
 METRICS_FILE = "metrics.parquet"  # in the work folder and in each checkpoint

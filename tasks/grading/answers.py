@@ -1,7 +1,6 @@
 """Grading answers and the GRPO rewards: one module for the filter stage, GRPO and evaluation.
 
-Everything here is a pure function of the response text and the item's answer key, except the
-optional LLM judge for open-ended answers (an OpenAI-compatible endpoint, `LLMJudge`).
+Everything here is a pure function of the response text and the item's answer key.
 
 - `format_reward(text)`: 1.0 when the whole response is `<think>...</think><answer>...</answer>`
   (whitespace allowed around and between the blocks), else 0.0.
@@ -19,20 +18,19 @@ optional LLM judge for open-ended answers (an OpenAI-compatible endpoint, `LLMJu
   punctuation and articles removed, whitespace collapsed; a leading "the answer is" is dropped.
 - `grade(text, key)`: prediction, correctness, format; `accuracy_reward` and `total_reward`
   (GRPO: `accuracy_weight * accuracy + format_weight * format`).
-- `LLMJudge` / `judge_grades`: an LLM decides the open-ended answers normalised matching called
-  wrong (each distinct prediction of an item asked once).
+
+The LLM judge for open-ended answers lives in `tasks.grading.judge`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from tasks.prompting import LETTERS, MULTIPLE_CHOICE, OPEN_ENDED
+from tasks.grading.prompts import LETTERS, MULTIPLE_CHOICE, OPEN_ENDED
 
 FORMAT_PATTERN = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 _ANSWER_BLOCKS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -98,7 +96,7 @@ def extract_answer(text: str) -> str | None:
     return unclosed.group(1).strip() if unclosed else None
 
 
-def _after_thinking(text: str) -> str:
+def after_thinking(text: str) -> str:
     """Where a response without an <answer> block states its answer: after the thinking, if any."""
     parts = _THINK_END.split(text)
     tail = parts[-1].strip()
@@ -155,7 +153,7 @@ def _choice_in(segment: str, options: Sequence[str]) -> str | None:
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
     """The option letter a response commits to, or None (see the module docstring for the rules)."""
     answer = extract_answer(text)
-    return _choice_in(answer if answer is not None else _after_thinking(text), options)
+    return _choice_in(answer if answer is not None else after_thinking(text), options)
 
 
 def _canonical_number(match: re.Match[str]) -> str:
@@ -176,7 +174,7 @@ def normalize_answer(text: str) -> str:
 def open_prediction(text: str) -> str:
     """The answer text of an open-ended response: the <answer> block, else what follows the thinking."""
     answer = extract_answer(text)
-    return answer if answer is not None else _after_thinking(text)
+    return answer if answer is not None else after_thinking(text)
 
 
 def grade(text: str, key: AnswerKey) -> Grade:
@@ -207,64 +205,3 @@ def total_reward(
 # --------------------------------------------------------------------------------------------
 # LLM judge for open-ended answers
 # --------------------------------------------------------------------------------------------
-JUDGE_SYSTEM = (
-    "You grade short answers to questions about a video. You are given the question, the reference answer and a "
-    "candidate answer. The candidate is correct when it means the same as the reference (wording, word order and "
-    "extra harmless detail do not matter; a different or partial fact does)."
-)
-JUDGE_USER = "Question: {question}\nReference answer: {reference}\nCandidate answer: {candidate}\n\nIs the candidate answer correct? Reply with one word: yes or no."
-_VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
-
-
-class JudgeError(RuntimeError):
-    """The judge's reply says neither yes nor no."""
-
-
-def parse_verdict(reply: str) -> bool:
-    """yes/no from a judge's reply: its first word, else the last yes/no it wrote after any thinking."""
-    text = _after_thinking(reply)
-    words = normalize_answer(text).split()
-    if words and words[0] in ("yes", "no"):
-        return words[0] == "yes"
-    verdicts = _VERDICT.findall(text)
-    if not verdicts:
-        raise JudgeError(f"the judge answered neither yes nor no: {reply[:200]!r}")
-    return verdicts[-1].lower() == "yes"
-
-
-@dataclass
-class LLMJudge:
-    """An LLM on an OpenAI-compatible endpoint deciding whether an open-ended answer is right.
-
-    `client` is a `models.openai_client.ChatClient` (retries, concurrency limit, timeouts)."""
-
-    client: Any
-    model: str
-    max_tokens: int | None = None
-
-    async def __call__(self, question: str, reference: str, candidate: str) -> bool:
-        messages = [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_USER.format(question=question, reference=reference, candidate=candidate)},
-        ]
-        result = await self.client.complete(messages, model=self.model, temperature=0.0, max_tokens=self.max_tokens)
-        return parse_verdict(result.content)
-
-
-async def judge_grades(judge: LLMJudge, key: AnswerKey, grades: Sequence[Grade]) -> list[Grade]:
-    """Grades with the open-ended misses decided by the judge; each distinct prediction asked once.
-    Raises what the judge raises (`ChatRequestError`, `JudgeError`)."""
-    if key.question_type != OPEN_ENDED:
-        return list(grades)
-    candidates: dict[str, str] = {}  # normalised prediction -> one way it was written
-    for g in grades:
-        normal = normalize_answer(g.predicted or "")
-        if not g.correct and normal:
-            candidates.setdefault(normal, g.predicted or "")
-    verdicts = await asyncio.gather(*(judge(key.question, key.answer, text) for text in candidates.values()))
-    decided = dict(zip(candidates, verdicts))
-    out = []
-    for g in grades:
-        normal = normalize_answer(g.predicted or "")
-        out.append(replace(g, correct=decided[normal], method="judge") if not g.correct and normal in decided else g)
-    return out

@@ -1,0 +1,1 @@
+"""Caption stage: one VLM caption per clip."""

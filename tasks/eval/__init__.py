@@ -1,0 +1,1 @@
+"""Eval stage: every configured model answers the eval split; accuracy per reasoning category."""
