@@ -1,7 +1,7 @@
 """QA stage throughput against an OpenAI-compatible server answering each request after 50 ms.
 
 The real stage (`run_stage(QAStage())`, fresh workdir, empty answer cache) against the test server
-of `tests/openai_server.py`, run in its own process so that it does not share a GIL with the stage.
+of `tests/support/openai_server.py`, run in its own process so that it does not share a GIL with the stage.
 The simulated R1 answers every generation request with real items about the very captions in its
 prompt (so each video's refinements are distinct requests) behind a `<think>` preamble, and every
 refinement with R1-style steps. Items/s for `qa.concurrency` 1, 8 and 32: with latency-bound
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from openai_server import (  # noqa: E402
+from tests.support.openai_server import (  # noqa: E402
     OpenAITestServer,
     Reply,
     RequestInfo,
@@ -34,7 +34,7 @@ from openai_server import (  # noqa: E402
     refined_reply,
     request_kind,
 )
-from stand_ins import Published  # noqa: E402
+from tests.support.stand_ins import Published  # noqa: E402
 
 from data_schemas import CAPTIONS  # noqa: E402
 from tasks.config import load_config

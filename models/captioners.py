@@ -20,8 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from models.openai_client import ChatClient, ChatRequestError, read_api_key
 from models.video import FrameSampling, SampledFrames, read_frames
-from models.vlm import GenerationTiming, HFVideoLM, VideoPrompt, video_messages
+from models.vlm import (
+    GenerationTiming,
+    HFVideoLM,
+    VideoPrompt,
+    resolve_model_ref,
+    video_messages,
+)
 
 
 @dataclass(frozen=True)
@@ -167,8 +174,6 @@ class OpenAICaptioner:
 
     @classmethod
     def from_config(cls, cfg: Any, settings: CaptionSettings) -> "OpenAICaptioner":
-        from models.openai_client import read_api_key
-
         return cls(
             cfg.model, settings, base_url=cfg.base_url, api_key=read_api_key(cfg.api_key_env), concurrency=cfg.concurrency,
             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, send_video_url=cfg.send_video_url,
@@ -186,8 +191,6 @@ class OpenAICaptioner:
         return run_async(self._caption_all(list(clips)))
 
     async def _caption_all(self, clips: list[ClipRequest]) -> list[CaptionResult]:
-        from models.openai_client import ChatClient
-
         async with ChatClient(
             base_url=self.base_url, api_key=self._api_key, concurrency=self.concurrency, timeout_s=self.timeout_s,
             max_retries=self.max_retries,
@@ -195,8 +198,6 @@ class OpenAICaptioner:
             return list(await asyncio.gather(*(self._caption_one(client, clip) for clip in clips)))
 
     async def _caption_one(self, client: Any, clip: ClipRequest) -> CaptionResult:
-        from models.openai_client import ChatRequestError
-
         try:
             messages, n_frames = await asyncio.to_thread(self._messages, clip)
         except Exception as exc:
@@ -226,8 +227,6 @@ class VLLMCaptioner:
             from vllm import LLM, SamplingParams
         except ImportError as exc:  # pragma: no cover - exercised on GPU machines only
             raise RuntimeError("caption.backend=vllm needs vLLM: install the `gpu` extra on a CUDA machine") from exc
-        from models.vlm import resolve_model_ref
-
         self.model = model
         self.settings = settings
         self.timing = CaptionTiming()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.tiny import ensure_tiny_model
 from models.video import (
     VIDEO_PREPROCESSOR_FILE,
     SampledFrames,
@@ -46,8 +47,6 @@ def resolve_model_ref(ref: str) -> str:
     """`tiny` is our locally built tiny Qwen2.5-VL (built on first use); anything else is a
     checkpoint folder or a model id that `from_pretrained` resolves."""
     if ref == TINY:
-        from models.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model())
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else ref

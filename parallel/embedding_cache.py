@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from models.qwen_sp import sp_video_embeddings
 from models.video import SampledFrames, VideoPreprocessConfig, build_video_inputs
 from models.vlm import EncodedVideoBatch
 from parallel.loss import count_sum
@@ -128,8 +129,6 @@ def encode_requests(
 ) -> tuple[EncodedVideoBatch, EncodeStats]:
     """The step's prompts, tokenized (left-padded, for generation) and with their videos encoded
     once each: from the cache, else in one vision-tower call (split over the SP group)."""
-    from models.qwen_sp import sp_video_embeddings
-
     device = next(model.parameters()).device
     inputs = build_video_inputs(tokenizer, [r.messages for r in requests], [r.frames for r in requests], preprocess)
     rows = inputs["video_grid_thw"].prod(-1).tolist()

@@ -13,6 +13,9 @@ from models.captioners import (
     CaptionResult,
     CaptionSettings,
     ClipRequest,
+    HFCaptioner,
+    OpenAICaptioner,
+    VLLMCaptioner,
     prompt_hash,
 )
 from tasks.config import CaptionConfig
@@ -35,15 +38,9 @@ def make_captioner(cfg: CaptionConfig) -> Captioner:
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed,
     )
     if cfg.backend == "hf":
-        from models.captioners import HFCaptioner
-
         return HFCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
     if cfg.backend == "openai":
-        from models.captioners import OpenAICaptioner
-
         return OpenAICaptioner.from_config(cfg, settings)
-    from models.captioners import VLLMCaptioner
-
     return VLLMCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
 
 

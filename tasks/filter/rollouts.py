@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from models.video import SampledFrames
-from models.vlm import Generation, GenerationTiming, HFVideoLM, VideoPrompt
+from models.vlm import (
+    Generation,
+    GenerationTiming,
+    HFVideoLM,
+    VideoPrompt,
+    resolve_model_ref,
+)
 from tasks.config import FilterConfig
 from tasks.grading.prompts import sampling_seed
 
@@ -69,8 +75,6 @@ class VLLMSampler:  # pragma: no cover - GPU machines only
             from vllm import LLM
         except ImportError as exc:
             raise RuntimeError("filter.backend=vllm needs vLLM: install the `gpu` extra on a CUDA machine") from exc
-        from models.vlm import resolve_model_ref
-
         self.cfg = cfg
         self.llm = LLM(
             model=resolve_model_ref(cfg.model), trust_remote_code=cfg.trust_remote_code, limit_mm_per_prompt={"video": 1}, seed=cfg.seed

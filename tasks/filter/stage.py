@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_schemas import FILTER, FILTER_ROLLOUTS, QA, VIDEOS, TableSchema
+from models.openai_client import ChatRequestError
 from models.video import SampledFrames
 from models.vlm import Generation
 from tasks.config import FilterConfig
@@ -134,8 +135,6 @@ class FilterStage(Stage):
 
     @staticmethod
     def _judge_failure(item_id: str, exc: BaseException) -> Failure:
-        from models.openai_client import ChatRequestError
-
         if isinstance(exc, ChatRequestError):
             if exc.fatal:
                 raise StageError(f"filter: the judge endpoint refused the request ({exc}); check judge_base_url, judge_model and the key") from exc

@@ -90,7 +90,7 @@ class HFRolloutEngine:
         """Nothing to do: rollouts are drawn from the policy module itself."""
 
 
-class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/test_grpo_vllm.py, marked gpu)
+class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/grpo/test_rollout_vllm.py, marked gpu)
     """A colocated vLLM engine sharing the GPU with the trainer (sleep mode between rollouts)."""
 
     def __init__(self, model_path: str, tokenizer: Any, stops: set[int], eos_id: int, cfg: GRPOConfig, seed: int):

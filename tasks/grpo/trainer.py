@@ -50,6 +50,7 @@ from parallel.topology import SPGroup, Topology
 from tasks.config import FilterConfig, GRPOConfig
 from tasks.engine.store import stable_hash
 from tasks.grading.answers import AnswerKey, Grade, grade, total_reward
+from tasks.grading.judge import judge_all
 from tasks.grpo import core_algos
 from tasks.grpo.data import RLExample
 from tasks.grpo.prefill import (
@@ -127,8 +128,6 @@ def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollou
     """Grade every rollout with `tasks.grading.answers`; the judge (if any) decides open-ended misses."""
     grades: list[list[Grade]] = [[grade(r.text, key) for r in group] for key, group in zip(keys, rollouts)]
     if judge is not None:
-        from tasks.grading.judge import judge_all
-
         for i, judged in enumerate(judge_all(judge, list(zip(keys, grades)))):
             if isinstance(judged, BaseException):  # an unanswered judge leaves the plain verdicts
                 log.warning("judge failed on %r: %s", keys[i].question[:80], judged)

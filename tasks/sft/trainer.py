@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from models.qwen_sp import SPQwen2_5_VL
 from models.video import FrameSampling
+from models.vlm import load_preprocess_config
 from parallel.launch import run_worker
 from parallel.loss import count_sum, cross_entropy_sum
 from parallel.sequence import IGNORE_INDEX, shift_labels
@@ -82,8 +84,6 @@ def build_engine(model_path: str, cfg: SFTConfig, topo: Topology, schedule: Trai
     import deepspeed
     from transformers import AutoModelForImageTextToText
 
-    from models.qwen_sp import SPQwen2_5_VL
-
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     # Every rank loads the whole model into host memory and ZeRO-3 partitions it at initialize.
     # (transformers' partitioned loading, HfDeepSpeedConfig, records weight renamings that
@@ -130,8 +130,6 @@ class Trainer(StepTrainer):
 
     def __init__(self, job: TrainJob):
         from transformers import AutoTokenizer
-
-        from models.vlm import load_preprocess_config
 
         self.job = job
         self.cfg = job.config

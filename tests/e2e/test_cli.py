@@ -1,0 +1,140 @@
+"""`lvr` as a user runs it: a subprocess, real ffmpeg, real Prefect (ephemeral API), real Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.support.paths import REPO, run_cli
+from tests.support.videos import make_video
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-src")
+    make_video(root / "a.mp4", 24, fps=25, gop=50)
+    make_video(root / "b.mp4", 16, fps=25, gop=25, source="smptebars")
+    (root / "broken.mp4").write_text("not a video")
+    return root
+
+
+def test_stages_and_config_commands():
+    out = run_cli("stages")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert [ln.split()[1] for ln in lines] == ["clip", "caption", "qa", "filter", "sft", "grpo", "eval"]
+    shown = run_cli("config", "--config", "longvila-r1", "--set", "clip.seconds=8")
+    assert shown.returncode == 0 and "seconds: 8.0" in shown.stdout and "NVILA" in shown.stdout
+
+
+def test_bad_override_exits_2_with_valid_keys(tmp_path):
+    out = run_cli("run", "--workdir", str(tmp_path / "wd"), "--set", "clip.secs=3", "--to", "clip")
+    assert out.returncode == 2
+    assert "unknown key 'clip.secs'" in out.stderr and "min_seconds" in out.stderr
+    assert not (tmp_path / "wd").exists()
+
+
+def test_run_to_clip_twice_second_is_cached(tmp_path, small_source):
+    wd = tmp_path / "wd"
+    first = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (wd / "clip" / "_manifest.json").exists()
+    status = run_cli("status", str(wd))
+    clip_line = next(ln for ln in status.stdout.splitlines() if ln.startswith("clip"))
+    assert clip_line.split()[1:4] == ["done", str(len(pd.read_parquet(wd / "clip"))), "1"]
+    assert next(ln for ln in status.stdout.splitlines() if ln.startswith("caption")).split()[1] == "missing"
+    manifest_before = (wd / "clip" / "_manifest.json").read_text()
+
+    second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip", "--engine", "local")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (wd / "clip" / "_manifest.json").read_text() == manifest_before  # nothing was redone
+    status = run_cli("status", str(wd))
+    assert next(ln for ln in status.stdout.splitlines() if ln.startswith("clip")).split()[1] == "cached"
+
+
+def test_from_caption_without_clip_fails_clearly(tmp_path, small_source):
+    out = run_cli("run", "--source", str(small_source), "--workdir", str(tmp_path / "wd"), "--from", "qa", "--to", "qa", "--engine", "local")
+    assert out.returncode != 0
+    assert "stage 'qa' needs the output of 'caption'" in out.stderr and "--from caption" in out.stderr
+
+
+def test_full_run_end_to_end(tmp_path, small_source):
+    """`lvr run` over the whole DAG on the tiny profile: every stage done, the report written."""
+    from tasks.stages import STAGE_NAMES
+
+    wd = tmp_path / "wd"
+    # The tiny profile (SP=2 training, as `make run`), with fewer steps and samples.
+    cheaper = ["filter.runs=4", "caption.max_new_tokens=16", "sft.epochs=1", "grpo.steps=2", "eval.max_new_tokens=16"]
+    out = run_cli("run", "--source", str(small_source), "--workdir", str(wd), *[a for o in cheaper for a in ("--set", o)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all((wd / s / "_manifest.json").exists() for s in STAGE_NAMES)
+    assert (wd / "report" / "index.html").exists() and len(pd.read_parquet(wd / "eval" / "_summary")) > 0
+    status = run_cli("status", str(wd)).stdout
+    assert [ln.split()[1] for ln in status.splitlines() if ln.split() and ln.split()[0] in STAGE_NAMES] == ["done"] * 7
+
+
+def _clip_rows(workdir: Path) -> list[dict]:
+    df = pd.read_parquet(workdir / "clip").drop(columns=["clip_uri"])
+    return df.sort_values("clip_id").to_dict("records")
+
+
+def test_sigkill_mid_stage_then_rerun_matches_clean_run(tmp_path):
+    src = tmp_path / "src"
+    for i in range(5):
+        make_video(src / f"v{i}.mp4", 20 + 2 * i, fps=25, gop=30, size="320x240", source="testsrc2" if i % 2 else "smptebars")
+    wd = tmp_path / "killed"
+    argv = [sys.executable, "-m", "flows.cli", "run", "--source", str(src), "--workdir", str(wd), "--to", "clip",
+            "--set", "clip.mode=exact", "--set", "clip.shard_size=1"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = wd / "clip" / "_work" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(shards.glob("*/_done.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, ephemeral Prefect server included
+    proc.wait()
+    done_before = len(list(shards.glob("*/_done.json")))
+    assert 2 <= done_before < 5, "the kill must land mid-stage"
+    assert not (wd / "clip" / "_manifest.json").exists()
+
+    rerun = run_cli("run", "--source", str(src), "--workdir", str(wd), "--to", "clip", "--set", "clip.mode=exact", "--set", "clip.shard_size=1")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = json.loads((wd / "clip" / "_manifest.json").read_text())
+    assert manifest["shards"]["reused"] >= done_before and manifest["shards"]["total"] == 5
+
+    clean = tmp_path / "clean"
+    out = run_cli("run", "--source", str(src), "--workdir", str(clean), "--to", "clip", "--set", "clip.mode=exact",
+                  "--set", "clip.shard_size=1", "--engine", "local")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _clip_rows(wd) == _clip_rows(clean)
+    assert len(list((wd / "clip").glob("part-*.parquet"))) == 1
+
+
+def test_models_build_tiny_then_loads_through_from_pretrained(tmp_path):
+    out = run_cli("models", "build-tiny", "--out", str(tmp_path / "tiny"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    assert folder == (tmp_path / "tiny").resolve() and (folder / "config.json").exists()
+    again = run_cli("models", "build-tiny", "--out", str(tmp_path / "tiny"))  # already built: a no-op
+    assert again.returncode == 0 and Path(again.stdout.strip().splitlines()[-1]) == folder
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert model.config.text_config.hidden_size == 64 and model.config.vision_config.depth == 2
+
+
+def test_synth_writes_a_complete_filter_stage(tmp_path):
+    out = run_cli("synth", str(tmp_path / "wd"), "--videos", "5")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = pd.read_parquet(tmp_path / "wd" / "filter")
+    assert len(table) == 15 and set(table["split"]) <= {"sft", "rl", "eval"}
+    assert json.loads((tmp_path / "wd" / "filter" / "_manifest.json").read_text())["rows"] == 15

@@ -1,0 +1,165 @@
+"""The offline template generator: every answer is checked against the captions' order and time ranges.
+
+The checker below knows only the question wording and the captions, not how the generator picked
+its clips: it finds the clip each quoted snippet comes from and recomputes the answer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from tasks.grading.answers import FORMAT_PATTERN
+from tasks.grading.prompts import CATEGORIES, QUESTION_TYPES
+from tasks.qa.captions import Clip, VideoCaptions, caption_lines, mmss
+from tasks.qa.parser import parse_generation, parse_refinement
+from tasks.qa.prompts import LETTERS
+from tasks.qa.refine import build_target
+from tasks.qa.template import (
+    distinctive_snippets,
+    draft_questions,
+    render_answer,
+    rewrite_reasoning,
+)
+from tests.support.openai_server import KITCHEN_CAPTIONS
+
+QUOTE = re.compile(r"\u201c(.*?)\u201d")
+SPAN = re.compile(r"\b\d{2,}:\d{2}-\d{2,}:\d{2}\b")
+
+
+def video(video_id: str, captions: list[str], seconds: float = 10.0) -> VideoCaptions:
+    return VideoCaptions(video_id, tuple(Clip(f"{video_id}-{i:05d}", i * seconds, (i + 1) * seconds, c) for i, c in enumerate(captions)))
+
+
+def gibberish_video(video_id: str, n: int, seed: int) -> VideoCaptions:
+    """Like the tiny random captioner's output: token soup, tags and the word 'caption' included."""
+    vocab = ["the", "bowl", "red", "ly", "ing", "<think>", "</answer>", "caption", "Ġx", "##", ".", ",", "sl", "ow", "a", "of",
+             "green", "tom", "ato", "es", "she", "pan", "table", "steam", "zz", "qu", "ick", "1", "2", "!"]
+    rng = random.Random(seed)
+    return video(video_id, [" ".join(rng.choice(vocab) for _ in range(rng.randint(6, 24))) for _ in range(n)])
+
+
+KITCHEN = VideoCaptions("kitchen", tuple(Clip(f"kitchen-{i}", a, b, c) for i, (a, b, c) in enumerate(KITCHEN_CAPTIONS)))
+DUPLICATES = video("dups", ["a man walks a dog in the park", "a man walks a dog in the park", "rain falls on a red car",
+                            "a man walks a dog in the park", "children play football near a fountain", "the sun sets behind hills",
+                            "rain falls on a red car now"])
+LONG = video("long", [f"scene {i} shows object number {i} on shelf {i % 7}" for i in range(420)], seconds=10.0)
+VIDEOS = [KITCHEN, DUPLICATES, LONG, gibberish_video("gib1", 8, 1), gibberish_video("gib2", 5, 2), gibberish_video("gib3", 12, 3),
+          video("three", ["a cat sleeps on a sofa", "a cat eats from a bowl", "a cat jumps onto a window sill"])]
+
+
+def locate(v: VideoCaptions, snippet: str) -> int:
+    norm = " ".join(snippet.casefold().split())
+    hits = [i for i, c in enumerate(v.clips) if norm in " ".join(c.caption.casefold().split())]
+    assert len(hits) == 1, f"{snippet!r} occurs in clips {hits}: it must single out one moment"
+    return hits[0]
+
+
+def check(v: VideoCaptions, category: str, qtype: str, question: str, options: tuple[str, ...] | None, answer: str) -> None:
+    """Recompute the answer from the captions alone and compare."""
+    quotes = QUOTE.findall(question)
+    picked = options[LETTERS.index(answer)] if options else answer
+    spans = [c.span for c in v.clips]
+    if category == "Temporal" and qtype == "multiple_choice":
+        labelled = [locate(v, q) for q in quotes]
+        assert len(labelled) == 3 and len(set(labelled)) == 3
+        order = [int(x) - 1 for x in re.findall(r"\((\d)\)", picked)]
+        assert [labelled[k] for k in order] == sorted(labelled)
+    elif category == "Temporal":
+        a, b = (locate(v, q) for q in quotes)
+        assert locate(v, picked) == min(a, b)
+    elif category == "Goal and Purpose" and qtype == "multiple_choice":
+        start = locate(v, quotes[0])
+        indices = [locate(v, o) for o in options]
+        assert locate(v, picked) == max(indices) and start <= min(indices)
+    elif category == "Goal and Purpose":
+        assert locate(v, picked) == len(v.clips) - 1 and locate(v, quotes[0]) < len(v.clips) - 1
+    elif category == "Spatial":
+        assert picked == spans[locate(v, quotes[0])]
+        if options:
+            assert set(options) <= set(spans)
+    elif category == "Plot and Narrative" and qtype == "multiple_choice":
+        a, c = (locate(v, q) for q in quotes)
+        assert c == a + 2 and locate(v, picked) == a + 1
+        assert all(locate(v, o) != a + 1 for o in options if o != picked)
+    else:
+        (a,) = (locate(v, q) for q in quotes)
+        assert locate(v, picked) == a + 1
+
+
+@pytest.mark.parametrize("v", VIDEOS, ids=lambda v: v.video_id)
+def test_every_answer_matches_the_captions(v):
+    produced = 0
+    formed = set()
+    for category in CATEGORIES:
+        for qtype in QUESTION_TYPES:
+            drafts = draft_questions(v, category, qtype, 3)
+            result = parse_generation(render_answer(drafts), qtype) if drafts else None
+            if result is None:
+                continue
+            assert not result.failures, result.failures  # the template's JSON passes the LLM validator
+            assert len({i.question for i in result.items}) == len(result.items)
+            for item in result.items:
+                check(v, category, qtype, item.question, item.options, item.answer)
+                cited = set(SPAN.findall(item.reasoning))
+                assert len(cited) >= 2 and cited <= {c.span for c in v.clips}  # reasoning cites real time ranges
+                refined = parse_refinement(rewrite_reasoning(item.reasoning))
+                assert "caption" not in refined.lower() and set(SPAN.findall(refined)) == cited
+                assert "Checking the video at" in refined
+                assert FORMAT_PATTERN.match(build_target(refined, item.answer))
+                produced += 1
+                formed.add((category, qtype))
+    assert produced >= 8  # every category and type is formed on these videos, several questions each
+    # Every category on every video; every type too, except the multiple-choice kinds that need more
+    # distinct clips than the three-clip video and the duplicate-ridden one have.
+    assert {(c, "open_ended") for c in CATEGORIES} <= formed
+    if v.video_id not in ("three", "dups"):
+        assert formed == {(c, t) for c in CATEGORIES for t in QUESTION_TYPES}
+
+
+def test_answer_letters_are_spread_across_options():
+    letters = [d.answer for v in VIDEOS for c in CATEGORIES for d in draft_questions(v, c, "multiple_choice", 3)]
+    assert set(letters) == set(LETTERS)
+
+
+def test_short_videos_skip_what_they_cannot_support():
+    one = video("one", ["a cat sleeps"])
+    two = video("two", ["a cat sleeps on a sofa", "a dog barks at the door"])
+    assert all(not draft_questions(one, c, t, 1) for c in CATEGORIES for t in QUESTION_TYPES)
+    formed = {(c, t) for c in CATEGORIES for t in QUESTION_TYPES if draft_questions(two, c, t, 1)}
+    assert formed == {("Temporal", "open_ended"), ("Goal and Purpose", "open_ended"), ("Spatial", "open_ended"), ("Plot and Narrative", "open_ended")}
+    for c, t in formed:
+        (d,) = draft_questions(two, c, t, 1)
+        check(two, c, t, d.question, d.options, d.answer)
+
+
+def test_duplicate_captions_never_make_ambiguous_quotes():
+    snippets = distinctive_snippets(DUPLICATES)
+    # Clips 0, 1, 3 share a caption; clip 2's whole caption recurs inside clip 6's, so only clip 6,
+    # through its own word "now", can be quoted.
+    assert set(snippets) == {4, 5, 6}
+    assert "now" in snippets[6]
+    all_same = video("same", ["the same view"] * 5)
+    assert distinctive_snippets(all_same) == {}
+    assert all(not draft_questions(all_same, c, t, 1) for c in CATEGORIES for t in QUESTION_TYPES)
+
+
+def test_quotes_avoid_tags_and_the_word_caption():
+    for v in VIDEOS:
+        for snippet in distinctive_snippets(v).values():
+            assert "caption" not in snippet.lower() and "<" not in snippet
+
+
+def test_deterministic_and_seeded_by_video():
+    a = [render_answer(draft_questions(KITCHEN, c, t, 2)) for c in CATEGORIES for t in QUESTION_TYPES]
+    b = [render_answer(draft_questions(KITCHEN, c, t, 2)) for c in CATEGORIES for t in QUESTION_TYPES]
+    renamed = VideoCaptions("kitchen-2", KITCHEN.clips)
+    c = [render_answer(draft_questions(renamed, c, t, 2)) for c in CATEGORIES for t in QUESTION_TYPES]
+    assert a == b and a != c
+
+
+def test_times_are_mm_ss_past_an_hour():
+    assert mmss(0) == "00:00" and mmss(61.5) == "01:02" and mmss(4510) == "75:10"
+    assert caption_lines(LONG).splitlines()[-1].startswith("From 69:50 to 70:00: scene 419")

@@ -1,0 +1,1 @@
+"""What tests share: test servers (OpenAI-protocol, Prefect, S3), stand-ins for upstream stages, helpers."""
