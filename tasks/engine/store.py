@@ -32,6 +32,9 @@ MANIFEST = "_manifest.json"
 FAILURES_FILE = "_failures.parquet"
 WORK_DIR = "_work"
 PART_PATTERN = "part-{:05d}.parquet"
+# This machine's filesystem, for the atomic writers of files that are local by nature (job files,
+# trainer state, caches): the same temp-and-rename as for workdir files.
+LOCAL = LocalFileSystem()
 
 
 def canonical_json(obj: Any) -> str:

@@ -62,13 +62,13 @@ from tasks.report.markdown import (
     read_report_file,
     write_report_file,
 )
+from tasks.stages import TRAINING_STAGES
 from tasks.training.loop import MODEL_DIR
 from tasks.training.models import local_model
 
 log = logging.getLogger("lvr.eval")
 
 BASE = "base"
-TRAINED_STAGES = ("sft", "grpo")  # eval.models keywords naming the model a stage of the same name trains
 SUMMARY_DIR = "_summary"
 REPORT_FILE = "eval.md"
 # What one answer depends on besides its model, frame count and question (those key the items).
@@ -141,7 +141,7 @@ def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[
     for entry in cfg.models:
         if entry == BASE:
             models.append(EvalModel(entry, base_model, stable_hash({"ref": base_model})))
-        elif entry in TRAINED_STAGES:
+        elif entry in TRAINING_STAGES:
             manifest = read_manifest(workdir, entry)
             if manifest is None or not workdir.exists(entry, MODEL_DIR):
                 notes.append(f"{entry}: skipped, the {entry} stage has not produced {workdir.uri(entry, MODEL_DIR)} yet")
@@ -312,7 +312,7 @@ class EvalStage(Stage):
     def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
         fingerprints = super().input_fingerprints(ctx)
         for model in self.models(ctx)[0]:
-            if model.label in TRAINED_STAGES:
+            if model.label in TRAINING_STAGES:
                 fingerprints[model.label] = model.identity
         return fingerprints
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from parallel.loss import count_sum
 from parallel.sequence import IGNORE_INDEX
 from parallel.topology import SPGroup, Topology
 from tasks.config import FilterConfig, GRPOConfig
-from tasks.engine.store import stable_hash
+from tasks.engine.store import LOCAL, stable_hash, write_json_atomic
 from tasks.grading.answers import AnswerKey, Grade, grade, total_reward
 from tasks.grading.judge import judge_all
 from tasks.grpo import core_algos
@@ -97,9 +96,7 @@ class GRPOJob:
             **asdict(self), "config": self.config.model_dump(mode="json"),
             "judge": self.judge.model_dump(mode="json") if self.judge else None,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(LOCAL, str(path), data)
 
     @classmethod
     def load(cls, path: Path) -> GRPOJob:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ffmpeg
 
+from tasks.engine.store import LOCAL, write_bytes_atomic
 from tasks.media.ffmpeg import MediaError, run_tool, stderr_tail
 
 FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
@@ -258,6 +259,4 @@ def _scenes_document(specs: tuple[SampleSpec, ...]) -> dict:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    write_bytes_atomic(LOCAL, str(path), text.encode("utf-8"))

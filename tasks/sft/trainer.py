@@ -10,7 +10,6 @@ result record to the job's work folder, where the stage picks them up.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from parallel.loss import count_sum, cross_entropy_sum
 from parallel.sequence import IGNORE_INDEX, shift_labels
 from parallel.topology import Topology
 from tasks.config import SFTConfig
+from tasks.engine.store import LOCAL, write_json_atomic
 from tasks.media.frames import read_video_frames
 from tasks.sft.data import SFTExample, collate, encode_example
 from tasks.training import checkpoints as ckpt
@@ -52,9 +52,7 @@ class TrainJob:
 
     def save(self, path: Path) -> None:
         data = {**asdict(self), "config": self.config.model_dump(mode="json")}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(LOCAL, str(path), data)
 
     @classmethod
     def load(cls, path: Path) -> TrainJob:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import TRAIN_METRICS, validate_table
+from tasks.engine.store import LOCAL, write_json_atomic, write_table_atomic
 
 STATE_FILE = "trainer_state.json"
 TRAIN_INFO_FILE = "lvr_train.json"  # inside a saved model folder: which run and step wrote it
@@ -116,10 +117,7 @@ def rng_file(folder: Path, rank: int) -> Path:
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    table = TRAIN_METRICS.from_rows(rows)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_table_atomic(LOCAL, str(path), TRAIN_METRICS.from_rows(rows), TRAIN_METRICS)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -127,9 +125,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def write_state(folder: Path, state: TrainerState) -> None:
-    tmp = folder / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / STATE_FILE)
+    write_json_atomic(LOCAL, str(folder / STATE_FILE), asdict(state))
 
 
 def copy_processor_files(base: Path, out: Path) -> None:

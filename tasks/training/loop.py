@@ -10,7 +10,6 @@ written its part, so a run killed at any moment resumes from a whole checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from parallel.launch import configure_worker_logging
 from parallel.topology import Topology, init_topology
+from tasks.engine.store import LOCAL, write_json_atomic
 from tasks.training import checkpoints as ckpt
 
 JOB_FILE = "job.json"  # in a run's work folder: what the workers train
@@ -126,7 +126,7 @@ class StepTrainer:
         if self.is_main:
             work = Path(self.job.work_dir)
             ckpt.write_metrics(work / METRICS_FILE, self.metrics)
-            (work / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+            write_json_atomic(LOCAL, str(work / RESULT_FILE), asdict(result))
         dist.barrier()
         return result
 
@@ -187,7 +187,7 @@ class StepTrainer:
             self.tokenizer.save_pretrained(folder)
             ckpt.copy_processor_files(Path(self.job.model_path), folder)
             info = {"run_key": self.job.run_key, "step": step, "base_model": self.job.model_path}
-            (folder / ckpt.TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            write_json_atomic(LOCAL, str(folder / ckpt.TRAIN_INFO_FILE), info)
 
     def publish(self) -> None:
         """Write the trained model to `<out_dir>/model`, replacing the previous one atomically."""
