@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline (or a range of its stages)")
     run.add_argument("--config", default=DEFAULT_CONFIG, help="built-in config name or YAML path (default: tiny)")
-    run.add_argument("--source", default=None, help="directory, glob, list file or Parquet/CSV manifest (default: built-in sample)")
+    run.add_argument("--source", default=None, help="directory, list file, Parquet/CSV manifest or video file (taken literally), or glob:PATTERN (default: built-in sample)")
     run.add_argument("--workdir", default="runs/sample", help="where artifacts go: a path or fsspec URL (default: runs/sample)")
     run.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, default=None, help="first stage (default: clip)")
     run.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, default=None, help="last stage (default: eval)")
@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-failures", action="store_true",
         help="process again the items stages recorded as failures (finished items are kept)",
+    )
+    run.add_argument(
+        "--allow-shrink", action="store_true",
+        help="accept a source listing fewer than clip.max_shrink of the last complete run's videos (refused by default)",
+    )
+    run.add_argument(
+        "--no-wait", action="store_true",
+        help="fail at once, naming the other run, when another run is writing a stage of this workdir (default: wait)",
     )
     run.add_argument(
         "--execution", choices=("local", "deployments"), default="local",
@@ -121,8 +129,9 @@ def _configure_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
 
-    if args.retry_failures:
-        args.overrides = [*args.overrides, "execution.retry_failures=true"]
+    flags = {"retry_failures": "execution.retry_failures=true", "allow_shrink": "execution.allow_shrink=true",
+             "no_wait": "execution.wait_for_lock=false"}
+    args.overrides = [*args.overrides, *(override for flag, override in flags.items() if getattr(args, flag))]
     try:
         load_config(args.config, args.overrides)  # fail fast, before Prefect starts
         if args.engine == "local" and args.execution != "local":

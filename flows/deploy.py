@@ -1,9 +1,10 @@
 """`lvr deploy`: prefect.yaml's deployments on one machine, without Docker or Kubernetes.
 
 Production registers prefect.yaml as shipped (`prefect deploy --all`: Docker or Kubernetes pools,
-images with the project at /opt/lvr). A single machine gets the same deployments, schedules and
-forms with every deployment on one `process` work pool that runs this checkout, so a worker started
-here serves them all.
+images with lvr installed and flow runs starting in /opt/lvr). A single machine gets the same
+deployments, schedules and forms with every deployment on one `process` work pool whose flow runs
+start in the directory `lvr deploy` ran in, so a worker started here serves them all. Entrypoints
+are module paths (`flows.pipeline.clip_flow`): flow runs import the installed lvr, checkout or not.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import json
 import subprocess
 import sys
 import tempfile
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-PREFECT_YAML = REPO / "prefect.yaml"
+# The repository root's prefect.yaml, shipped in the wheel through the link flows/prefect.yaml.
+PREFECT_YAML = files("flows") / "prefect.yaml"
 RUN_PARAMETERS = ("workdir", "source", "config", "overrides")
 
 
@@ -43,11 +46,13 @@ def single_machine_spec(spec: dict[str, Any], pool: str, project_dir: Path, para
 
 
 def deploy_single_machine(
-    pool: str, parameters: dict[str, Any], prefect_yaml: Path = PREFECT_YAML, project_dir: Path = REPO,
+    pool: str, parameters: dict[str, Any], prefect_yaml: Path | Traversable = PREFECT_YAML, project_dir: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> list[str]:
     """Create (or update) the process pool and register every deployment on the server at
-    PREFECT_API_URL. Returns the deployment names."""
+    PREFECT_API_URL; flow runs start in `project_dir` (default: the current directory). Returns the
+    deployment names."""
+    project_dir = (project_dir or Path.cwd()).resolve()
     spec = single_machine_spec(yaml.safe_load(prefect_yaml.read_text()), pool, project_dir, parameters)
     prefect = [sys.executable, "-m", "prefect"]
     subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], check=True, env=env,
@@ -55,7 +60,6 @@ def deploy_single_machine(
     with tempfile.TemporaryDirectory(prefix="lvr-deploy-") as tmp:
         path = Path(tmp) / "prefect.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        # Entrypoints in prefect.yaml are relative to the project: deploy from there.
         subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], check=True, cwd=project_dir, env=env)
     return [d["name"] for d in spec["deployments"]]
 

@@ -7,11 +7,12 @@ All logic lives in `tasks/`; these functions only translate parameters and hand 
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from datetime import datetime
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -19,9 +20,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Cancelling
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from tasks.config import StageName, load_config
@@ -56,8 +59,10 @@ def shard_task_runner(execution: ExecutionConfig) -> TaskRunner:
 
 
 def _prefect_mapper(stage: str, execution: ExecutionConfig):
-    """Shards as Prefect tasks with retries, at most `shard_workers` in flight."""
-    shard = shard_task.with_options(retries=execution.shard_retries, retry_delay_seconds=execution.shard_retry_delay_s)
+    """Shards as Prefect tasks with retries and an optional time limit, at most `shard_workers` in flight."""
+    shard = shard_task.with_options(
+        retries=execution.shard_retries, retry_delay_seconds=execution.shard_retry_delay_s, timeout_seconds=execution.shard_timeout_s
+    )
     in_process = execution.task_runner == "threads"
 
     def map_shards(work: ShardWork, indices: list[int]) -> list[ShardOutcome]:
@@ -150,7 +155,7 @@ def _stage_flow(name: str):
     return stage_flow
 
 
-# Module-level names: prefect.yaml's entrypoints (`flows/pipeline.py:<stage>_flow`) point at them.
+# Module-level names: prefect.yaml's entrypoints (`flows.pipeline.<stage>_flow`) point at them.
 clip_flow = _stage_flow("clip")
 caption_flow = _stage_flow("caption")
 qa_flow = _stage_flow("qa")
@@ -188,14 +193,16 @@ def stage_deployment_name(stage: str, deployment: str) -> str:
 def _deployment_stage_runner(parameters: dict[str, Any], deployment: str) -> StageRunner:
     def run(name: str, ctx: StageContext) -> StageReport:
         target = stage_deployment_name(name, deployment)
+        execution = ctx.config.execution
         logger = get_run_logger()
         logger.info("%s: starting deployment %s", name, target)
         try:
-            child = run_deployment(
-                target, parameters=parameters, timeout=None, poll_interval=ctx.config.execution.deployment_poll_s, as_subflow=True
-            )
+            # timeout=0 only creates the run: the wait is ours, so that a wait that ends otherwise
+            # than with the run (over its limit, this flow cancelled) can cancel it.
+            created = run_deployment(target, parameters=parameters, timeout=0, as_subflow=True)
         except ObjectNotFound:
             raise StageError(f"{name}: no deployment {target!r} on the Prefect server; register it with `prefect deploy --all`") from None
+        child = _wait_for_stage_run(name, target, created, execution.stage_timeout_s, execution.deployment_poll_s)
         state = child.state
         if state is None or not state.is_completed():
             raise StageError(
@@ -213,6 +220,46 @@ def _deployment_stage_runner(parameters: dict[str, Any], deployment: str) -> Sta
     return run
 
 
+def _wait_for_stage_run(stage: str, target: str, run: FlowRun, timeout_s: float | None, poll_s: float) -> FlowRun:
+    """The stage's flow run once in a final state. A run still going when the wait ends otherwise is
+    cancelled: one over `timeout_s` (its infrastructure may be gone: a lost node, a deleted pod) is
+    a StageError; when this flow is cancelled, crashes or fails while waiting, the stage's run must
+    not go on (or start later) for a pipeline that is no longer there."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        try:
+            while True:
+                if run.state is not None and run.state.is_final():
+                    return run
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+                run = client.read_flow_run(run.id)
+        except BaseException as exc:  # a cancelled flow run sees a signal here; a crash any exception
+            _cancel_flow_run(client, run, f"the pipeline stopped waiting for it ({type(exc).__name__})")
+            raise
+        limit = f"execution.stage_timeout_s={timeout_s:g} s"
+        _cancel_flow_run(client, run, f"no final state within {limit}")
+    raise StageError(
+        f"{stage}: flow run {run.name!r} ({run.id}) of {target} did not finish within {limit} "
+        f"(it was {run.state.name if run.state else 'without a state'}; is a worker polling its pool, did its "
+        "infrastructure die?); it was cancelled. Retry this run once it is fixed (finished stages are kept)"
+    )
+
+
+def _cancel_flow_run(client: Any, run: FlowRun, reason: str) -> None:
+    """Cancel the run: one no worker has taken is Cancelled at once; for one that runs, Cancelling
+    asks its worker to stop its infrastructure. Best effort: the error that got us here matters more."""
+    message = f"cancelled by the lvr pipeline: {reason}"
+    try:
+        run = client.read_flow_run(run.id)
+        # Proposed as Cancelling, a Scheduled run is made Cancelled by the server without our message.
+        state = Cancelled(message=message) if run.state is not None and run.state.is_scheduled() else Cancelling(message=message)
+        client.set_flow_run_state(run.id, state)
+    except Exception as exc:  # noqa: BLE001 -- best effort, logged; the caller re-raises its own error
+        get_run_logger().warning("could not cancel flow run %s (%s): %s", run.name, reason, exc)
+
+
 @flow(name="lvr-pipeline", log_prints=True, validate_parameters=True)
 def lvr_pipeline(
     source: str | None = None,
@@ -224,11 +271,13 @@ def lvr_pipeline(
     execution: ExecutionMode = ExecutionMode.local,
     stage_deployment: str = "lvr-{stage}",
     retry_failures: bool = False,
+    allow_shrink: bool = False,
 ) -> dict[str, Any]:
     """Long videos to a reasoning dataset and a trained VLM: clip > caption > qa > filter > sft > grpo > eval.
 
     Args:
-        source: Videos to process: a directory, glob, list file or Parquet/CSV manifest (local or s3://...).
+        source: Videos to process: a directory, list file, Parquet/CSV manifest or video (taken literally), or
+            glob:PATTERN (local or s3://...).
             Empty: the config's `source`, else the built-in sample.
         workdir: Where every stage writes its Parquet, media and checkpoints (local path or fsspec URL).
             With `execution: deployments` every stage's worker must see it: use object storage.
@@ -243,9 +292,13 @@ def lvr_pipeline(
             (`lvr-<stage>`); `{stage}` is replaced by the stage name.
         retry_failures: Process again the items stages recorded as failures (a flaky LLM endpoint,
             a video that was missing); finished items are kept, and stages without failures stay cached.
+        allow_shrink: Accept a source that lists fewer than `clip.max_shrink` of the last complete
+            run's videos (refused by default: an unmounted or half-written source would wipe the dataset).
     """
     if retry_failures:
         overrides = [*(overrides or []), "execution.retry_failures=true"]
+    if allow_shrink:
+        overrides = [*(overrides or []), "execution.allow_shrink=true"]
     cfg = load_config(config, overrides)
     flow_run = FlowRunContext.get()
     run_id = str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else None

@@ -96,10 +96,12 @@ def _seed_for(clip_ids: Sequence[str], base: int) -> int:
 class HFCaptioner:
     backend = "hf"
 
-    def __init__(self, model: str, settings: CaptionSettings, *, trust_remote_code: bool = False, device: str = "auto"):
+    def __init__(
+        self, model: str, settings: CaptionSettings, *, trust_remote_code: bool = False, revision: str | None = None, device: str = "auto"
+    ):
         self.model = model
         self.settings = settings
-        self.lm = HFVideoLM(model, device=device, trust_remote_code=trust_remote_code)
+        self.lm = HFVideoLM(model, device=device, trust_remote_code=trust_remote_code, revision=revision)
         self.timing = CaptionTiming()
 
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]:
@@ -209,8 +211,11 @@ class OpenAICaptioner:
                 extra_body={"top_p": s.top_p, "seed": s.seed},
             )
         except ChatRequestError as exc:
-            if exc.fatal:
-                raise  # a wrong key, model or URL fails every clip the same way: stop the stage
+            # A wrong key, model or URL fails every clip the same way, and an endpoint that is down
+            # says nothing about this clip: both stop the shard (retried, or redone by a rerun)
+            # instead of recording the clip as failed.
+            if exc.fatal or exc.transient:
+                raise
             return CaptionResult(clip.clip_id, "", n_frames, 0, 0, 0.0, error_kind=f"request_failed_{exc.kind}", error=str(exc))
         return CaptionResult(
             clip.clip_id, result.content.strip(), n_frames, result.prompt_tokens or 0, result.completion_tokens or 0, result.latency_s,
@@ -222,7 +227,7 @@ class VLLMCaptioner:
 
     backend = "vllm"
 
-    def __init__(self, model: str, settings: CaptionSettings, *, trust_remote_code: bool = False):
+    def __init__(self, model: str, settings: CaptionSettings, *, trust_remote_code: bool = False, revision: str | None = None):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as exc:  # pragma: no cover - exercised on GPU machines only
@@ -230,7 +235,10 @@ class VLLMCaptioner:
         self.model = model
         self.settings = settings
         self.timing = CaptionTiming()
-        self.llm = LLM(model=resolve_model_ref(model), trust_remote_code=trust_remote_code, limit_mm_per_prompt={"video": 1})
+        self.llm = LLM(
+            model=resolve_model_ref(model), trust_remote_code=trust_remote_code, revision=revision, tokenizer_revision=revision,
+            limit_mm_per_prompt={"video": 1},
+        )
         self.params = SamplingParams(
             max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed
         )

@@ -36,6 +36,8 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 # Statuses that mean the configuration is wrong (key, permissions, model or URL): every other
 # request would fail the same way, so callers should stop rather than record a failure per item.
 FATAL_STATUSES = frozenset({401, 403, 404})
+# Failures without a status that say nothing about the request itself.
+TRANSIENT_KINDS = frozenset({"timeout", "connection", "bad_response", "stream_error"})
 # Placeholder for key-less local servers (vLLM's convention); never read OPENAI_API_KEY implicitly.
 NO_KEY = "EMPTY"
 # A server asking for a longer pause than this is treated as asking for this long.
@@ -82,13 +84,19 @@ class ChatRequestError(RuntimeError):
 
     def __init__(self, kind: str, message: str, *, status: int | None = None, attempts: int = 1) -> None:
         super().__init__(message)
-        self.kind = kind  # timeout, connection, http_<status>, bad_response
+        self.kind = kind  # timeout, connection, http_<status>, bad_response, stream_error
         self.status = status
         self.attempts = attempts
 
     @property
     def fatal(self) -> bool:
         return self.status in FATAL_STATUSES
+
+    @property
+    def transient(self) -> bool:
+        """The endpoint, not the request, failed (down, overloaded, cut off, too slow), even after
+        retries: the same request may succeed later, so no verdict on the item must be recorded."""
+        return self.status in RETRY_STATUSES or self.kind in TRANSIENT_KINDS
 
 
 @dataclass(frozen=True)
@@ -278,9 +286,16 @@ class ChatClient:
             message = self._scrub(f"HTTP {status}: {exc.message}")
             return _AttemptFailure(f"http_{status}", message, status, status in RETRY_STATUSES, retry_after)
         if isinstance(exc, openai.APIConnectionError):
-            return _AttemptFailure("connection", self._scrub(f"connection error: {exc}"), None, True)
+            # openai says only "Connection error."; the transport's reason tells a refused connection
+            # from a stream cut mid-answer ("incomplete chunked read").
+            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            return _AttemptFailure("connection", self._scrub(f"connection error: {exc}{cause}"), None, True)
         if isinstance(exc, (_BadResponse, openai.APIResponseValidationError)):
             return _AttemptFailure("bad_response", self._scrub(f"unusable response: {exc}"), None, True)
+        if isinstance(exc, openai.APIError):
+            # An error event inside a 200 stream: the server gave up mid-answer (vLLM does this when
+            # generation fails); its status codes there are not reliable, so it is always retried.
+            return _AttemptFailure("stream_error", self._scrub(f"the stream ended with an error: {exc.message}"), None, True)
         raise exc  # a programming error, not a transport problem: let it surface
 
 

@@ -173,6 +173,7 @@ class HFVideoLM:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    revision: str | None = None  # the pinned commit of a hub model id (ignored for local folders)
     model: Any = field(init=False, repr=False)
     tokenizer: Any = field(init=False, repr=False)
     preprocess: VideoPreprocessConfig = field(init=False)
@@ -194,9 +195,9 @@ class HFVideoLM:
         torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
         if torch_dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code, revision=self.revision)
         self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=self.trust_remote_code
+            path, dtype=torch_dtype, trust_remote_code=self.trust_remote_code, revision=self.revision
         ).to(self.device)
         self.model.eval()
         self.preprocess = load_preprocess_config(path)

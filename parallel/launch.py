@@ -7,10 +7,15 @@ function through `run_worker`, which writes the traceback of an uncaught excepti
 the directory named by `$LVR_WORKER_ERROR_DIR` before dying. The first traceback written is the
 root cause; workers torchrun then stops leave none.
 
+torchrun dies with the process that launched it: it runs in a session of its own (a terminal's
+Ctrl-C or a killed process group reaches `launch`, which stops it) and asks Linux for SIGTERM when
+its parent dies (PR_SET_PDEATHSIG), which it forwards to its workers. So a pipeline killed with
+SIGKILL, alone or with its group, never leaves a training run behind, writing checkpoints next to
+the rerun. `timeout_s` bounds a launch the same way: torchrun is stopped and `LaunchTimeout` raised.
+
 Worker side (`run_worker`): besides the traceback file, an orphan guard ends the worker when its
-torchrun agent disappears (torchrun starts workers in their own sessions, so killing the agent's
-process group, e.g. a SIGKILLed pipeline, would otherwise leave them training, and writing
-checkpoints, next to the rerun).
+torchrun agent disappears (torchrun starts workers in their own sessions, so a torchrun killed with
+SIGKILL would otherwise leave them training).
 
 Multi-node: every node runs the same torchrun command with its own `node_rank` and node 0's
 `master_addr:master_port` (static rendezvous, so global ranks follow node ranks);
@@ -20,8 +25,12 @@ Multi-node: every node runs the same torchrun command with its own `node_rank` a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +45,7 @@ ERROR_DIR_ENV = "LVR_WORKER_ERROR_DIR"
 TRACEBACK_PATTERN = "rank-{rank:05d}.traceback"
 EXIT_ORPHANED = 70
 _LOG_TAIL_LINES = 200
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,18 @@ class WorkerFailed(RuntimeError):
         super().__init__(f"distributed run exited with code {returncode}; {detail}")
 
 
+class LaunchTimeout(RuntimeError):
+    """A distributed run stopped because it outlived its time limit (`timeout_s` of `launch`)."""
+
+    def __init__(self, timeout_s: float, log_tail: list[str]):
+        self.timeout_s = timeout_s
+        self.log_tail = log_tail
+        super().__init__(
+            f"distributed run did not finish within {timeout_s:g} s; torchrun and its workers were stopped; last output:\n"
+            + "\n".join(log_tail[-30:])
+        )
+
+
 def torchrun_argv(spec: LaunchSpec, node_rank: int | None = None) -> list[str]:
     """The torchrun command for node `node_rank` (default: the spec's)."""
     argv = [spec.python, "-m", "torch.distributed.run", f"--nproc-per-node={spec.nproc_per_node}", "--max-restarts=0"]
@@ -105,12 +127,19 @@ def torchrun_argv(spec: LaunchSpec, node_rank: int | None = None) -> list[str]:
     return [*argv, "-m", spec.module, *spec.args]
 
 
-def launch(spec: LaunchSpec, log: logging.Logger, error_dir: str | os.PathLike, node_rank: int | None = None) -> LaunchResult:
+def launch(
+    spec: LaunchSpec, log: logging.Logger, error_dir: str | os.PathLike, node_rank: int | None = None,
+    timeout_s: float | None = None,
+) -> LaunchResult:
     """Run `spec` with torchrun on this node (node `node_rank`, default the spec's), streaming
     every output line to `log`.
 
-    Raises `WorkerFailed` if any worker fails. If this call is interrupted (an exception such as
-    KeyboardInterrupt or a cancelled task), torchrun is terminated, which stops its workers.
+    Raises `WorkerFailed` if any worker fails, `LaunchTimeout` if the run takes longer than
+    `timeout_s` (None: no limit). If this call is interrupted (an exception such as
+    KeyboardInterrupt or a cancelled task), torchrun is terminated, which stops its workers; if
+    this process dies, torchrun is sent SIGTERM (see the module docstring). The parent-death
+    signal follows the thread that started torchrun, and this call blocks that thread until
+    torchrun has exited, so the signal never fires early.
     On a multi-node run `error_dir` is on storage every node sees: all ranks leave their
     tracebacks there, and only node 0, which starts the run, clears the previous attempt's.
     """
@@ -125,10 +154,26 @@ def launch(spec: LaunchSpec, log: logging.Logger, error_dir: str | os.PathLike, 
     log.info("launching: %s", " ".join(argv))
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
+    prctl = _linux_prctl()
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        text=True, errors="replace", bufsize=1,
+        text=True, errors="replace", bufsize=1, start_new_session=True,
+        preexec_fn=functools.partial(_die_with_parent, prctl, os.getpid()) if prctl is not None else None,  # noqa: PLW1509 -- it takes no lock: prctl and getppid only
     )
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        if proc.poll() is not None:  # finished just in time
+            return
+        timed_out.set()
+        log.error("the run is over its time limit of %g s: stopping torchrun", timeout_s)
+        _stop(proc)
+
+    # The output loop blocks until torchrun and its workers close the pipe: the limit acts from aside.
+    timer = threading.Timer(timeout_s, expire) if timeout_s is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -139,10 +184,33 @@ def launch(spec: LaunchSpec, log: logging.Logger, error_dir: str | os.PathLike, 
     except BaseException:
         _stop(proc)
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if timed_out.is_set():
+        raise LaunchTimeout(timeout_s, list(tail))
     if returncode != 0:
         rank, text = first_traceback(errors)
         raise WorkerFailed(returncode, rank, text, list(tail))
     return LaunchResult(argv, time.perf_counter() - started)
+
+
+def _linux_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up before forking (loading a library in the forked child is unsafe);
+    None off Linux, where torchrun then relies on `launch` stopping it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> None:
+    """In torchrun's process between fork and exec: SIGTERM it when its parent dies (kept across exec)."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:

@@ -45,4 +45,5 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """
     with tempfile.TemporaryDirectory(prefix="lvr-local-") as out_dir:
         mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True, start_method="spawn")
-        return [torch.load(Path(out_dir) / f"rank-{r}.pt", weights_only=False) for r in range(world_size)]
+        # weights_only: results are tensors and plain containers; nothing here unpickles arbitrary objects.
+        return [torch.load(Path(out_dir) / f"rank-{r}.pt", weights_only=True) for r in range(world_size)]

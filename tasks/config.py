@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import os
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -16,9 +18,10 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from parallel.topology import sp_layout
 from tasks.engine.settings import ExecutionConfig, Section
-from tasks.stages import STAGE_NAMES
+from tasks.stages import STAGE_NAMES, TRAINING_STAGES
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The built-in configs: YAML files of the `configs` package, so an installed wheel has them too.
+BUILTIN_CONFIGS = "configs"
 DEFAULT_CONFIG = "tiny"
 
 
@@ -35,9 +38,34 @@ class ConfigError(ValueError):
     """A config file or override that does not validate; the message names keys and expected types."""
 
 
+REVISION_DOC = (
+    "Pinned revision (a commit hash, or a tag or branch) of a hub model id, passed to every from_pretrained; it is part "
+    "of the stage's fingerprint. Ignored for 'tiny' and local folders."
+)
+ALLOW_UNPINNED_DOC = "Accept trust_remote_code with a hub model id and no revision (the code run is whatever the hub serves that day)."
+
+
+def is_model_id(ref: str) -> bool:
+    """A hub model id (`org/name`): not 'tiny', not a URL, not a path that exists or is written as one."""
+    if ref == "tiny" or "://" in ref or ref.startswith(("/", ".", "~")):
+        return False
+    return not Path(ref).expanduser().exists()
+
+
+def check_remote_code_pinned(models: list[str], revision: str | None, trust_remote_code: bool, allow_unpinned: bool) -> None:
+    """Remote code from a hub model id runs only at a pinned revision, unless allowed explicitly:
+    unpinned, a pushed commit would run in every later unattended run."""
+    unpinned = [m for m in models if is_model_id(m)] if trust_remote_code and revision is None and not allow_unpinned else []
+    if unpinned:
+        raise ValueError(
+            f"trust_remote_code: true with model id {unpinned[0]!r} and no revision would run whatever code the hub serves; "
+            "pin `revision` (a commit hash) or set `allow_unpinned_remote_code: true`"
+        )
+
+
 class ClipConfig(Section):
-    # How work is grouped, not what it produces.
-    runtime_keys = ("shard_size",)
+    # How work is grouped and what listing is trusted, not what it produces.
+    runtime_keys = ("shard_size", "max_shrink", "tool_timeout_s")
 
     seconds: float = Field(10.0, gt=0, description="Target clip length.")
     min_seconds: float = Field(3.0, gt=0, description="A tail shorter than this joins the previous clip.")
@@ -51,6 +79,16 @@ class ClipConfig(Section):
         default_factory=lambda: [".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"],
         description="File extensions picked up when the source is a directory.",
     )
+    tool_timeout_s: float | None = Field(
+        3600.0, gt=0,
+        description="Kill an ffmpeg/ffprobe run that takes longer than this many seconds; the video is recorded as a "
+        "failure of kind `timeout` (none: no limit).",
+    )
+    max_shrink: float = Field(
+        0.5, ge=0, le=1,
+        description="A source listing fewer than this share of the videos of the last complete clip run is refused "
+        "(execution.allow_shrink accepts it); a source listing none is always refused.",
+    )
 
     @model_validator(mode="after")
     def _min_below_target(self) -> "ClipConfig":
@@ -61,7 +99,7 @@ class ClipConfig(Section):
 
 class CaptionConfig(Section):
     # How work is scheduled or authenticated, never what a caption says.
-    runtime_keys = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env")
+    runtime_keys = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env", "allow_unpinned_remote_code")
 
     backend: Literal["hf", "openai", "vllm"] = "hf"
     model: str = Field("tiny", description="A local checkpoint folder, a model id already on disk, or 'tiny'.")
@@ -74,6 +112,8 @@ class CaptionConfig(Section):
     seed: int = Field(0, description="Sampling seed (used when temperature > 0).")
     batch_size: int = Field(4, ge=1)
     trust_remote_code: bool = False
+    revision: str | None = Field(None, description=REVISION_DOC)
+    allow_unpinned_remote_code: bool = Field(False, description=ALLOW_UNPINNED_DOC)
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
     concurrency: int = Field(8, ge=1)
@@ -81,6 +121,12 @@ class CaptionConfig(Section):
     max_retries: int = Field(5, ge=0)
     send_video_url: bool = Field(False, description="openai backend: send the clip as one video_url instead of frames as images.")
     shard_size: int = Field(64, ge=1, description="Clips per shard.")
+
+    @model_validator(mode="after")
+    def _remote_code_pinned(self) -> "CaptionConfig":
+        if self.backend != "openai":
+            check_remote_code_pinned([self.model], self.revision, self.trust_remote_code, self.allow_unpinned_remote_code)
+        return self
 
 
 class QAConfig(Section):
@@ -124,11 +170,16 @@ Difficulty = Literal["easy", "medium", "hard"]
 
 class FilterConfig(Section):
     # How work is grouped and the judge reached, not what is answered or judged.
-    runtime_keys = ("shard_size", "judge_base_url", "judge_api_key_env", "judge_concurrency", "judge_timeout_s", "judge_max_retries")
+    runtime_keys = (
+        "shard_size", "judge_base_url", "judge_api_key_env", "judge_concurrency", "judge_timeout_s", "judge_max_retries",
+        "allow_unpinned_remote_code",
+    )
 
     backend: Literal["hf", "vllm"] = "hf"
     model: str = Field("tiny", description="The base model: a local checkpoint folder, a model id already on disk, or 'tiny'.")
     trust_remote_code: bool = False
+    revision: str | None = Field(None, description=REVISION_DOC)
+    allow_unpinned_remote_code: bool = Field(False, description=ALLOW_UNPINNED_DOC)
     runs: int = Field(10, ge=1, description="Answers drawn per question, in one batched generation (num_return_sequences / vLLM n).")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -164,10 +215,11 @@ class FilterConfig(Section):
             )
         if self.sft_min_reasoning_words > self.sft_max_reasoning_words:
             raise ValueError("sft_min_reasoning_words must not exceed sft_max_reasoning_words")
+        check_remote_code_pinned([self.model], self.revision, self.trust_remote_code, self.allow_unpinned_remote_code)
         return self
 
 
-TRAINING_RUNTIME_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port")
+TRAINING_RUNTIME_KEYS = ("save_every", "keep_checkpoints", "node_rank", "master_addr", "master_port", "launch_timeout_s")
 
 
 def check_topology(sp_degree: int, procs_per_node: int, nnodes: int, node_rank: int, master_addr: str | None) -> None:
@@ -184,6 +236,7 @@ class SFTConfig(Section):
     runtime_keys = TRAINING_RUNTIME_KEYS
 
     model: str = Field("tiny", description="Base checkpoint: a local folder, a model id already on disk, or 'tiny'.")
+    revision: str | None = Field(None, description=REVISION_DOC)
     sp_degree: int = Field(2, ge=1, description="Ranks sharing one sequence (Ulysses); must divide the world size and the attention heads.")
     nproc_per_node: int = Field(2, ge=1, description="Training processes per node (one per GPU; on CPU, gloo processes).")
     nnodes: int = Field(1, ge=1, description="Nodes; more than one needs master_addr and the worker command run on every node (see README).")
@@ -205,6 +258,10 @@ class SFTConfig(Section):
     seed: int = 0
     save_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+    launch_timeout_s: float | None = Field(
+        None, gt=0, description="Stop the training run (torchrun and its workers) after this many seconds; none: no limit. "
+        "A rerun resumes from the last checkpoint.",
+    )
 
     @property
     def procs_per_node(self) -> int:
@@ -225,6 +282,7 @@ class GRPOConfig(Section):
         description="Initial policy and frozen reference: sft = the SFT stage's model (<workdir>/sft/model) once that stage is "
         "complete, else the base model (filter.model); or a checkpoint folder, a model id already on disk, or 'tiny'.",
     )
+    revision: str | None = Field(None, description=f"{REVISION_DOC} Only for a model id in `model`; the base fallback uses filter.revision.")
     rollout_engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate from the cached embeddings; vllm: colocated vLLM (GPU).")
     group_size: int = Field(8, ge=2, description="Rollouts per question (G).")
     prompts_per_step: int = Field(4, ge=1, description="Questions per step and data-parallel replica.")
@@ -267,6 +325,10 @@ class GRPOConfig(Section):
     seed: int = 0
     save_every: int = Field(10, ge=1, description="Checkpoint every this many steps.")
     keep_checkpoints: int = Field(2, ge=1)
+    launch_timeout_s: float | None = Field(
+        None, gt=0, description="Stop the training run (torchrun and its workers) after this many seconds; none: no limit. "
+        "A rerun resumes from the last checkpoint.",
+    )
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vllm engine: share of GPU memory it may take while awake.")
     vllm_max_model_len: int | None = Field(None, ge=1, description="vllm engine: longest prompt + response; default the model's.")
 
@@ -282,7 +344,7 @@ class GRPOConfig(Section):
 
 class EvalConfig(Section):
     # How work is grouped and what models may run, not what they answer.
-    runtime_keys = ("shard_size", "trust_remote_code")
+    runtime_keys = ("shard_size", "trust_remote_code", "allow_unpinned_remote_code")
 
     models: list[str] = Field(
         default_factory=lambda: ["base", "sft", "grpo"],
@@ -300,6 +362,8 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(1024, ge=1)
     batch_size: int = Field(4, ge=1, description="Questions per generation call.")
     trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own modelling code (NVILA/VILA).")
+    revision: str | None = Field(None, description=f"{REVISION_DOC} For the model ids in `models`; base uses filter.revision.")
+    allow_unpinned_remote_code: bool = Field(False, description=ALLOW_UNPINNED_DOC)
     shard_size: int = Field(32, ge=1, description="Questions per shard (of one model at one frame count).")
 
     @model_validator(mode="after")
@@ -309,6 +373,8 @@ class EvalConfig(Section):
         repeated = sorted({m for m in self.models if self.models.count(m) > 1})
         if repeated:
             raise ValueError(f"models lists {', '.join(repeated)} more than once")
+        ids = [m for m in self.models if m not in ("base", *TRAINING_STAGES)]
+        check_remote_code_pinned(ids, self.revision, self.trust_remote_code, self.allow_unpinned_remote_code)
         return self
 
     @property
@@ -330,15 +396,16 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
-def resolve_config_path(config: str | Path) -> Path:
-    """A path to a YAML file, or the name of one under configs/ ("tiny", "longvila-r1")."""
+def resolve_config_path(config: str | Path) -> Path | Traversable:
+    """A path to a YAML file, or the name of a built-in config ("tiny", "longvila-r1")."""
     path = Path(config).expanduser()
     if path.is_file():
         return path
-    named = CONFIGS_DIR / f"{config}.yaml"
+    builtin = files(BUILTIN_CONFIGS)
+    named = builtin / f"{config}.yaml"
     if named.is_file():
         return named
-    available = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    available = sorted(p.name.removesuffix(".yaml") for p in builtin.iterdir() if p.name.endswith(".yaml"))
     raise ConfigError(f"config {str(config)!r} is neither a file nor one of the built-in configs: {', '.join(available)}")
 
 

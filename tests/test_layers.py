@@ -14,7 +14,7 @@ import pytest
 from tasks.stages import STAGES
 from tests.support.paths import REPO
 
-PACKAGES = ("flows", "tasks", "models", "parallel", "data_schemas")
+PACKAGES = ("flows", "tasks", "models", "parallel", "data_schemas", "configs")
 STAGE_PACKAGES = {spec.class_path.split(":")[0].rsplit(".", 1)[0] for spec in STAGES}
 LIBRARIES = ("tasks.media", "tasks.grading", "tasks.training", "tasks.report", "tasks.samples")
 

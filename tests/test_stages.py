@@ -39,5 +39,5 @@ def test_lvr_stages_lists_them_in_order(capsys):
 
 def test_prefect_yaml_has_one_deployment_per_stage():
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    per_stage = {d["name"]: d["entrypoint"] for d in deployments if d["entrypoint"] != "flows/pipeline.py:lvr_pipeline"}
-    assert per_stage == {f"lvr-{name}": f"flows/pipeline.py:{name}_flow" for name in STAGE_NAMES}
+    per_stage = {d["name"]: d["entrypoint"] for d in deployments if d["entrypoint"] != "flows.pipeline.lvr_pipeline"}
+    assert per_stage == {f"lvr-{name}": f"flows.pipeline.{name}_flow" for name in STAGE_NAMES}

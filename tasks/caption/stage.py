@@ -6,6 +6,9 @@ import contextlib
 import logging
 import re
 import threading
+from typing import Any
+
+import pyarrow as pa
 
 from data_schemas import CAPTIONS, CLIPS
 from models.captioners import (
@@ -23,10 +26,12 @@ from tasks.engine.stage import (
     ShardResult,
     Stage,
     StageContext,
+    StageError,
     WorkItem,
     read_stage_table,
 )
 from tasks.engine.store import Failure, stable_hash
+from tasks.grading.prompts import count_neutralised, neutralise_special_tokens
 from tasks.media.cache import local_copy
 
 log = logging.getLogger("lvr.caption")
@@ -38,10 +43,10 @@ def make_captioner(cfg: CaptionConfig) -> Captioner:
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed,
     )
     if cfg.backend == "hf":
-        return HFCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
+        return HFCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.backend == "openai":
         return OpenAICaptioner.from_config(cfg, settings)
-    return VLLMCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code)
+    return VLLMCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
 # C0 control characters other than tab/newline, and the tags our training targets are made of:
@@ -51,7 +56,10 @@ _RESERVED_TAGS = re.compile(r"</?(?:think|answer)>")
 
 
 def clean_caption(text: str) -> str:
-    return _RESERVED_TAGS.sub(" ", _CONTROL.sub("", text)).strip()
+    """The caption as it enters the dataset: no control characters, no reasoning tags, and special
+    tokens (`<|video_pad|>`) broken into plain text, since questions quote captions."""
+    text, _ = neutralise_special_tokens(_RESERVED_TAGS.sub(" ", _CONTROL.sub("", text)))
+    return text.strip()
 
 
 def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
@@ -67,9 +75,12 @@ def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
     return None
 
 
+REQUEST_FAILED = "request_failed_"  # error kinds of clips whose request got no usable answer
+
+
 class CaptionStage(Stage):
     name = "caption"
-    code_version = "2"  # 2: control characters and reasoning tags removed from captions
+    code_version = "3"  # 2: control characters and reasoning tags removed from captions; 3: special tokens neutralised
     inputs = ("clip",)
     output = CAPTIONS
     item_columns = {CAPTIONS.name: "clip_id"}
@@ -91,6 +102,16 @@ class CaptionStage(Stage):
             if self._captioner is None:
                 self._captioner = make_captioner(ctx.config.caption)
             return self._captioner
+
+    def finalize(self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]) -> tuple[dict[str, pa.Table], list[Failure]]:
+        """A run in which every request failed is a broken endpoint, not a dataset without captions."""
+        if failures and tables[CAPTIONS.name].num_rows == 0 and all(f.error_kind.startswith(REQUEST_FAILED) for f in failures):
+            first = failures[0]
+            raise StageError(
+                f"caption: every one of the {len(failures)} clips failed (first: {first.error_kind}: {first.message}); "
+                "nothing was published"
+            )
+        return tables, failures
 
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         cfg = ctx.config.caption
@@ -115,3 +136,9 @@ class CaptionStage(Stage):
                 }
             )
         return ShardResult({CAPTIONS.name: CAPTIONS.from_rows(rows)}, failures)
+
+    def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:
+        """How many special-token markers the captions held (broken by `clean_caption`): a captioner
+        that writes them is worth a look."""
+        captions = read_stage_table(ctx.workdir, self.name, CAPTIONS).column("caption").to_pylist()
+        return f"Special tokens neutralised in captions: {count_neutralised(captions)}"

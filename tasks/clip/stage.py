@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_schemas import CLIPS, VIDEOS
+from tasks.engine.manifest import read_manifest
 from tasks.engine.stage import ShardResult, Stage, StageContext, StageError, WorkItem
 from tasks.engine.store import Failure, stable_hash
 from tasks.media.cache import local_copy
@@ -27,6 +28,7 @@ from tasks.media.ffmpeg import (
 from tasks.media.sources import (
     SourceError,
     SourceVideo,
+    check_listing,
     list_sources,
     source_fingerprint,
 )
@@ -51,10 +53,16 @@ class ClipStage(Stage):
         if not source:
             raise StageError("the clip stage needs a source: pass --source or set `source:` in the config")
         if self._listing is None or self._listing[0] != source:
+            last = read_manifest(ctx.workdir, self.name)
             try:
-                self._listing = (source, list_sources(source, ctx.config.clip.extensions))
+                videos = list_sources(source, ctx.config.clip.extensions)
+                check_listing(
+                    source, len(videos), last["items"] if last else None, ctx.config.clip.max_shrink,
+                    ctx.config.execution.allow_shrink,
+                )
             except SourceError as exc:
                 raise StageError(str(exc)) from exc
+            self._listing = (source, videos)
         return self._listing[1]
 
     def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
@@ -78,6 +86,14 @@ class ClipStage(Stage):
                 log.warning("clip: %s: %s (%s)", item.item_id, exc.kind, exc.message)
                 failures.append(Failure(item.item_id, exc.kind, exc.message))
                 continue
+            except FileNotFoundError as exc:  # deleted since the listing: gone from the next one too
+                failures.append(Failure(item.item_id, "missing", f"{type(exc).__name__}: {exc}"))
+                continue
+            except (OSError, MemoryError):
+                # A full disk, a failed download, no memory: the machine's fault, not the video's.
+                # The shard fails (Prefect retries it, a rerun redoes it) instead of recording the
+                # video as bad for good.
+                raise
             except Exception as exc:  # one broken input must not stop the other videos
                 log.exception("clip: unexpected error on %s", item.item_id)
                 failures.append(Failure(item.item_id, "unexpected", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -89,18 +105,20 @@ class ClipStage(Stage):
     def _clip_one(self, ctx: StageContext, uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         cfg = ctx.config.clip
         with local_copy(uri) as local:
-            probe = probe_video(local)
+            probe = probe_video(local, tool_timeout_s=cfg.tool_timeout_s)
             video_id = content_id(local)
             plan = plan_cuts(probe.duration_s, probe.keyframe_times, cfg.seconds, cfg.min_seconds, cfg.max_deviation_s, cfg.mode)
             media = f"{self.media_dir(ctx)}/{video_id}"
             workdir = ctx.workdir
             if workdir.is_local:
-                files = cut_video(local, media, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe)
+                files = cut_video(local, media, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe,
+                                  tool_timeout_s=cfg.tool_timeout_s)
                 uris = [f.path for f in files]
             else:
                 scratch = Path(tempfile.mkdtemp(prefix="lvr-clip-"))
                 try:
-                    files = cut_video(local, scratch, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe)
+                    files = cut_video(local, scratch, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe,
+                                  tool_timeout_s=cfg.tool_timeout_s)
                     uris = []
                     for f in files:
                         target = f"{media}/{Path(f.path).name}"

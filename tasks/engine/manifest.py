@@ -6,6 +6,9 @@ from typing import Any
 
 from tasks.engine.store import MANIFEST, Workdir, read_json, stable_hash
 
+# lvr's distribution (pyproject.toml's project name), whose version manifests record.
+DISTRIBUTION = "longvideo-reasoning"
+
 
 def stage_fingerprint(stage: str, settings: dict[str, Any], input_fingerprints: dict[str, str], code_version: str) -> str:
     return stable_hash({"stage": stage, "settings": settings, "inputs": input_fingerprints, "code": code_version})
@@ -34,6 +37,6 @@ def lvr_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("lvr")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "0+unknown"

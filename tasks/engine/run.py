@@ -12,6 +12,8 @@ output that a rerun would trust.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_schemas import FAILURES, validate_table
+from tasks.engine.lease import StageLease
 from tasks.engine.manifest import lvr_version, read_manifest, stage_fingerprint
 from tasks.engine.stage import (
     ShardResult,
@@ -377,7 +380,15 @@ def serial_map(work: ShardWork, indices: list[int]) -> list[ShardOutcome]:
 
 
 def run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper = serial_map) -> StageReport:
-    """Plan, run the shards (via `map_shards`, e.g. Prefect tasks) and publish; or report cached."""
+    """Plan, run the shards (via `map_shards`, e.g. Prefect tasks) and publish; or report cached.
+    The stage's lease is held throughout: no other run plans, writes or collects in it meanwhile."""
+    execution = ctx.config.execution
+    owner = ctx.run_id or f"{socket.gethostname()}:{os.getpid()}"
+    with StageLease(ctx.workdir, stage.name, owner, wait=execution.wait_for_lock, stale_s=execution.lock_stale_s):
+        return _run_stage(stage, ctx, map_shards)
+
+
+def _run_stage(stage: Stage, ctx: StageContext, map_shards: ShardMapper) -> StageReport:
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
     plan = plan_stage(stage, ctx)

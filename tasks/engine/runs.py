@@ -67,7 +67,7 @@ def run_stages(
     record = RunRecord(run_id or uuid.uuid4().hex[:12], workdir.url, list(stages))
     workdir.makedirs()
     record.save(workdir)
-    ctx = StageContext(workdir=workdir, config=config, source=source)
+    ctx = StageContext(workdir=workdir, config=config, source=source, run_id=record.run_id)
     try:
         for name in stages:
             try:

@@ -44,3 +44,28 @@ class ExecutionConfig(Section):
     deployment_poll_s: float = Field(
         5.0, gt=0, description="With `execution: deployments`: how often the pipeline checks on a stage's flow run."
     )
+    stage_timeout_s: float | None = Field(
+        86400.0, gt=0,
+        description="With `execution: deployments`: how long the pipeline waits for a stage's flow run before cancelling "
+        "it and failing (its infrastructure may be gone); none: wait forever.",
+    )
+    shard_timeout_s: float | None = Field(
+        None, gt=0,
+        description="Fail a shard task that runs longer than this many seconds (Prefect retries it as any failure); "
+        "none: no limit. A thread cannot be killed: the late shard's work only stops when it returns, so hung tools "
+        "are stopped by clip.tool_timeout_s and <stage>.launch_timeout_s.",
+    )
+    wait_for_lock: bool = Field(
+        True,
+        description="A stage another run is writing in this workdir: wait for it (true) or fail at once naming its owner "
+        "(false; `lvr run --no-wait`).",
+    )
+    lock_stale_s: float = Field(
+        120.0, gt=0, description="A stage lock whose owner has not renewed it for this long is taken over (its owner died)."
+    )
+    allow_shrink: bool = Field(
+        False,
+        description="Accept a source that lists fewer videos than `clip.max_shrink` of the last complete clip run "
+        "(`lvr run --allow-shrink`); by default that is an error, since an unmounted or half-written source would "
+        "otherwise wipe the dataset.",
+    )

@@ -49,6 +49,7 @@ class StageContext:
     config: Any
     source: str | None = None
     progress: Callable[[int, int], None] | None = None
+    run_id: str | None = None  # names this run in the stage leases other runs see
 
     def stage_path(self, stage: str, *parts: str) -> str:
         return self.workdir.path(stage, *parts)

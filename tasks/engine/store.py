@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import fsspec
 import pyarrow as pa
@@ -60,6 +61,10 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     deployment, the nodes of a training run, new videos in a bucket), so a long-lived worker
     would not see their files.
     """
+    if url.startswith("file://"):
+        # A file URL is percent-encoded (RFC 8089): how a name that is not valid UTF-8 travels in
+        # tables and manifests (`tasks.media.sources.location_uri`), decoded back to the OS's bytes.
+        return LOCAL, os.fsdecode(unquote_to_bytes(url[len("file://"):]))
     if is_local_uri(url):
         return fsspec.core.url_to_fs(url)
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
@@ -106,9 +111,21 @@ def _temp_sibling(path: str) -> str:
     return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a local file or directory to disk. A rename survives a power cut only once its
+    directory is flushed too: markers written last must not outlive what they vouch for."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Temp file + rename: readers see the old file or the new one, never half of one."""
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    """Temp file + rename: readers see the old file or the new one, never half of one. On a local
+    disk the file and then its directory are flushed, so a marker is durable once this returns."""
+    directory = path.rpartition("/")[0]
+    fs.makedirs(directory, exist_ok=True)
     tmp = _temp_sibling(path)
     try:
         with fs.open(tmp, "wb") as fh:
@@ -117,6 +134,8 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
                 fh.flush()
                 os.fsync(fh.fileno())
         fs.mv(tmp, path)
+        if isinstance(fs, LocalFileSystem):
+            fsync_path(directory)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)

@@ -64,7 +64,7 @@ from tasks.report.markdown import (
 )
 from tasks.stages import TRAINING_STAGES
 from tasks.training.loop import MODEL_DIR
-from tasks.training.models import local_model
+from tasks.training.models import local_model, model_identity
 
 log = logging.getLogger("lvr.eval")
 
@@ -113,6 +113,7 @@ class EvalModel:
     label: str  # the eval.models entry
     path: str  # a local folder, a model id, or a folder's URL in object storage (fetched before loading)
     identity: str  # changes whenever the weights behind `path` may have changed
+    revision: str | None = None  # the pinned revision of a hub model id
 
 
 def _folder_signature(path: Path) -> str:
@@ -135,12 +136,15 @@ def _remote_folder_signature(uri: str) -> str:
     ))
 
 
-def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[list[EvalModel], list[str]]:
-    """The models to score, in `eval.models` order, and a note per entry skipped."""
+def resolve_models(
+    workdir: Workdir, cfg: EvalConfig, base_model: str, base_revision: str | None = None
+) -> tuple[list[EvalModel], list[str]]:
+    """The models to score, in `eval.models` order, and a note per entry skipped. `base_revision`
+    pins the base model (filter.revision); `eval.revision` pins the model ids of `eval.models`."""
     models, notes = [], []
     for entry in cfg.models:
         if entry == BASE:
-            models.append(EvalModel(entry, base_model, stable_hash({"ref": base_model})))
+            models.append(EvalModel(entry, base_model, model_identity(base_model, base_revision), base_revision))
         elif entry in TRAINING_STAGES:
             manifest = read_manifest(workdir, entry)
             if manifest is None or not workdir.exists(entry, MODEL_DIR):
@@ -149,10 +153,12 @@ def resolve_models(workdir: Workdir, cfg: EvalConfig, base_model: str) -> tuple[
             models.append(EvalModel(entry, workdir.uri(entry, MODEL_DIR), output_identity(manifest)))
         elif not is_local_uri(entry):
             models.append(EvalModel(entry, entry, stable_hash({"ref": entry, "files": _remote_folder_signature(entry)})))
+        elif not Path(entry).expanduser().exists():  # a model id
+            models.append(EvalModel(entry, entry, model_identity(entry, cfg.revision), cfg.revision))
         else:
             folder = Path(entry).expanduser()
             identity = _folder_signature(folder) if folder.is_dir() else ""
-            models.append(EvalModel(entry, str(folder.resolve()) if folder.exists() else entry, stable_hash({"ref": entry, "files": identity})))
+            models.append(EvalModel(entry, str(folder.resolve()), stable_hash({"ref": entry, "files": identity})))
     return models, notes
 
 
@@ -307,7 +313,7 @@ class EvalStage(Stage):
         self._lock = threading.Lock()
 
     def models(self, ctx: StageContext) -> tuple[list[EvalModel], list[str]]:
-        return resolve_models(ctx.workdir, ctx.config.eval, ctx.config.filter.model)
+        return resolve_models(ctx.workdir, ctx.config.eval, ctx.config.filter.model, ctx.config.filter.revision)
 
     def input_fingerprints(self, ctx: StageContext) -> dict[str, str]:
         fingerprints = super().input_fingerprints(ctx)
@@ -352,7 +358,9 @@ class EvalStage(Stage):
 
     def load_answerer(self, ctx: StageContext, model: EvalModel) -> Answerer:
         try:
-            lm = HFVideoLM(local_model(model.path, model.identity), trust_remote_code=ctx.config.eval.trust_remote_code)
+            lm = HFVideoLM(
+                local_model(model.path, model.identity), trust_remote_code=ctx.config.eval.trust_remote_code, revision=model.revision
+            )
         except Exception as exc:  # every item of this model would fail alike: stop with the reason
             raise StageError(f"eval: cannot load model {model.label!r} from {model.path}: {type(exc).__name__}: {exc}") from exc
         return HFAnswerer(lm, ctx.config.eval)

@@ -52,7 +52,7 @@ class HFSampler:
     timing: GenerationTiming = field(init=False, default_factory=GenerationTiming)
 
     def __post_init__(self) -> None:
-        self.lm = HFVideoLM(self.cfg.model, device=self.device, trust_remote_code=self.cfg.trust_remote_code)
+        self.lm = HFVideoLM(self.cfg.model, device=self.device, trust_remote_code=self.cfg.trust_remote_code, revision=self.cfg.revision)
 
     def sample(self, requests: Sequence[RolloutRequest]) -> list[list[Generation]]:
         cfg = self.cfg
@@ -77,7 +77,8 @@ class VLLMSampler:  # pragma: no cover - GPU machines only
             raise RuntimeError("filter.backend=vllm needs vLLM: install the `gpu` extra on a CUDA machine") from exc
         self.cfg = cfg
         self.llm = LLM(
-            model=resolve_model_ref(cfg.model), trust_remote_code=cfg.trust_remote_code, limit_mm_per_prompt={"video": 1}, seed=cfg.seed
+            model=resolve_model_ref(cfg.model), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+            tokenizer_revision=cfg.revision, limit_mm_per_prompt={"video": 1}, seed=cfg.seed,
         )
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -60,7 +60,7 @@ log = logging.getLogger("lvr.filter")
 
 # What an answer depends on; everything else only changes labels, splits, exports or the report.
 ROLLOUT_SETTINGS = (
-    "backend", "model", "trust_remote_code", "runs", "temperature", "top_p", "seed", "num_frames", "max_new_tokens",
+    "backend", "model", "revision", "trust_remote_code", "runs", "temperature", "top_p", "seed", "num_frames", "max_new_tokens",
     "batch_size", "judge_model", "prompt_version",
 )
 ITEM_COLUMNS = ("qa_id", "video_id", "category", "question_type", "question", "options", "answer", "target")
@@ -138,6 +138,8 @@ class FilterStage(Stage):
         if isinstance(exc, ChatRequestError):
             if exc.fatal:
                 raise StageError(f"filter: the judge endpoint refused the request ({exc}); check judge_base_url, judge_model and the key") from exc
+            if exc.transient:  # the judge was unreachable, not wrong about this item: redo the shard
+                raise exc
             return Failure(item_id, f"judge_{exc.kind}", f"the judge gave no answer after {exc.attempts} attempt(s): {exc}")
         if isinstance(exc, JudgeError):
             return Failure(item_id, "judge_unparseable", str(exc))

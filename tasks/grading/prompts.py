@@ -22,6 +22,7 @@ those without a system role (LLaVA/VILA JSON, EasyR1), carries the same text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,6 +46,31 @@ FORMAT_RULE = (
     "First think step by step about what happens in the video and when, inside <think> </think>; "
     "then give only the final answer inside <answer> </answer>."
 )
+
+
+# A special token written as text: `<|name|>` (Qwen/ChatML `<|im_end|>`, `<|video_pad|>`; Llama 3
+# `<|eot_id|>`) or with full-width bars (DeepSeek `<｜Assistant｜>`). Tokenizers match added tokens on
+# the raw string, so such text in a caption or a question becomes the control token itself: an extra
+# `<|video_pad|>` no longer matches the frames (the whole batch fails), an `<|im_end|>` ends the turn
+# in the middle of a training target.
+_SPECIAL_TOKEN = re.compile(r"<([|\uff5c])([^\s<>|\uff5c]{1,64})([|\uff5c])>")
+# What `neutralise_special_tokens` leaves: spaces inside the bars, which no tokenizer's token has.
+_NEUTRALISED = re.compile(r"<([|\uff5c]) ([^\s<>|\uff5c]{1,64}) ([|\uff5c])>")
+
+
+def neutralise_special_tokens(text: str) -> tuple[str, int]:
+    """`text` with every special-token marker broken (`<|im_end|>` -> `<| im_end |>`), and how many were.
+
+    Applied to every generated text (captions, questions, options, answers, reasoning) before it can
+    become a prompt or a training target, so it tokenizes as plain text for any model downstream,
+    whichever tokenizer that is. Idempotent: a broken marker is not a marker.
+    """
+    return _SPECIAL_TOKEN.subn(r"<\1 \2 \3>", text)
+
+
+def count_neutralised(texts: Iterable[str | None]) -> int:
+    """How many markers `neutralise_special_tokens` broke in these (stored) texts, for stage reports."""
+    return sum(len(_NEUTRALISED.findall(t)) for t in texts if t)
 
 
 def category_order(categories: Iterable[str]) -> list[str]:

@@ -93,7 +93,9 @@ class HFRolloutEngine:
 class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/grpo/test_rollout_vllm.py, marked gpu)
     """A colocated vLLM engine sharing the GPU with the trainer (sleep mode between rollouts)."""
 
-    def __init__(self, model_path: str, tokenizer: Any, stops: set[int], eos_id: int, cfg: GRPOConfig, seed: int):
+    def __init__(
+        self, model_path: str, tokenizer: Any, stops: set[int], eos_id: int, cfg: GRPOConfig, seed: int, revision: str | None = None
+    ):
         # The engine must live in this process for `sync_weights` to reach its model.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
@@ -104,7 +106,7 @@ class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/grpo/tes
         self.tokenizer = tokenizer
         self.stops, self.eos_id = stops, eos_id
         self.llm = LLM(
-            model=model_path, seed=seed, enable_sleep_mode=True, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            model=model_path, revision=revision, tokenizer_revision=revision, seed=seed, enable_sleep_mode=True, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             limit_mm_per_prompt={"video": 1}, enable_mm_embeds=True, max_model_len=cfg.vllm_max_model_len,
         )
         self.llm.sleep(level=1)
@@ -149,8 +151,11 @@ class VLLMRolloutEngine:  # pragma: no cover - GPU machines only (tests/grpo/tes
         self.asleep = True
 
 
-def make_rollout_engine(cfg: GRPOConfig, model: torch.nn.Module, tokenizer: Any, model_path: str, seed: int) -> RolloutEngine:
+def make_rollout_engine(
+    cfg: GRPOConfig, model: torch.nn.Module, tokenizer: Any, model_path: str, seed: int, revision: str | None = None
+) -> RolloutEngine:
     if cfg.rollout_engine == "hf":
         return HFRolloutEngine(model, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     eos = model.generation_config.eos_token_id
-    return VLLMRolloutEngine(model_path, tokenizer, stop_token_ids(model, tokenizer), eos[0] if isinstance(eos, list) else eos, cfg, seed)
+    eos_id = eos[0] if isinstance(eos, list) else eos
+    return VLLMRolloutEngine(model_path, tokenizer, stop_token_ids(model, tokenizer), eos_id, cfg, seed, revision)

@@ -34,7 +34,7 @@ from tasks.grpo.report import REPORT_FILE, write_grpo_report
 from tasks.grpo.trainer import GRPOJob
 from tasks.media.sources import video_exists
 from tasks.training.loop import MODEL_DIR
-from tasks.training.models import local_model
+from tasks.training.models import local_model, model_identity
 from tasks.training.stage import TrainingStage
 from tasks.training.staging import run_dir, staged_dir
 
@@ -47,17 +47,18 @@ class InitModel:
     path: str  # where the model is: a local folder, a model id, or a URL in an object-store workdir
     identity: str  # changes whenever the weights behind `path` may have changed
     from_sft: bool
+    revision: str | None = None  # the pinned revision of a hub model id
 
 
 def init_model(ctx: StageContext) -> InitModel:
     """`grpo.model` resolved: the SFT stage's model when asked for and complete, else the base."""
-    ref = ctx.config.grpo.model
+    ref, revision = ctx.config.grpo.model, ctx.config.grpo.revision
     if ref == SFT:
         manifest = read_manifest(ctx.workdir, SFT)
         if manifest is not None and ctx.workdir.exists(SFT, MODEL_DIR):
             return InitModel(ctx.workdir.uri(SFT, MODEL_DIR), output_identity(manifest), True)
-        ref = ctx.config.filter.model
-    return InitModel(ref, stable_hash({"ref": ref}), False)
+        ref, revision = ctx.config.filter.model, ctx.config.filter.revision
+    return InitModel(ref, model_identity(ref, revision), False, revision)
 
 
 class GRPOStage(TrainingStage):
@@ -88,7 +89,8 @@ class GRPOStage(TrainingStage):
             raise StageError("the filter stage put no item in the rl split: there is nothing to train on")
         init = init_model(ctx)
         key = stable_hash({"model": init.identity, "examples": [dataclasses.asdict(e) for e in examples]})
-        return [WorkItem("grpo", key=key, payload={"examples": examples, "model_path": init.path, "model_identity": init.identity})]
+        payload = {"examples": examples, "model_path": init.path, "model_identity": init.identity, "model_revision": init.revision}
+        return [WorkItem("grpo", key=key, payload=payload)]
 
     def cache_dir(self, ctx: StageContext) -> str | None:
         cfg = ctx.config.grpo
@@ -121,7 +123,7 @@ class GRPOStage(TrainingStage):
         model_path = resolve_model_ref(local_model(item.payload["model_path"], item.payload["model_identity"]))
         job = GRPOJob(
             run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)),
-            cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None,
+            cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None, model_revision=item.payload["model_revision"],
         )
         return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(self.train(ctx, job))}, failures)
 

@@ -90,6 +90,7 @@ class GRPOJob:
     work_dir: str
     cache_dir: str | None = None
     judge: FilterConfig | None = None
+    model_revision: str | None = None  # of a hub model id in `model_path`
 
     def save(self, path: Path) -> None:
         data = {
@@ -105,7 +106,7 @@ class GRPOJob:
             run_key=data["run_key"], model_path=data["model_path"],
             examples=tuple(RLExample.from_dict(e) for e in data["examples"]), config=GRPOConfig.model_validate(data["config"]),
             out_dir=data["out_dir"], work_dir=data["work_dir"], cache_dir=data["cache_dir"],
-            judge=FilterConfig.model_validate(data["judge"]) if data["judge"] else None,
+            judge=FilterConfig.model_validate(data["judge"]) if data["judge"] else None, model_revision=data["model_revision"],
         )
 
 
@@ -282,15 +283,17 @@ class Trainer(StepTrainer):
         self.job = job
         self.cfg = cfg = job.config
         self.topo, self.device = init_distributed(cfg.sp_degree)
-        self.policy = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision)
+        self.policy = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision, revision=job.model_revision)
         self.tokenizer = self.policy.tokenizer
         self.ref = None
         if cfg.beta > 0:
-            self.ref = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision).model
+            self.ref = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision, revision=job.model_revision).model
             self.ref.requires_grad_(False)
         self.engine = build_engine(self.policy.model, cfg, self.topo.sp)
         self.engine.train()  # gradient checkpointing acts in training mode only; rollouts switch to eval and back
-        self.rollouts: RolloutEngine = make_rollout_engine(cfg, self.policy.model, self.policy.tokenizer, job.model_path, cfg.seed)
+        self.rollouts: RolloutEngine = make_rollout_engine(
+            cfg, self.policy.model, self.policy.tokenizer, job.model_path, cfg.seed, revision=job.model_revision
+        )
         self.cache = EmbeddingCache(job.cache_dir, self.policy.model, self.policy.preprocess) if job.cache_dir else None
         self.schedule = TrainSchedule(
             n_examples=len(job.examples), micro_batch_size=cfg.prompts_per_step, grad_accum=1, dp_size=self.topo.dp_size,

@@ -22,8 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from tasks.engine.store import fsync_path
+
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
+# A hung ffmpeg (a stalled network mount, a pathological file) must not hold a shard forever; an
+# hour is far beyond any honest cut of one video on one core (`clip.tool_timeout_s`).
+DEFAULT_TOOL_TIMEOUT_S = 3600.0
 
 MediaErrorKind = Literal[
     "missing",
@@ -33,6 +38,7 @@ MediaErrorKind = Literal[
     "no_video_stream",
     "corrupt",
     "ffmpeg_failed",
+    "timeout",
 ]
 CutMode = Literal["copy", "exact"]
 
@@ -106,8 +112,11 @@ class _Packet:
     is_keyframe: bool
 
 
-def run_tool(argv: Sequence[str], *, stdin_path: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ffmpeg/ffprobe from an argv list (never a shell); a missing binary is a MediaError."""
+def run_tool(
+    argv: Sequence[str], *, stdin_path: Path | None = None, timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ffmpeg/ffprobe from an argv list (never a shell); a missing binary is a MediaError, and so
+    is a run longer than `timeout_s` (kind "timeout"; the process is killed; None: no limit)."""
     stdin_source = stdin_path.open("rb") if stdin_path is not None else nullcontext(subprocess.DEVNULL)
     with stdin_source as stdin:
         try:
@@ -119,7 +128,14 @@ def run_tool(argv: Sequence[str], *, stdin_path: Path | None = None) -> subproce
                 encoding="utf-8",
                 errors="replace",
                 check=False,
+                timeout=timeout_s,
             )
+        except subprocess.TimeoutExpired as exc:  # subprocess.run has killed and reaped it
+            raise MediaError(
+                "timeout",
+                f"{Path(argv[0]).name} ran longer than its limit of {timeout_s:g} s (clip.tool_timeout_s) and was killed: "
+                f"{' '.join(argv)}",
+            ) from exc
         except FileNotFoundError as exc:
             raise MediaError(
                 "ffmpeg_failed",
@@ -177,18 +193,19 @@ def _check_readable_file(path: Path) -> int:
     return info.st_size
 
 
-def probe_video(path: str | os.PathLike[str]) -> VideoProbe:
-    """Describe a video file, or raise MediaError saying why it is unusable."""
+def probe_video(path: str | os.PathLike[str], *, tool_timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S) -> VideoProbe:
+    """Describe a video file, or raise MediaError saying why it is unusable (each ffprobe run is
+    limited to `tool_timeout_s`)."""
     file = Path(path)
     size_bytes = _check_readable_file(file)
     if size_bytes == 0:
         raise MediaError("empty_file", f"{file}: file is empty (0 bytes)")
-    info = _ffprobe_container(file)
+    info = _ffprobe_container(file, tool_timeout_s)
     _reject_non_video_formats(file, str(info["format"].get("format_name", "")))
     video = _first_video_stream(file, info["streams"])
     audio = next((s for s in info["streams"] if s.get("codec_type") == "audio"), None)
     start_s = _float_or_none(info["format"].get("start_time")) or 0.0
-    packets = _read_video_packets(file, video["index"], start_s)
+    packets = _read_video_packets(file, video["index"], start_s, tool_timeout_s)
     duration_s = _video_duration(file, info["format"], video, packets)
     keyframe_times = tuple(sorted(p.time_s for p in packets if p.is_keyframe))
     if not keyframe_times:
@@ -212,12 +229,12 @@ def probe_video(path: str | os.PathLike[str]) -> VideoProbe:
     )
 
 
-def _ffprobe_container(file: Path) -> dict:
+def _ffprobe_container(file: Path, timeout_s: float | None) -> dict:
     result = run_tool(
-        [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json", str(file)]
+        [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json", str(file)], timeout_s=timeout_s
     )
     if result.returncode != 0:
-        detected = _sniff_format(file)
+        detected = _sniff_format(file, timeout_s)
         if detected is None:
             raise MediaError(
                 "not_a_video",
@@ -233,7 +250,7 @@ def _ffprobe_container(file: Path) -> dict:
     return info
 
 
-def _sniff_format(file: Path) -> str | None:
+def _sniff_format(file: Path, timeout_s: float | None) -> str | None:
     """Demuxer that recognises the bytes alone, or None.
 
     ffprobe falls back to the file extension when the content is unknown, so a
@@ -241,7 +258,7 @@ def _sniff_format(file: Path) -> str | None:
     bytes through a pipe hides the name; libavformat logs the probed format at
     debug level.
     """
-    result = run_tool([FFPROBE, "-v", "debug", "-i", "pipe:0"], stdin_path=file)
+    result = run_tool([FFPROBE, "-v", "debug", "-i", "pipe:0"], stdin_path=file, timeout_s=timeout_s)
     marker = "] Format "
     for line in result.stderr.splitlines():
         if marker in line and " probed with size=" in line:
@@ -267,13 +284,14 @@ def _first_video_stream(file: Path, streams: list[dict]) -> dict:
     raise MediaError("no_video_stream", f"{file}: no video stream (streams found: {found})")
 
 
-def _read_video_packets(file: Path, stream_index: int, start_s: float) -> list[_Packet]:
+def _read_video_packets(file: Path, stream_index: int, start_s: float, timeout_s: float | None) -> list[_Packet]:
     result = run_tool(
         [
             FFPROBE, "-v", "error", "-select_streams", str(stream_index),
             "-show_entries", "packet=pts_time,dts_time,duration_time,flags",
             "-of", "csv=p=0", str(file),
-        ]
+        ],
+        timeout_s=timeout_s,
     )
     if result.returncode != 0:
         raise MediaError("corrupt", f"{file}: video packets cannot be read: {stderr_tail(result.stderr)}")
@@ -441,8 +459,9 @@ def cut_video(
     preset: str = "veryfast",
     threads: int = 0,
     source: VideoProbe | None = None,
+    tool_timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S,
 ) -> list[ClipFile]:
-    """Cut `src` by `plan` in one ffmpeg pass; return the clips with their true times.
+    """Cut `src` by `plan` in one ffmpeg pass (limited to `tool_timeout_s`); return the clips with their true times.
 
     Times come from what ffmpeg actually wrote (its segment list plus a probe of
     each file), not from the plan, so a cut that lands elsewhere is still recorded
@@ -450,18 +469,20 @@ def cut_video(
     """
     if not stem or Path(stem).name != stem:
         raise ValueError(f"stem must be a bare file name prefix, got {stem!r}")
-    source = source or probe_video(src)  # callers that planned the cut have probed already
+    source = source or probe_video(src, tool_timeout_s=tool_timeout_s)  # callers that planned the cut have probed already
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{stem}-", suffix=".partial", dir=out))
     try:
         argv = _segment_argv(Path(src), work, plan, source, stem, video_codec, crf, preset, threads)
-        result = run_tool(argv)
+        result = run_tool(argv, timeout_s=tool_timeout_s)
         if result.returncode != 0:
             raise MediaError("ffmpeg_failed", f"cutting {src} failed: {stderr_tail(result.stderr)}")
         clips = _measure_segments(work, out, plan.mode, 1.0 / source.fps)
-        for clip in clips:
+        for clip in clips:  # durable before the shard's marker vouches for them
+            fsync_path(work / Path(clip.path).name)
             os.replace(work / Path(clip.path).name, clip.path)
+        fsync_path(out)
         return clips
     finally:
         shutil.rmtree(work, ignore_errors=True)

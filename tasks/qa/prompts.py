@@ -11,14 +11,15 @@ produced them, and the stage fingerprint changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 from string import Template
 from typing import Any
 
 from tasks.engine.store import stable_hash
 from tasks.qa.captions import VideoCaptions, caption_lines, mmss
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+# Package data of tasks.qa: read through importlib.resources, so an installed wheel has them too.
+PROMPTS_DIR = files("tasks.qa") / "prompts"
 
 QUESTION_TYPE_LABELS = {"multiple_choice": "multiple-choice with four options A-D", "open_ended": "open-ended"}
 LETTERS = ("A", "B", "C", "D")
@@ -52,7 +53,7 @@ class PromptSet:
             raise PromptError(f"no {kind} prompt version {version!r}; available: {', '.join(available_versions(kind)) or 'none'}")
         self.kind = kind
         self.version = version
-        self._texts = {p.name: p.read_text() for p in sorted(directory.glob("*.txt"))}
+        self._texts = {p.name: p.read_text() for p in sorted(directory.iterdir(), key=lambda p: p.name) if p.name.endswith(".txt")}
 
     def text(self, name: str) -> str:
         try:

@@ -16,6 +16,10 @@ instead when failing on would be wrong: the endpoint refuses us (401/403/404: th
 the URL is wrong), the key's variable is unset, or every request of a shard failed (the endpoint is
 down): publishing a dataset of failure rows would then be cached as if complete.
 
+Special-token markers in any generated text (`<|im_end|>` in a question, `<|video_pad|>` quoted from a
+caption) are broken into plain text before the item is refined or becomes a row
+(`tasks.grading.prompts.neutralise_special_tokens`); the stage report counts them.
+
 Every LLM answer is cached on disk (`tasks.qa.cache`) before it is used, so a rerun after a crash,
 or after a change that only concerns refinement, pays only for requests never answered.
 """
@@ -23,6 +27,7 @@ or after a change that only concerns refinement, pays only for requests never an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from typing import Any
@@ -39,6 +44,7 @@ from tasks.engine.stage import (
     read_stage_table,
 )
 from tasks.engine.store import FAILURES_FILE, Failure, read_table_file, stable_hash
+from tasks.grading.prompts import count_neutralised, neutralise_special_tokens
 from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
 from tasks.qa.cache import CACHE_DIR, AnswerCache
 from tasks.qa.captions import VideoCaptions, videos_from_rows
@@ -62,7 +68,7 @@ def request_id(video_id: str, category: str, question_type: str) -> str:
 
 class QAStage(Stage):
     name = "qa"
-    code_version = "1"
+    code_version = "2"  # 2: special tokens in generated texts neutralised
     inputs = ("caption",)
     output = QA
     item_columns = {QA.name: "video_id"}
@@ -102,6 +108,11 @@ class QAStage(Stage):
         lines = ["| category | question type | items |", "|---|---|---|"]
         lines += [f"| {c} | {t} | {n} |" for (c, t), n in sorted(items.items())]
         lines += ["", "| failure kind | count |", "|---|---|"] + [f"| `{k}` | {n} |" for k, n in kinds.most_common()]
+        texts = read_stage_table(ctx.workdir, self.name, QA).select(["question", "options", "answer", "reasoning", "refined_reasoning"])
+        columns = texts.to_pydict()
+        options = [o for opts in columns.pop("options") for o in opts or ()]
+        neutralised = count_neutralised([*options, *(t for column in columns.values() for t in column)])
+        lines += ["", f"Special tokens neutralised in questions, options, answers and reasoning: {neutralised}"]
         return "\n".join(lines)
 
 
@@ -112,8 +123,14 @@ async def run_videos(cfg: QAConfig, cache: AnswerCache, videos: list[VideoCaptio
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(_video(cfg, backend, video)) for video in videos]
-        except ExceptionGroup as group:  # a fatal endpoint error (StageError) cancels the shard's other requests
-            raise group.exceptions[0] from None
+        except ExceptionGroup as group:  # a fatal or transient endpoint error cancels the shard's other requests
+            first = group.exceptions[0]
+            if isinstance(first, ChatRequestError):  # transient: the endpoint, not a video, failed
+                raise StageError(
+                    f"qa: the endpoint failed ({first}) after {first.attempts} attempt(s); the shard is redone by Prefect's "
+                    "retry or the next run, and the answers received so far are cached"
+                ) from first
+            raise first from None
     finally:
         await backend.aclose()
     rows: list[dict[str, Any]] = []
@@ -164,6 +181,8 @@ async def _request(
     try:
         generated = await backend.generate(video, category, qtype, cfg.questions_per_request)
     except ChatRequestError as exc:
+        if exc.transient:
+            raise
         return [], [Failure(video.video_id, f"request_{exc.kind}", f"{rid}: no answer after {exc.attempts} attempt(s): {exc}")]
     if generated is None:
         log.debug("qa: %s cannot be formed from this video's captions", rid)
@@ -175,15 +194,25 @@ async def _request(
         Failure(video.video_id, f.kind, f"{_where(rid, video.video_id, category, qtype, f.question)}: {f.message}", raw)
         for f in parsed.failures
     ]
-    ids = [qa_id(video.video_id, category, qtype, item.question) for item in parsed.items]
-    refined = await asyncio.gather(*(_refine(backend, item, video.video_id, f"{rid} qa {i}") for item, i in zip(parsed.items, ids)))
+    items = [_neutralised(item) for item in parsed.items]
+    ids = [qa_id(video.video_id, category, qtype, item.question) for item in items]
+    refined = await asyncio.gather(*(_refine(backend, item, video.video_id, f"{rid} qa {i}") for item, i in zip(items, ids)))
     rows = []
-    for item, item_id, outcome in zip(parsed.items, ids, refined):
+    for item, item_id, outcome in zip(items, ids, refined):
         if isinstance(outcome, Failure):
             failures.append(outcome)
         else:
             rows.append(_row(item_id, video.video_id, category, qtype, item, generated, *outcome, backend))
     return rows, failures
+
+
+def _neutralised(item: ParsedItem) -> ParsedItem:
+    """The item with special tokens broken in every text: they become the prompt and the target."""
+    def plain(text: str) -> str:
+        return neutralise_special_tokens(text)[0]
+
+    options = tuple(plain(o) for o in item.options) if item.options is not None else None
+    return dataclasses.replace(item, question=plain(item.question), options=options, answer=plain(item.answer), reasoning=plain(item.reasoning))
 
 
 def _where(rid: str, video_id: str, category: str, qtype: str, question: str | None) -> str:
@@ -194,13 +223,15 @@ async def _refine(backend: Backend, item: ParsedItem, video_id: str, where: str)
     try:
         answer = await backend.refine(item)
     except ChatRequestError as exc:
+        if exc.transient:
+            raise
         return Failure(video_id, f"refine_request_{exc.kind}", f"{where}: refinement got no answer after {exc.attempts} attempt(s): {exc}")
     result = answer.result
     try:
         text = parse_refinement(result.content, finish_reason=result.finish_reason)
     except ParseFailure as exc:
         return Failure(video_id, exc.kind, f"{where}: {exc.message}", result.raw_text())
-    return answer, text
+    return answer, neutralise_special_tokens(text)[0]
 
 
 def _row(

@@ -86,7 +86,7 @@ def build_engine(model_path: str, cfg: SFTConfig, topo: Topology, schedule: Trai
     # Every rank loads the whole model into host memory and ZeRO-3 partitions it at initialize.
     # (transformers' partitioned loading, HfDeepSpeedConfig, records weight renamings that
     # save_pretrained then inverts into wrong checkpoint keys.)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, revision=cfg.revision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = SPQwen2_5_VL(model, topo.sp)
@@ -133,7 +133,7 @@ class Trainer(StepTrainer):
         self.cfg = job.config
         self.topo, self.device = init_distributed(self.cfg.sp_degree)
         torch.manual_seed(self.cfg.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(job.model_path, revision=job.config.revision)
         self.preprocess = load_preprocess_config(job.model_path)
         self.schedule = TrainSchedule.plan(len(job.examples), self.cfg, self.topo.dp_size)
         self.engine = build_engine(job.model_path, self.cfg, self.topo, self.schedule)
@@ -191,11 +191,11 @@ class Trainer(StepTrainer):
 
     # --- what SFT checkpoints hold besides the engine's state -----------------------------------
     def save_extra(self, folder: Path, step: int) -> None:
-        torch.save(ckpt.rng_state(), ckpt.rng_file(folder, self.topo.rank))  # data order and dropout resume exactly
+        ckpt.save_rng_state(ckpt.rng_file(folder, self.topo.rank))  # data order and dropout resume exactly
         self.save_model(folder / MODEL_DIR, step)  # a checkpoint's model can be evaluated on its own
 
     def restore_extra(self, folder: Path) -> None:
-        ckpt.set_rng_state(torch.load(ckpt.rng_file(folder, self.topo.rank), weights_only=False))
+        ckpt.load_rng_state(ckpt.rng_file(folder, self.topo.rank))
 
     def trained_model(self) -> torch.nn.Module:
         return self.engine.module.model

@@ -4,7 +4,7 @@
         model/                  save_pretrained folder (weights, config, tokenizer, processor files)
         optimizer/state/        DeepSpeed's checkpoint: ZeRO optimizer partitions, LR scheduler,
                                 module states (what `engine.load_checkpoint` restores)
-        rng-rank-<r>.pt         each rank's RNG states
+        rng-rank-<r>.pt         each rank's RNG states: a dict of byte tensors, read with weights_only
         metrics.parquet         TRAIN_METRICS rows of steps 1..N
         trainer_state.json      written last: run key, step, elapsed time
 
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_schemas import TRAIN_METRICS, validate_table
-from tasks.engine.store import LOCAL, write_json_atomic, write_table_atomic
+from tasks.engine.store import LOCAL, fsync_path, write_json_atomic, write_table_atomic
 
 STATE_FILE = "trainer_state.json"
 TRAIN_INFO_FILE = "lvr_train.json"  # inside a saved model folder: which run and step wrote it
@@ -99,17 +99,55 @@ def prune(root: Path, run_key: str, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """Torch's generator states as tensors. Python's and numpy's global generators are not saved:
+    no trainer draws from them (the data order is a numpy Generator seeded by step, see `schedule`)."""
+    state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_rng_state(path: Path) -> None:
+    torch.save(rng_state(), path)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what `save_rng_state` wrote. `weights_only=True`: a checkpoint is a file anyone with
+    write access to the workdir (or the bucket) may have replaced, and unpickling arbitrary objects
+    runs code; a file holding anything but tensors is refused (`pickle.UnpicklingError`)."""
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not an RNG state (a dict of tensors)")
+    set_rng_state(state)
+
+
+def _deepspeed_checkpoint_classes() -> list[type]:
+    """The only non-tensor objects DeepSpeed's ZeRO optimizer states pickle (stages 0-3, fp32)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """A DeepSpeed checkpoint file read with `weights_only=True`: tensors, plain containers and the
+    few DeepSpeed classes its optimizer states hold; any other pickled object is refused."""
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loads(engine: Any) -> None:
+    """Route the DeepSpeed engine's checkpoint reads through `load_weights_only`: its own checkpoint
+    engine unpickles with `weights_only=False`, which runs whatever code a crafted file carries."""
+    engine.checkpoint_engine.load = load_weights_only
 
 
 def rng_file(folder: Path, rank: int) -> Path:
@@ -141,3 +179,10 @@ def replace_dir(new: Path, dest: Path) -> None:
         os.replace(dest, old)
     os.replace(new, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk (a checkpoint, before it is renamed into place)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from parallel.launch import configure_worker_logging
 from parallel.topology import Topology, init_topology
-from tasks.engine.store import LOCAL, write_json_atomic
+from tasks.engine.store import LOCAL, fsync_path, write_json_atomic
 from tasks.training import checkpoints as ckpt
 
 JOB_FILE = "job.json"  # in a run's work folder: what the workers train
@@ -152,6 +152,7 @@ class StepTrainer:
         folder = Path(found[0])
         state = ckpt.TrainerState.read(folder)
         assert state is not None
+        ckpt.use_weights_only_loads(self.engine)
         self.engine.load_checkpoint(str(folder / "optimizer"), tag="state")
         self.restore_extra(folder)
         if self.is_main:
@@ -173,7 +174,10 @@ class StepTrainer:
             ckpt.write_state(tmp, ckpt.TrainerState(self.job.run_key, step, self.total_steps, round(self.elapsed_s, 4)))
         dist.barrier()
         if self.is_main:
+            # Every rank's part is on disk before the rename makes the checkpoint count as complete.
+            ckpt.fsync_tree(tmp)
             os.replace(tmp, ckpt.step_dir(self.checkpoints, step))
+            fsync_path(self.checkpoints)
             ckpt.prune(self.checkpoints, self.job.run_key, self.cfg.keep_checkpoints)
             self.log.info("checkpoint step-%d saved", step)
         dist.barrier()

@@ -16,6 +16,12 @@ MODELS_DIR = "models"  # under cache_dir(): models downloaded from workdirs
 _MODELS_LOCK = threading.Lock()
 
 
+def model_identity(ref: str, revision: str | None) -> str:
+    """What names a base model's weights in fingerprints: its reference and, when pinned, its revision
+    (left out when unpinned, so the identities of unpinned models stay what they were)."""
+    return stable_hash({"ref": ref, **({"revision": revision} if revision else {})})
+
+
 def local_model(uri: str, identity: str) -> str:
     """A model folder as a local path for `from_pretrained`: itself when local (or a model id),
     else a copy under `<cache>/models/` downloaded once per (URI, identity), where identity is

@@ -96,4 +96,5 @@ def run_training_node(
     if job is None:
         log.info("%s is complete in %s: node %d has nothing to run", stage_name, ctx.workdir.url, node_rank)
         return None
-    return launch(job.spec, log, job.error_dir, node_rank=node_rank)
+    # The stage's limit holds here too: node 0 stopping alone would leave this node's ranks waiting on it.
+    return launch(job.spec, log, job.error_dir, node_rank=node_rank, timeout_s=getattr(ctx.config, stage_name).launch_timeout_s)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from data_schemas import TRAIN_METRICS, TableSchema
-from parallel.launch import LaunchSpec, launch, torchrun_argv
+from parallel.launch import LaunchSpec, LaunchTimeout, launch, torchrun_argv
 from tasks.engine.stage import Stage, StageContext, StageError, WorkItem
 from tasks.engine.store import (
     WORK_DIR,
@@ -49,10 +49,12 @@ class TrainingJob(Protocol):
 
 
 def launch_training(
-    staged: StagedDir, job: TrainingJob, make_spec: Callable[[Path], LaunchSpec], keep_checkpoints: int
+    staged: StagedDir, job: TrainingJob, make_spec: Callable[[Path], LaunchSpec], keep_checkpoints: int,
+    timeout_s: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write the job file, tell the other nodes how to join, run this node's ranks with torchrun
-    (mirrored to the workdir when it is remote) and return the run's result and metric rows."""
+    (mirrored to the workdir when it is remote) and return the run's result and metric rows.
+    A run longer than `timeout_s` (`<stage>.launch_timeout_s`) is stopped: a StageError."""
     work = run_dir(staged, job.run_key)
     work.mkdir(parents=True, exist_ok=True)
     job.save(work / JOB_FILE)
@@ -64,7 +66,13 @@ def launch_training(
             staged.stage, node, staged.stage, node, " ".join(torchrun_argv(spec, node_rank=node)),
         )
     with mirrored_training(staged, job.run_key, keep_checkpoints, spec.nnodes):
-        launch(spec, logging.getLogger(f"lvr.{staged.stage}.workers"), work / ERRORS_DIR)
+        try:
+            launch(spec, logging.getLogger(f"lvr.{staged.stage}.workers"), work / ERRORS_DIR, timeout_s=timeout_s)
+        except LaunchTimeout as exc:
+            raise StageError(
+                f"{staged.stage}: training did not finish within {staged.stage}.launch_timeout_s={timeout_s:g} s and was "
+                f"stopped (torchrun and its workers); rerun to resume from the last checkpoint, or raise the limit.\n{exc}"
+            ) from exc
     result = json.loads((work / RESULT_FILE).read_text())
     stage_log.info(
         "%s: trained %d steps (%s) in %.1f s", staged.stage, result["steps"],
@@ -126,7 +134,10 @@ class TrainingStage(Stage):
     def train(self, ctx: StageContext, job: TrainingJob) -> list[dict[str, Any]]:
         """Launch the run (resuming its newest checkpoint) and return its metric rows."""
         staged = staged_dir(ctx.workdir, self.name)
-        _, metrics = launch_training(staged, job, lambda job_file: self.launch_spec(ctx, job_file), self.section(ctx).keep_checkpoints)
+        cfg = self.section(ctx)
+        _, metrics = launch_training(
+            staged, job, lambda job_file: self.launch_spec(ctx, job_file), cfg.keep_checkpoints, timeout_s=cfg.launch_timeout_s
+        )
         return metrics
 
     def run_key(self, ctx: StageContext, item: WorkItem) -> str:

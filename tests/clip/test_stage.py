@@ -124,7 +124,7 @@ def test_list_file_manifest_and_glob_sources(tmp_path, sources):
     report = _run(tmp_path, csv, workdir="from_csv")
     assert report.failures == 1 and len(pd.read_parquet(tmp_path / "from_csv" / "clip" / "_videos")) == 1
 
-    report = _run(tmp_path, f"{sources}/good_*.mp4", workdir="from_glob")
+    report = _run(tmp_path, f"glob:{sources}/good_*.mp4", workdir="from_glob")
     assert report.failures == 0 and report.manifest["items"] == 1
 
 

@@ -126,7 +126,10 @@ def test_dockerfile_passes_hadolint(dockerfile):
     assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
 
 
-def test_both_images_exist_and_ship_every_package_where_flow_runs_start():
+def test_both_images_install_the_wheel_of_every_package_and_start_flow_runs_where_prefect_yaml_says():
+    """Each image builds lvr's wheel in a first stage from every package pyproject.toml ships (and
+    the root files the wheel holds), and the image itself gets only that wheel: no source folder,
+    so what runs is what a user's `pip install` gets (tests/e2e/test_wheel.py runs that install)."""
     assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.gpu"}
     pull = prefect_yaml()["pull"]
     workdir = next(step["prefect.deployments.steps.set_working_directory"]["directory"] for step in pull)
@@ -134,12 +137,19 @@ def test_both_images_exist_and_ship_every_package_where_flow_runs_start():
     includes = re.search(r"\[tool\.setuptools\.packages\.find\]\s*include\s*=\s*\[([^\]]*)\]", pyproject)
     assert includes, "pyproject.toml lists no packages"
     packages = {name.strip().strip('"').rstrip("*") for name in includes.group(1).split(",") if name.strip()}
-    assert "flows" in packages and "tasks" in packages
+    assert {"flows", "tasks", "configs"} <= packages
     for dockerfile in DOCKERFILES:
-        text = dockerfile.read_text()
-        assert re.findall(r"^WORKDIR\s+(\S+)", text, re.M) == [workdir], f"{dockerfile.name}: flow runs start in {workdir}"
-        copied = set(re.findall(r"^COPY\s+(\S+)\s+\./\1\s*$", text, re.M))
-        assert packages <= copied, f"{dockerfile.name} does not copy {sorted(packages - copied)}"
+        build, image = re.split(r"^FROM\s", dockerfile.read_text(), flags=re.M)[1:]
+        assert re.match(r"\S+ AS wheel\n", build) and re.search(r"^RUN pip wheel .*--no-deps -w /wheels \.$", build, re.M)
+        copied = set(re.findall(r"^COPY\s+(\S+)\s+\./\1\s*$", build, re.M))
+        assert packages <= copied, f"{dockerfile.name} builds its wheel without {sorted(packages - copied)}"
+        assert {"pyproject.toml", "LICENSE", "prefect.yaml"} <= set(re.search(r"^COPY ([^\n]*) \./$", build, re.M).group(1).split())
+        sources = re.findall(r"^COPY\s+(?!--from=wheel\s)(\S+)", image, re.M)
+        assert all(source.endswith(".txt") for source in sources), f"{dockerfile.name} copies sources into the image: {sources}"
+        assert "COPY --from=wheel /wheels /tmp/wheels" in image and "pip install" in image
+        assert re.findall(r"^WORKDIR\s+(\S+)", image, re.M) == [workdir], f"{dockerfile.name}: flow runs start in {workdir}"
+    # Flow runs find their flows in the installed package, not in files of the working directory.
+    assert all(re.fullmatch(r"flows\.pipeline\.\w+", d["entrypoint"]) for d in prefect_yaml()["deployments"])
 
 
 # ---- work-pool base job templates ----------------------------------------------------------------

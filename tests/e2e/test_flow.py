@@ -17,7 +17,8 @@ def test_parameters_render_as_a_typed_form():
     schema = lvr_pipeline.parameters.model_dump()
     props = schema["properties"]
     assert set(props) == {"source", "workdir", "config", "overrides", "from_stage", "to_stage", "execution", "stage_deployment",
-                          "retry_failures"}
+                          "retry_failures", "allow_shrink"}
+    assert props["allow_shrink"]["type"] == "boolean" and props["allow_shrink"]["default"] is False
     stage_enum = schema["definitions"]["StageName"]["enum"]
     assert stage_enum == list(STAGE_NAMES)
     assert schema["definitions"]["ExecutionMode"]["enum"] == ["local", "deployments"] and props["execution"]["default"] == "local"

@@ -331,10 +331,10 @@ def test_a_source_bucket_that_gains_a_video_is_listed_again(s3_bucket, s3_server
     video = make_video(tmp_path / "a.mp4", 1, audio=False)
     fs = s3_server.filesystem
     fs.put_file(str(video), f"{s3_bucket[5:]}/videos/a.mp4")
-    for source in (f"{s3_bucket}/videos", f"{s3_bucket}/videos/*.mp4"):
+    for source in (f"{s3_bucket}/videos", f"glob:{s3_bucket}/videos/*.mp4"):
         assert [v.uri for v in list_sources(source, [".mp4"])] == [f"{s3_bucket}/videos/a.mp4"]
     fs.put_file(str(video), f"{s3_bucket[5:]}/videos/b.mp4")
-    for source in (f"{s3_bucket}/videos", f"{s3_bucket}/videos/*.mp4"):
+    for source in (f"{s3_bucket}/videos", f"glob:{s3_bucket}/videos/*.mp4"):
         listed = list_sources(source, [".mp4"])
         assert [v.uri for v in listed] == [f"{s3_bucket}/videos/a.mp4", f"{s3_bucket}/videos/b.mp4"], source
         assert all(v.size == video.stat().st_size and v.mtime for v in listed)

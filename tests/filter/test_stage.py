@@ -29,7 +29,7 @@ from tasks.engine.store import Workdir, stable_hash
 from tasks.filter.rollouts import RolloutRequest
 from tasks.filter.stage import FilterStage
 from tasks.grading.prompts import user_prompt
-from tests.support.openai_server import OpenAITestServer, Reply
+from tests.support.openai_server import Fault, OpenAITestServer, Reply
 from tests.support.videos import make_video
 
 CATEGORIES = ["Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"]
@@ -292,6 +292,33 @@ def test_judge_grades_open_ended_answers(tmp_path, videos, monkeypatch):
         with pytest.raises(StageError, match="judge endpoint refused"):
             run_stage(ScriptedFilterStage(script), ctx)
     assert not (tmp_path / "wd2" / "filter" / "_manifest.json").exists()
+
+
+def test_a_judge_outage_fails_the_shard_instead_of_recording_verdicts(tmp_path, videos, monkeypatch):
+    """An unreachable judge is no verdict on the item: no failure row to reuse; the rerun judges."""
+    from models.openai_client import ChatRequestError
+
+    monkeypatch.setenv(JUDGE_KEY_ENV, "sk-judge")
+    items = [qa_item("open", "va", "Temporal", "open_ended", "the blue car")]
+    script = {"open": [RIGHT.format("the car that is blue")] * 10}
+    down = {"on": True}
+
+    def faults(info):
+        return Fault.server_error(503) if down["on"] else None
+
+    with OpenAITestServer(lambda info: Reply("yes"), faults=faults, api_key="sk-judge") as server:
+        overrides = {
+            "filter.judge_model": "judge", "filter.judge_base_url": server.base_url, "filter.judge_api_key_env": JUDGE_KEY_ENV,
+            "filter.judge_max_retries": 1,
+        }
+        ctx = make_workdir(tmp_path / "wd", videos, items, **overrides)
+        with pytest.raises(ChatRequestError, match="503"):
+            run_stage(ScriptedFilterStage(script), ctx)
+        assert not (tmp_path / "wd" / "filter" / "_manifest.json").exists()
+        down["on"] = False
+        report = run_stage(ScriptedFilterStage(script), ctx)  # no --retry-failures needed
+    assert report.rows == 1 and report.failures == 0
+    assert pd.read_parquet(tmp_path / "wd" / "filter").loc[0, "n_correct"] == 10
 
 
 # ------------------------------------------------------------------------------------------------

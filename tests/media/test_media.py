@@ -8,6 +8,7 @@ import pickle
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from tasks.media.ffmpeg import (
     measure_clip,
     plan_cuts,
     probe_video,
+    run_tool,
 )
+from tests.support.processes import trainer_pids
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GOP250_KEYFRAMES = (0.0, 250 / 30, 500 / 30, 750 / 30, 1000 / 30)
@@ -446,6 +449,36 @@ def test_cut_ffmpeg_failure_leaves_nothing(tmp_path: Path, source: Path) -> None
     assert caught.value.kind == "ffmpeg_failed"
     assert "no_such_encoder" in caught.value.message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ffmpeg_run_over_its_time_limit_is_killed(tmp_path: Path) -> None:
+    out = tmp_path / "endless.mkv"  # an hour of video: it would take minutes to encode
+    argv = ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=320x240:duration=3600", "-c:v", "ffv1", str(out)]
+    started = time.monotonic()
+    with pytest.raises(MediaError) as caught:
+        run_tool(argv, timeout_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 10
+    assert caught.value.kind == "timeout" and "limit of 1 s (clip.tool_timeout_s)" in caught.value.message
+    assert not trainer_pids(out, "ffmpeg")  # killed and reaped, not left encoding
+
+
+def test_probe_and_cut_pass_the_time_limit_to_each_tool_run(tmp_path: Path, source: Path, source_probe: VideoProbe) -> None:
+    with pytest.raises(MediaError) as caught:
+        probe_video(source, tool_timeout_s=0.001)  # no ffprobe starts and finishes within a millisecond
+    assert caught.value.kind == "timeout" and "ffprobe" in caught.value.message
+    plan = CutPlan(cut_points=(10.0,), mode="exact", max_snap_deviation_s=0.0)
+    with pytest.raises(MediaError) as caught:
+        cut_video(source, tmp_path, plan, stem="slow", source=source_probe, tool_timeout_s=0.001)
+    assert caught.value.kind == "timeout" and "ffmpeg" in caught.value.message
+    assert list(tmp_path.iterdir()) == []  # the partial folder went with the killed run
+    assert cut_video(source, tmp_path, plan, stem="ok", source=source_probe, tool_timeout_s=None)  # None: no limit
+
+
+def test_the_tool_time_limit_is_a_runtime_key() -> None:
+    from tasks.config import ClipConfig
+
+    assert ClipConfig(tool_timeout_s=5).output_settings() == ClipConfig().output_settings()
+    assert ClipConfig().tool_timeout_s == 3600
 
 
 def test_cut_rejects_stem_with_directory(tmp_path: Path, source: Path) -> None:

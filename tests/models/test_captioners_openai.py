@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from models.openai_client import ChatRequestError
 from tasks.caption.stage import CaptionStage
 from tasks.clip.stage import ClipStage
 from tasks.config import load_config
 from tasks.engine.run import run_stage
-from tasks.engine.stage import StageContext
+from tasks.engine.stage import StageContext, StageError
 from tasks.engine.store import Workdir
 from tests.support.openai_server import Fault, OpenAITestServer, Reply
 from tests.support.videos import make_video
@@ -77,7 +78,7 @@ def test_frames_arrive_as_jpeg_images_under_the_concurrency_limit(clipped, tmp_p
     assert SECRET not in caplog.text
 
 
-def test_retries_429_and_500_and_hard_failure_is_a_failures_row(clipped, tmp_path, monkeypatch):
+def test_retries_429_and_500_and_a_refused_clip_is_a_failures_row(clipped, tmp_path, monkeypatch):
     wd = tmp_path / "wd"
     shutil.copytree(clipped, wd)
     n_clips = len(pd.read_parquet(wd / "clip"))
@@ -90,16 +91,54 @@ def test_retries_429_and_500_and_hard_failure_is_a_failures_row(clipped, tmp_pat
         if rank == 1 and info.attempt == 0:
             return Fault.server_error(500)
         if rank == 2:
-            return Fault.server_error(503)  # never recovers
+            return Fault(status=400, message="this clip's content was refused")  # the request's own fault
         return None
 
     with OpenAITestServer(_describe, faults=faults, api_key=SECRET) as server:
         report = _stage(wd, server, monkeypatch)
         statuses = server.statuses()
-    assert statuses[429] == 1 and statuses[500] == 1 and statuses[503] == 3  # first try + 2 retries
+    assert statuses[429] == 1 and statuses[500] == 1 and statuses[400] == 1  # a 400 is not retried
     assert report.rows == n_clips - 1 and report.failures == 1
     failure = pq.read_table(wd / "caption" / "_failures.parquet").to_pylist()[0]
-    assert failure["error_kind"] == "request_failed_http_503" and "503" in failure["message"]
+    assert failure["error_kind"] == "request_failed_http_400" and "refused" in failure["message"]
+
+
+def test_an_endpoint_that_stays_down_fails_the_stage_and_a_rerun_captions_everything(clipped, tmp_path, monkeypatch):
+    """An outage is no verdict on the clips: no failure rows to reuse, so the next run does them
+    without --retry-failures, and shards finished before the outage are kept."""
+    wd = tmp_path / "wd"
+    shutil.copytree(clipped, wd)
+    n_clips = len(pd.read_parquet(wd / "clip"))
+    answered: list = []
+    outage = {"on": True}
+
+    def down_after_two(info):
+        if outage["on"] and len(answered) >= 2:
+            return Fault.server_error(503)
+        answered.append(info)
+        return None
+
+    with OpenAITestServer(_describe, faults=down_after_two, api_key=SECRET) as server:
+        with pytest.raises(ChatRequestError, match="503"):
+            _stage(wd, server, monkeypatch, "caption.shard_size=1", "caption.concurrency=1")
+        assert not (wd / "caption" / "_manifest.json").exists()
+        done = list((wd / "caption" / "_work" / "shards").glob("*/_done.json"))
+        assert len(done) == 2  # the clips captioned before the outage
+        outage["on"] = False  # the endpoint is back
+        before = len(answered)
+        report = _stage(wd, server, monkeypatch, "caption.shard_size=1", "caption.concurrency=1")
+        sent = len(answered) - before
+    assert report.rows == n_clips and report.failures == 0
+    assert sent == n_clips - 2  # only what the outage interrupted
+
+
+def test_a_run_where_every_clip_fails_publishes_nothing(clipped, tmp_path, monkeypatch):
+    wd = tmp_path / "wd"
+    shutil.copytree(clipped, wd)
+    with OpenAITestServer(_describe, faults=lambda info: Fault(status=400, message="refused"), api_key=SECRET) as server:
+        with pytest.raises(StageError, match=r"caption: every one of the \d+ clips failed \(first: request_failed_http_400"):
+            _stage(wd, server, monkeypatch)
+    assert not (wd / "caption" / "_manifest.json").exists()
 
 
 def test_wrong_key_stops_the_stage(clipped, tmp_path, monkeypatch):

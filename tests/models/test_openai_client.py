@@ -96,6 +96,35 @@ def test_timeout_is_retried_and_the_server_sees_the_client_give_up(fresh):
     assert fresh.statuses()[499] == 1
 
 
+def test_a_stream_cut_mid_body_is_retried(fresh):
+    # The first attempt's connection drops after the role and two reasoning chunks: a partial answer.
+    fresh.faults = lambda info: Fault.cut_stream(after_chunks=3) if info.attempt == 0 else None
+    result = complete(fresh, stream=True)
+    assert result.attempts == 2
+    assert result.content == "The answer." and result.reasoning_content == "Thinking it over." and result.finish_reason == "stop"
+    assert [s for _, s in fresh.responses] == [0, 200]
+
+
+def test_a_stream_ended_by_an_error_event_is_retried(fresh):
+    # What vLLM sends when generation fails mid-answer: an error event, then [DONE].
+    fresh.faults = lambda info: Fault.cut_stream(after_chunks=2, error="engine died") if info.attempt == 0 else None
+    result = complete(fresh, stream=True)
+    assert result.attempts == 2 and result.content == "The answer." and result.reasoning_content == "Thinking it over."
+    assert [s for _, s in fresh.responses] == [0, 200]
+
+
+def test_streams_cut_every_time_end_in_a_typed_error_that_says_why(fresh):
+    fresh.faults = lambda info: Fault.cut_stream(after_chunks=1)
+    with pytest.raises(ChatRequestError) as exc:
+        complete(fresh, stream=True, max_retries=1)
+    assert exc.value.kind == "connection" and exc.value.attempts == 2 and not exc.value.fatal
+    assert "incomplete" in str(exc.value) and fresh.total_requests == 2  # the transport's reason, not just "Connection error."
+    fresh.faults = lambda info: Fault.cut_stream(after_chunks=1, error="engine died")
+    with pytest.raises(ChatRequestError) as exc:
+        complete(fresh, stream=True, max_retries=1)
+    assert exc.value.kind == "stream_error" and exc.value.attempts == 2 and "engine died" in str(exc.value)
+
+
 @pytest.mark.parametrize("status, fatal", [(400, False), (401, True), (403, True), (404, True), (422, False)])
 def test_client_errors_are_not_retried(fresh, status, fatal):
     fresh.faults = lambda info: Fault.server_error(status)

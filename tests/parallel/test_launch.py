@@ -1,16 +1,27 @@
-"""The torchrun launch helper: argv, streamed logs, and the failing worker's traceback."""
+"""The torchrun launch helper: argv, streamed logs, the failing worker's traceback, and torchrun
+ending with the process that launched it (killed or out of time)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from parallel.launch import LaunchSpec, WorkerFailed, launch, torchrun_argv
+from parallel.launch import (
+    LaunchSpec,
+    LaunchTimeout,
+    WorkerFailed,
+    launch,
+    torchrun_argv,
+)
+from tests.support.processes import trainer_pids, wait_for
 
 BOOM_WORKER = '''
 import logging, os, time
@@ -77,3 +88,65 @@ def test_torchrun_argv():
     assert "--standalone" not in node1
     with pytest.raises(ValueError, match="master_addr"):
         LaunchSpec("m", nnodes=2)
+
+
+SLEEP_WORKER = """
+import os, time
+from pathlib import Path
+from parallel.launch import run_worker
+
+def main():
+    (Path(os.environ["SLEEP_DIR"]) / f"rank{os.environ['RANK']}-started").touch()
+    time.sleep(300)
+
+if __name__ == "__main__":
+    run_worker(main, orphan_check_s=60)  # slower than the test waits: torchrun itself must stop them
+"""
+
+
+def sleep_spec(directory: Path) -> LaunchSpec:
+    """Two workers that sleep for minutes; the job argument makes their command lines findable."""
+    (directory / "sleep_worker.py").write_text(SLEEP_WORKER)
+    path = os.pathsep.join([str(directory), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return LaunchSpec(
+        module="sleep_worker", args=(str(directory / "job"),), nproc_per_node=2,
+        env={"PYTHONPATH": path, "SLEEP_DIR": str(directory)},
+    )
+
+
+def test_sigkill_of_the_launching_process_alone_stops_torchrun_and_its_workers(tmp_path):
+    job, spec = tmp_path / "job", sleep_spec(tmp_path)
+    script = textwrap.dedent(f"""
+        import logging
+        from parallel.launch import LaunchSpec, launch
+        spec = LaunchSpec({spec.module!r}, {spec.args!r}, nproc_per_node={spec.nproc_per_node}, env={dict(spec.env)!r})
+        launch(spec, logging.getLogger("lvr.test"), {str(tmp_path / "errors")!r})
+    """)
+    # Not in a group of its own: only this one process is killed, as when an OOM killer or
+    # `kill -9 <pid>` ends the pipeline.
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("rank*-started"))) == 2, 60, "both workers to start", proc)
+        assert len(trainer_pids(job, "sleep_worker")) == 3  # torchrun and its two workers name the job
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    try:
+        wait_for(lambda: not trainer_pids(job, "sleep_worker"), 10, "torchrun and its workers to exit")
+    finally:
+        for pid in trainer_pids(job, "sleep_worker"):
+            os.kill(pid, signal.SIGKILL)  # leave nothing behind when the test fails
+
+
+def test_a_run_over_its_time_limit_is_stopped_with_its_workers(tmp_path):
+    job = tmp_path / "job"
+    started = time.monotonic()
+    with pytest.raises(LaunchTimeout) as info:
+        launch(sleep_spec(tmp_path), logging.getLogger("lvr.test.launch"), tmp_path / "errors", timeout_s=4)
+    try:
+        assert 4 <= time.monotonic() - started < 30
+        assert info.value.timeout_s == 4 and "did not finish within 4 s" in str(info.value)
+        assert not trainer_pids(job, "sleep_worker")  # torchrun returned only once its workers were gone
+    finally:
+        for pid in trainer_pids(job, "sleep_worker"):
+            os.kill(pid, signal.SIGKILL)

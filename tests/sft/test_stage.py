@@ -188,6 +188,21 @@ def test_worker_failure_fails_the_stage_with_its_traceback(tmp_path, videos, mon
     assert read_manifest(ctx.workdir, "sft") is None
 
 
+def test_a_training_run_over_its_time_limit_fails_the_stage_naming_the_limit(tmp_path, videos, monkeypatch):
+    """Workers that sleep for minutes under `sft.launch_timeout_s=3`: stopped, and the error says which limit."""
+    from tasks.engine.stage import StageError
+    from tests.parallel.test_launch import sleep_spec
+
+    ctx = make_ctx(tmp_path / "wd", videos)
+    fingerprint_settings = ctx.config.sft.output_settings()
+    ctx.config.sft.launch_timeout_s = 3
+    assert ctx.config.sft.output_settings() == fingerprint_settings  # a runtime key: it trains the same model
+    monkeypatch.setattr(SFTStage, "launch_spec", lambda self, ctx, job_file: sleep_spec(tmp_path))
+    with pytest.raises(StageError, match=r"sft: training did not finish within sft.launch_timeout_s=3 s"):
+        run_stage(SFTStage(), ctx)
+    assert not trainer_pids(tmp_path / "job", "sleep_worker") and read_manifest(ctx.workdir, "sft") is None
+
+
 def test_missing_videos_bad_sp_degree_and_empty_split_are_errors(tmp_path, videos):
     from tasks.engine.stage import StageError
 

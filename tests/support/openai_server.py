@@ -59,6 +59,14 @@ class Fault:
     hang_s: float | None = None  # wait this long first (returns early when the client gives up)
     reply: Reply | None = None  # answer 200 with this instead of the responder's reply
     message: str | None = None  # the error message sent with `status`
+    cut_after_chunks: int | None = None  # streams only: end the stream after this many SSE events...
+    cut_error: str | None = None  # ...with this error event and [DONE] (vLLM's way), or else by dropping the connection
+
+    @classmethod
+    def cut_stream(cls, after_chunks: int = 2, error: str | None = None) -> "Fault":
+        """A stream cut mid-answer: the connection drops (a proxy timeout, a restarted server), or with
+        `error` the server sends an error event and ends the stream (an inference engine that failed)."""
+        return cls(cut_after_chunks=after_chunks, cut_error=error)
 
     @classmethod
     def server_error(cls, status: int = 500) -> "Fault":
@@ -134,7 +142,7 @@ class OpenAITestServer:
         self.chunk_chars = chunk_chars
         self.max_hang_s = max_hang_s  # bounded: nothing waits longer than this
         self.requests: list[RequestInfo] = []
-        self.responses: list[tuple[int, int]] = []  # (request index, HTTP status; 499 = client gave up)
+        self.responses: list[tuple[int, int]] = []  # (request index, HTTP status; 499 = client gave up, 0 = stream cut)
         self.in_flight = 0
         self.max_in_flight = 0
         self._seen: Counter[str] = Counter()
@@ -242,7 +250,7 @@ class OpenAITestServer:
             if body.get("stream"):
                 streaming = True
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return StreamingResponse(self._sse(info, reply, model, include_usage), media_type="text/event-stream")
+                return StreamingResponse(self._sse(info, reply, model, include_usage, fault), media_type="text/event-stream")
             return self._respond(info, JSONResponse(_completion(info, reply, model)))
         finally:
             if not streaming:
@@ -263,23 +271,31 @@ class OpenAITestServer:
             await asyncio.sleep(0.02)
         return False
 
-    async def _sse(self, info: RequestInfo, reply: Reply, model: str, include_usage: bool):
+    async def _sse(self, info: RequestInfo, reply: Reply, model: str, include_usage: bool, fault: Fault | None):
         try:
             base = {"id": f"chatcmpl-{info.index}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-
-            def event(payload: dict[str, Any]) -> str:
-                return f"data: {json.dumps({**base, **payload})}\n\n"
-
-            yield event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
             for name, text in (("reasoning_content", reply.reasoning_content or ""), ("content", reply.content)):
                 for i in range(0, len(text), self.chunk_chars):
-                    yield event({"choices": [{"index": 0, "delta": {name: text[i : i + self.chunk_chars]}, "finish_reason": None}]})
-            yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
+                    events.append({"choices": [{"index": 0, "delta": {name: text[i : i + self.chunk_chars]}, "finish_reason": None}]})
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
             if include_usage:
-                yield event({"choices": [], "usage": _usage(info, reply)})
+                events.append({"choices": [], "usage": _usage(info, reply)})
+            cut = fault.cut_after_chunks if fault else None
+            for payload in events[:cut]:
+                yield f"data: {json.dumps({**base, **payload})}\n\n"
+            if cut is not None and cut < len(events):
+                with self._lock:
+                    self.responses.append((info.index, 0))
+                if fault and fault.cut_error is None:
+                    # Raising in the body makes uvicorn drop the connection without the chunked
+                    # terminator: the client sees the body end early, as with a real cut.
+                    raise ConnectionAbortedError("injected fault: stream cut")
+                yield f"data: {json.dumps({'error': {'message': fault.cut_error, 'type': 'InternalServerError', 'code': 500}})}\n\n"
+            else:
+                with self._lock:
+                    self.responses.append((info.index, 200))
             yield "data: [DONE]\n\n"
-            with self._lock:
-                self.responses.append((info.index, 200))
         finally:
             with self._lock:
                 self.in_flight -= 1
