@@ -7,10 +7,14 @@ from data_schemas.schemas import (
     EVAL_ITEMS,
     EVAL_SPLIT,
     EVAL_SUMMARY,
+    FAILURE_CLASSES,
     FAILURES,
     FILTER,
     FILTER_ROLLOUTS,
+    INPUT_FAULT,
+    OUTPUT_FAULT,
     QA,
+    REQUEST_FAULT,
     RL_SPLIT,
     SCHEMAS,
     SFT_SPLIT,
@@ -25,6 +29,6 @@ from data_schemas.schemas import (
 )
 
 __all__ = [
-    "CAPTIONS", "CLIPS", "DIFFICULTIES", "EVAL_SPLIT", "RL_SPLIT", "SFT_SPLIT", "SPLITS", "UNUSED_SPLIT", "EVAL_ITEMS", "EVAL_SUMMARY", "FAILURES", "FILTER", "FILTER_ROLLOUTS", "QA", "SCHEMAS",
+    "CAPTIONS", "CLIPS", "DIFFICULTIES", "EVAL_SPLIT", "FAILURE_CLASSES", "INPUT_FAULT", "OUTPUT_FAULT", "REQUEST_FAULT", "RL_SPLIT", "SFT_SPLIT", "SPLITS", "UNUSED_SPLIT", "EVAL_ITEMS", "EVAL_SUMMARY", "FAILURES", "FILTER", "FILTER_ROLLOUTS", "QA", "SCHEMAS",
     "TRAIN_METRICS", "VIDEOS", "SchemaError", "TableSchema", "get_schema", "validate_table",
 ]

@@ -41,8 +41,13 @@ class TableSchema:
         return validate_table(table, self)
 
 
-def _f(name: str, type_: pa.DataType, nullable: bool = False, doc: str = "") -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc} if doc else None)
+def _f(name: str, type_: pa.DataType, nullable: bool = False, doc: str = "", since: int | None = None) -> pa.Field:
+    """A column; `since`: the schema version that added it (nullable), so files written before read it as null."""
+    metadata = {"doc": doc} if doc else {}
+    if since is not None:
+        assert nullable, "a column added to existing files must be nullable"
+        metadata["since"] = str(since)
+    return pa.field(name, type_, nullable=nullable, metadata=metadata or None)
 
 
 STRING = pa.string()
@@ -51,9 +56,16 @@ I64 = pa.int64()
 I32 = pa.int32()
 BOOL = pa.bool_()
 
+# Why an item failed, for deciding what to do about it: `input` (the video, clip or question itself
+# is unusable: no retry helps), `output` (what a model or LLM produced for it was unusable: a retry
+# may draw a usable one), `request` (the endpoint refused this request). Faults of the environment
+# (an endpoint down, a full disk) are never rows: they fail the shard, which is redone.
+FAILURE_CLASSES = ("input", "output", "request")
+INPUT_FAULT, OUTPUT_FAULT, REQUEST_FAULT = FAILURE_CLASSES
+
 FAILURES = TableSchema(
     "failures",
-    1,
+    2,
     pa.schema(
         [
             _f("item_id", STRING, doc="The input item that failed (a source URI, a clip id, a qa id...)."),
@@ -61,6 +73,7 @@ FAILURES = TableSchema(
             _f("error_kind", STRING, doc="A short machine-readable reason, e.g. corrupt, not_a_video, malformed_answer."),
             _f("message", STRING, doc="What went wrong, for a person."),
             _f("detail", pa.large_string(), nullable=True, doc="Raw material kept for debugging, e.g. an LLM's raw answer."),
+            _f("failure_class", STRING, nullable=True, since=2, doc="input, output or request (FAILURE_CLASSES); null in older files."),
         ]
     ),
     "One row per input item a stage could not process.",
@@ -319,6 +332,9 @@ def validate_table(table: pa.Table, schema: TableSchema) -> pa.Table:
     """Check columns and types; return the table cast to the canonical schema (column order included)."""
     present = set(table.column_names)
     for field in schema.schema:
+        if field.name not in present and field.metadata and b"since" in field.metadata:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))  # written before the column existed
+            continue
         if field.name not in present:
             raise SchemaError(f"{schema.name} v{schema.version}: column {field.name!r} ({field.type}) is missing")
         actual = table.schema.field(field.name).type

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_schemas import CAPTIONS, CLIPS
+from data_schemas import CAPTIONS, CLIPS, INPUT_FAULT, OUTPUT_FAULT, REQUEST_FAULT
 from models.captioners import (
     Captioner,
     CaptionResult,
@@ -76,6 +76,15 @@ def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
 
 
 REQUEST_FAILED = "request_failed_"  # error kinds of clips whose request got no usable answer
+UNREADABLE_CLIP = "unreadable_clip"
+
+
+def caption_failure_class(kind: str) -> str:
+    """A clip that cannot be read is the input's fault; a refused request the request's; anything
+    else (empty, degenerate) is what the model wrote."""
+    if kind == UNREADABLE_CLIP:
+        return INPUT_FAULT
+    return REQUEST_FAULT if kind.startswith(REQUEST_FAILED) else OUTPUT_FAULT
 
 
 class CaptionStage(Stage):
@@ -124,7 +133,7 @@ class CaptionStage(Stage):
             problem = caption_problem(result)
             if problem:
                 kind, message = problem
-                failures.append(Failure(item.item_id, kind, message, result.caption or None))
+                failures.append(Failure(item.item_id, kind, message, result.caption or None, caption_failure_class(kind)))
                 continue
             p = item.payload
             rows.append(

@@ -153,7 +153,7 @@ def _reuse_items(stage: Stage, ctx: StageContext, found: dict[str, list[str]]) -
         wanted_set = set(item_ids)
         for row in read_table_file(fs, f"{shard_dir}/{FAILURES_FILE}", FAILURES).to_pylist():
             if row["item_id"] in wanted_set:
-                failures.append(Failure(row["item_id"], row["error_kind"], row["message"], row["detail"]))
+                failures.append(Failure.from_row(row))
     return ShardResult({name: pa.concat_tables(parts) for name, parts in tables.items() if parts}, failures)
 
 
@@ -240,7 +240,7 @@ def finalize_stage(
         tables[schema.name] = pa.concat_tables(parts) if parts else schema.empty()
     failure_parts = [read_table_file(fs, f"{_shard_dir(ctx, stage, k)}/{FAILURES_FILE}", FAILURES) for k in plan.shard_keys]
     failures = [
-        Failure(r["item_id"], r["error_kind"], r["message"], r["detail"])
+        Failure.from_row(r)
         for part in failure_parts
         for r in part.to_pylist()
     ]

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from data_schemas import FAILURES, SchemaError, TableSchema, validate_table
+from data_schemas import FAILURES, INPUT_FAULT, SchemaError, TableSchema, validate_table
 
 MANIFEST = "_manifest.json"
 FAILURES_FILE = "_failures.parquet"
@@ -205,7 +205,8 @@ def write_dataset(
 def failures_table(stage: str, failures: list["Failure"]) -> pa.Table:
     return FAILURES.from_rows(
         [
-            {"item_id": f.item_id, "stage": stage, "error_kind": f.error_kind, "message": f.message, "detail": f.detail}
+            {"item_id": f.item_id, "stage": stage, "error_kind": f.error_kind, "message": f.message, "detail": f.detail,
+             "failure_class": f.failure_class}
             for f in failures
         ]
     )
@@ -219,3 +220,8 @@ class Failure:
     error_kind: str
     message: str
     detail: str | None = None
+    failure_class: str | None = INPUT_FAULT  # FAILURE_CLASSES; None only for rows of older files
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Failure":
+        return cls(row["item_id"], row["error_kind"], row["message"], row["detail"], row.get("failure_class"))

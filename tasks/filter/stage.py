@@ -27,7 +27,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_schemas import FILTER, FILTER_ROLLOUTS, QA, VIDEOS, TableSchema
+from data_schemas import (
+    FILTER,
+    FILTER_ROLLOUTS,
+    OUTPUT_FAULT,
+    QA,
+    REQUEST_FAULT,
+    VIDEOS,
+    TableSchema,
+)
 from models.openai_client import ChatRequestError
 from models.video import SampledFrames
 from models.vlm import Generation
@@ -140,9 +148,9 @@ class FilterStage(Stage):
                 raise StageError(f"filter: the judge endpoint refused the request ({exc}); check judge_base_url, judge_model and the key") from exc
             if exc.transient:  # the judge was unreachable, not wrong about this item: redo the shard
                 raise exc
-            return Failure(item_id, f"judge_{exc.kind}", f"the judge gave no answer after {exc.attempts} attempt(s): {exc}")
+            return Failure(item_id, f"judge_{exc.kind}", f"the judge gave no answer after {exc.attempts} attempt(s): {exc}", None, REQUEST_FAULT)
         if isinstance(exc, JudgeError):
-            return Failure(item_id, "judge_unparseable", str(exc))
+            return Failure(item_id, "judge_unparseable", str(exc), None, OUTPUT_FAULT)
         raise exc
 
     @staticmethod
@@ -176,6 +184,12 @@ class FilterStage(Stage):
         self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
     ) -> tuple[dict[str, pa.Table], list[Failure]]:
         cfg = ctx.config.filter
+        refused = [f for f in failures if f.error_kind.startswith("judge_") and f.failure_class == REQUEST_FAULT]
+        if refused and "judge" not in set(tables[FILTER_ROLLOUTS.name]["grader"].to_pylist()):
+            raise StageError(
+                f"filter: every request to the judge failed ({len(refused)} items; first: {refused[0].message}); the judge is "
+                "misconfigured, so nothing is published: check filter.judge_model and judge_base_url"
+            )
         rows = label_rows(tables[FILTER.name].to_pylist(), cfg)
         rollouts = tables[FILTER_ROLLOUTS.name].sort_by([("qa_id", "ascending"), ("run", "ascending")])
         exports = ctx.stage_path(self.name, EXPORTS_DIR)

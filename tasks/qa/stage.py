@@ -32,7 +32,7 @@ import logging
 from collections import Counter
 from typing import Any
 
-from data_schemas import CAPTIONS, FAILURES, QA
+from data_schemas import CAPTIONS, FAILURES, OUTPUT_FAULT, QA, REQUEST_FAULT
 from models.openai_client import ChatRequestError
 from tasks.config import QAConfig
 from tasks.engine.stage import (
@@ -166,7 +166,8 @@ async def _video(cfg: QAConfig, backend: Backend, video: VideoCaptions) -> tuple
         failures += request_failures
         for row in request_rows:
             if row["qa_id"] in seen:
-                failures.append(Failure(video.video_id, "duplicate_question", f"qa {row['qa_id']}: asked twice: {row['question']!r}"))
+                failures.append(Failure(video.video_id, "duplicate_question", f"qa {row['qa_id']}: asked twice: {row['question']!r}",
+                                        failure_class=OUTPUT_FAULT))
                 continue
             seen.add(row["qa_id"])
             rows.append(row)
@@ -183,7 +184,8 @@ async def _request(
     except ChatRequestError as exc:
         if exc.transient:
             raise
-        return [], [Failure(video.video_id, f"request_{exc.kind}", f"{rid}: no answer after {exc.attempts} attempt(s): {exc}")]
+        return [], [Failure(video.video_id, f"request_{exc.kind}", f"{rid}: no answer after {exc.attempts} attempt(s): {exc}",
+                            failure_class=REQUEST_FAULT)]
     if generated is None:
         log.debug("qa: %s cannot be formed from this video's captions", rid)
         return [], []
@@ -191,7 +193,7 @@ async def _request(
     parsed = parse_generation(result.content, qtype, finish_reason=result.finish_reason)
     raw = result.raw_text()
     failures = [
-        Failure(video.video_id, f.kind, f"{_where(rid, video.video_id, category, qtype, f.question)}: {f.message}", raw)
+        Failure(video.video_id, f.kind, f"{_where(rid, video.video_id, category, qtype, f.question)}: {f.message}", raw, OUTPUT_FAULT)
         for f in parsed.failures
     ]
     items = [_neutralised(item) for item in parsed.items]
@@ -225,12 +227,13 @@ async def _refine(backend: Backend, item: ParsedItem, video_id: str, where: str)
     except ChatRequestError as exc:
         if exc.transient:
             raise
-        return Failure(video_id, f"refine_request_{exc.kind}", f"{where}: refinement got no answer after {exc.attempts} attempt(s): {exc}")
+        return Failure(video_id, f"refine_request_{exc.kind}", f"{where}: refinement got no answer after {exc.attempts} attempt(s): {exc}",
+                       failure_class=REQUEST_FAULT)
     result = answer.result
     try:
         text = parse_refinement(result.content, finish_reason=result.finish_reason)
     except ParseFailure as exc:
-        return Failure(video_id, exc.kind, f"{where}: {exc.message}", result.raw_text())
+        return Failure(video_id, exc.kind, f"{where}: {exc.message}", result.raw_text(), OUTPUT_FAULT)
     return answer, neutralise_special_tokens(text)[0]
 
 

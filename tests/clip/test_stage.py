@@ -55,6 +55,7 @@ def test_clip_stage_on_mixed_directory(tmp_path, sources):
     # Keyframes every 2 s snap within the 2 s limit; a 250-frame GOP at 30 fps (8.33 s) cannot.
     assert modes == {"good_gop2s.mp4": "copy", "gop250.mp4": "exact"}
 
+    assert set(failures["failure_class"]) == {"input"}  # bad videos: no retry would help
     kinds = dict(zip(failures["item_id"].map(lambda u: u.rsplit("/", 1)[-1]), failures["error_kind"]))
     assert kinds == {
         "empty.mp4": "empty_file",

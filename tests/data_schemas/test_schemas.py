@@ -50,3 +50,15 @@ def test_string_flavours_and_column_order_normalised():
     table = pa.table({k: pa.array([v], pa.large_string() if k != "detail" else pa.null()) for k, v in reversed(row.items())})
     out = validate_table(table, FAILURES)
     assert out.schema.equals(FAILURES.schema) and out.column_names == FAILURES.columns
+
+
+def test_a_column_added_in_a_later_version_reads_as_null_from_older_files():
+    from data_schemas import FAILURES
+
+    old = pa.Table.from_pylist([{"item_id": "v", "stage": "clip", "error_kind": "corrupt", "message": "m", "detail": None}])
+    upgraded = validate_table(old, FAILURES)  # a failures file written by schema version 1
+    assert upgraded.column_names == FAILURES.columns and upgraded["failure_class"].to_pylist() == [None]
+    row = _clip_row()
+    del row["n_frames"]  # a column every version had is still required
+    with pytest.raises(SchemaError, match=r"column 'n_frames' \(int32\) is missing"):
+        validate_table(pa.Table.from_pylist([row]), CLIPS)

@@ -77,7 +77,8 @@ def test_run_publishes_table_failures_and_manifest(tmp_path):
     assert list(df.columns) == ["n", "square"]
     failures = pq.read_table(tmp_path / "wd" / "clip" / "_failures.parquet")
     assert failures.to_pylist() == [
-        {"item_id": "007", "stage": "clip", "error_kind": "multiple_of_seven", "message": "7 is a multiple of 7", "detail": None}
+        {"item_id": "007", "stage": "clip", "error_kind": "multiple_of_seven", "message": "7 is a multiple of 7", "detail": None,
+         "failure_class": "input"}
     ]
     manifest = json.loads((tmp_path / "wd" / "clip" / "_manifest.json").read_text())
     assert manifest["rows"] == 9 and manifest["failures"] == 1 and manifest["items"] == 10

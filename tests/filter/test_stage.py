@@ -321,6 +321,19 @@ def test_a_judge_outage_fails_the_shard_instead_of_recording_verdicts(tmp_path, 
     assert pd.read_parquet(tmp_path / "wd" / "filter").loc[0, "n_correct"] == 10
 
 
+def test_a_judge_that_refuses_every_request_fails_the_stage(tmp_path, videos, monkeypatch):
+    monkeypatch.setenv(JUDGE_KEY_ENV, "sk-judge")
+    items = [qa_item("open", "va", "Temporal", "open_ended", "the blue car"), qa_item("mc", "vb", "Spatial", "multiple_choice", "B")]
+    script = {"open": [RIGHT.format("the car that is blue")] * 10, "mc": scripted(3, "B", "A")}
+    refuse = Fault(status=400, message="unknown parameter")
+    with OpenAITestServer(lambda info: Reply("yes"), faults=lambda info: refuse, api_key="sk-judge") as server:
+        overrides = {"filter.judge_model": "judge", "filter.judge_base_url": server.base_url, "filter.judge_api_key_env": JUDGE_KEY_ENV}
+        ctx = make_workdir(tmp_path / "wd", videos, items, **overrides)
+        with pytest.raises(StageError, match=r"filter: every request to the judge failed \(1 items; first: .*400"):
+            run_stage(ScriptedFilterStage(script), ctx)
+    assert not (tmp_path / "wd" / "filter" / "_manifest.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # The tiny model for real
 # ------------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def test_retries_429_and_500_and_a_refused_clip_is_a_failures_row(clipped, tmp_p
     assert report.rows == n_clips - 1 and report.failures == 1
     failure = pq.read_table(wd / "caption" / "_failures.parquet").to_pylist()[0]
     assert failure["error_kind"] == "request_failed_http_400" and "refused" in failure["message"]
+    assert failure["failure_class"] == "request"
 
 
 def test_an_endpoint_that_stays_down_fails_the_stage_and_a_rerun_captions_everything(clipped, tmp_path, monkeypatch):

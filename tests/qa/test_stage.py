@@ -139,6 +139,8 @@ def test_faults_become_rows_or_failure_rows_and_reruns_are_free(tmp_path, key, c
         assert "According to the captions" in detail[P.MENTIONS_CAPTIONS]
         # Keyed by video like the rows; the message names the request, and the qa id when there is a question.
         assert dict(zip(fails["error_kind"], fails["item_id"])) == {k: "single" if k == "too_few_clips" else "kitchen" for k in kinds}
+        # What R1 wrote was unusable (a retry may draw better); a video with too few clips never will be.
+        assert dict(zip(fails["error_kind"], fails["failure_class"])) == {k: "input" if k == "too_few_clips" else "output" for k in kinds}
         msg = dict(zip(fails["error_kind"], fails["message"]))
         assert msg[P.TRUNCATED].startswith("kitchen/Temporal/open_ended: ")
         caption_qa = qa_id("kitchen", "Plot and Narrative", "open_ended", "According to the captions, what is the story arc of the video?")
