@@ -255,6 +255,26 @@ TRAIN_METRICS = TableSchema(
     "Long-format training metrics (one row per step and metric) for sft and grpo.",
 )
 
+GRPO_SAMPLES = TableSchema(
+    "grpo_samples",
+    1,
+    pa.schema(
+        [
+            _f("step", I64, doc="The GRPO step (1-based) whose rollouts these are: every tracking.samples_every steps."),
+            _f("qa_id", STRING),
+            _f("sample", I32, doc="0 .. group_size-1: the rollout's index within its question's group."),
+            _f("prompt", pa.large_string(), doc="The user turn's text after the video."),
+            _f("response", pa.large_string(), doc="The rollout as decoded (what the rewards read)."),
+            _f("reward", F64, doc="accuracy_weight * accuracy + format_weight * format."),
+            _f("accuracy_reward", F64),
+            _f("format_reward", F64),
+            _f("advantage", F64, doc="The group-normalised advantage (Eq. 2)."),
+            _f("kept", BOOL, doc="The group went into the update (false: dropped for zero reward variance)."),
+        ]
+    ),
+    "Sampled GRPO rollouts of the first data-parallel replica (grpo/_samples/).",
+)
+
 EVAL_ITEMS = TableSchema(
     "eval_items",
     2,
@@ -300,7 +320,7 @@ EVAL_SUMMARY = TableSchema(
 )
 
 SCHEMAS: dict[str, TableSchema] = {
-    s.name: s for s in (FAILURES, VIDEOS, CLIPS, CAPTIONS, QA, FILTER_ROLLOUTS, FILTER, TRAIN_METRICS, EVAL_ITEMS, EVAL_SUMMARY)
+    s.name: s for s in (FAILURES, VIDEOS, CLIPS, CAPTIONS, QA, FILTER_ROLLOUTS, FILTER, TRAIN_METRICS, GRPO_SAMPLES, EVAL_ITEMS, EVAL_SUMMARY)
 }
 
 

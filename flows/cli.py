@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild <workdir>/report/index.html")
     report.add_argument("workdir")
 
+    publish = sub.add_parser(
+        "publish", help="write the dataset (HF datasets layout) and trained models with cards to --out; --repo pushes them to the Hub"
+    )
+    publish.add_argument("workdir")
+    publish.add_argument("--out", required=True, help="folder for dataset/ and models/<stage>/ (both replaced)")
+    publish.add_argument("--repo", default=None, metavar="ORG/NAME",
+                         help="push the dataset to this dataset repo and each model to ORG/NAME-<stage> (needs HF_TOKEN)")
+    publish.add_argument("--private", action="store_true", help="create the repos as private")
+    publish.add_argument("--dry-run", action="store_true", help="with --repo: list what would be uploaded, contact nothing")
+
     sample = sub.add_parser("sample-videos", help="write the built-in synthetic sample videos")
     sample.add_argument("dir")
     sample.add_argument("--overwrite", action="store_true")
@@ -208,6 +218,50 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"lvr: no workdir at {args.workdir}", file=sys.stderr)
         return EXIT_USAGE
     print(build_report(args.workdir))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from tasks.publish import (
+        PublishError,
+        check_repo_id,
+        export_workdir,
+        format_plan,
+        hub_token,
+        push,
+        upload_plan,
+    )
+
+    token = None
+    try:
+        if args.dry_run and not args.repo:
+            raise PublishError("--dry-run lists an upload: give --repo org/name")
+        if args.repo:
+            check_repo_id(args.repo)
+        if args.repo and not args.dry_run:
+            token = hub_token()
+            if not token:
+                raise PublishError("--repo needs a Hugging Face write token: set HF_TOKEN (or run `hf auth login`), or add --dry-run")
+        export = export_workdir(args.workdir, args.out, args.repo)
+    except PublishError as exc:
+        print(f"lvr: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    counts = export.data.counts
+    print(f"dataset: {export.dataset_dir} ({', '.join(f'{s} {counts.per_split[s]}' for s in export.data.files)})")
+    for model in export.models:
+        print(f"model: {export.model_dir(model.stage)} ({model.stage})")
+    if not args.repo:
+        return 0
+    plan = upload_plan(export, args.repo)
+    print(("dry run, nothing uploaded; would upload:\n" if args.dry_run else "uploading:\n") + format_plan(plan))
+    if args.dry_run:
+        return 0
+    try:
+        for url in push(plan, token, private=args.private):
+            print(url)
+    except Exception as exc:  # noqa: BLE001 -- the Hub's and the network's errors alike: say which, never the token
+        print(f"lvr: upload failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -340,7 +394,7 @@ def cmd_train_node(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "synth": cmd_synth, "sample-videos": cmd_sample_videos,
             "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node, "deploy": cmd_deploy,
-            "pool-template": cmd_pool_template}
+            "pool-template": cmd_pool_template, "publish": cmd_publish}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -383,6 +383,31 @@ class EvalConfig(Section):
         return sorted({self.num_frames, *self.frames_sweep})
 
 
+class TrackingConfig(Section):
+    """Where SFT and GRPO report while they train (rank 0 only). Not a stage's section: no key here
+    is part of a fingerprint or run key, so turning tracking on never retrains anything."""
+
+    runtime_keys = ("backend", "project", "log_dir", "tracking_uri", "samples_every")
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="none: metrics.parquet and the log only; tensorboard: event files; mlflow: a tracking server or "
+        "store (tracking_uri); wandb: Weights & Biases (WANDB_MODE=offline writes locally). One run per training run, "
+        "named <stage>-<run key>, so reruns of a recipe land in the same run.",
+    )
+    project: str = Field("lvr", description="The MLflow experiment / W&B project.")
+    log_dir: str | None = Field(
+        None, description="tensorboard: where the runs' event folders go; default <workdir>/<stage>/_tensorboard/. "
+        "wandb: its local folder (default its own).",
+    )
+    tracking_uri: str | None = Field(
+        None, description="mlflow: http(s)://server, sqlite:///file.db or file:///folder; default MLflow's own (MLFLOW_TRACKING_URI).",
+    )
+    samples_every: int = Field(
+        10, ge=0, description="GRPO: keep the first replica's rollouts (prompt, response, reward, advantage) every this many "
+        "steps, in grpo/_samples/ and the tracker; 0: never.",
+    )
+
+
 class PipelineConfig(Section):
     profile: str = "tiny"
     source: str | None = Field(None, description="Default source when none is given on the command line.")
@@ -394,6 +419,7 @@ class PipelineConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def resolve_config_path(config: str | Path) -> Path | Traversable:

@@ -16,7 +16,7 @@ from tests.support.paths import REPO
 
 PACKAGES = ("flows", "tasks", "models", "parallel", "data_schemas", "configs")
 STAGE_PACKAGES = {spec.class_path.split(":")[0].rsplit(".", 1)[0] for spec in STAGES}
-LIBRARIES = ("tasks.media", "tasks.grading", "tasks.training", "tasks.report", "tasks.samples")
+LIBRARIES = ("tasks.media", "tasks.grading", "tasks.training", "tasks.report", "tasks.samples", "tasks.publish")
 
 
 def module_name(path: Path) -> str:

@@ -51,6 +51,12 @@ _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TIMESTAMP = re.compile(r"\b(?:\d+:)?\d{1,2}:\d{2}\b")
 
 
+def reasoning_text(target: str) -> str:
+    """The reasoning of a target: its `<think>` text, "" when it has none."""
+    think = _THINK.search(target)
+    return think.group(1).strip() if think else ""
+
+
 def reasoning_words(target: str) -> int:
     think = _THINK.search(target)
     return len(think.group(1).split()) if think else 0

@@ -118,7 +118,8 @@ def filter_report(
             f"{', '.join(cfg.rl_difficulties)} items.",
             _split_section(_split_counts(rows)),
             f"![items per split and category]({SPLITS_PNG})",
-            f"Exports (chat `messages` Parquet, LLaVA/VILA JSON, Long-RL/EasyR1 Parquet) per split: `{exports_path}`.",
+            f"Exports (LongVideo-Reason Parquet for Long-RL, EasyR1 Parquet, TRL Parquet, LLaVA/VILA JSON; "
+            f"`manifest.json` names the files and the videos' folder): `{exports_path}`.",
             "## Answers",
             _rollout_section(rollouts),
             "## Examples",

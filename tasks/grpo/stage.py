@@ -13,7 +13,9 @@ the dataset was filtered with (`filter.model`).
 Outputs: `grpo/model/` (save_pretrained; loads with `models.vlm.HFVideoLM`), `grpo/metrics.parquet`
 (TRAIN_METRICS: reward, accuracy and format rewards, KL, clip fraction, response length, step
 time, vision-encoder calls... per step), `report/grpo.md` with the reward curve (also the stage's
-Prefect artifact), the manifest, and the embedding cache `grpo/_embeddings/` (kept across runs).
+Prefect artifact), the manifest, the embedding cache `grpo/_embeddings/` (kept across runs), and
+`grpo/_samples/` (GRPO_SAMPLES: every rollout of the first replica every `tracking.samples_every`
+steps, also sent to the tracker; tracking is not part of the fingerprint, so a cached run keeps its samples).
 On an object-store workdir the workers write to a local staging folder mirrored to the workdir
 (`tasks.training.staging`, as for SFT), and the SFT model is downloaded once into the local model cache.
 """
@@ -24,7 +26,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from data_schemas import TRAIN_METRICS
+from data_schemas import GRPO_SAMPLES, TRAIN_METRICS, TableSchema
 from models.vlm import resolve_model_ref
 from tasks.engine.manifest import output_identity, read_manifest
 from tasks.engine.stage import ShardResult, StageContext, StageError, WorkItem
@@ -40,6 +42,7 @@ from tasks.training.staging import run_dir, staged_dir
 
 SFT = "sft"
 EMBEDDINGS_DIR = "_embeddings"
+SAMPLES_DIR = "_samples"  # GRPO_SAMPLES: rollouts kept every tracking.samples_every steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class GRPOStage(TrainingStage):
     name = "grpo"
     code_version = "1"
     # inputs: filter, plus sft when its model is the initial policy (`input_fingerprints`)
+    side_outputs = (GRPO_SAMPLES,)
     report_file = REPORT_FILE
     trainer_module = "tasks.grpo.trainer"
 
@@ -124,8 +128,15 @@ class GRPOStage(TrainingStage):
         job = GRPOJob(
             run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)),
             cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None, model_revision=item.payload["model_revision"],
+            tracking=ctx.config.tracking,
         )
-        return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(self.train(ctx, job))}, failures)
+        metrics = TRAIN_METRICS.from_rows(self.train(ctx, job))
+        return ShardResult({TRAIN_METRICS.name: metrics, GRPO_SAMPLES.name: self.run_samples(ctx, run_key, GRPO_SAMPLES)}, failures)
+
+    def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
+        if schema.name == GRPO_SAMPLES.name:
+            return ctx.stage_path(self.name, SAMPLES_DIR)
+        return super().table_dir(ctx, schema)
 
     def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
         write_grpo_report(ctx.workdir, metrics, result, ctx.config.grpo)

@@ -27,13 +27,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from data_schemas import GRPO_SAMPLES
 from models.video import FrameSampling
 from models.vlm import EncodedVideoBatch, HFVideoLM
 from parallel.embedding_cache import (
@@ -46,7 +47,7 @@ from parallel.launch import run_worker
 from parallel.loss import count_sum
 from parallel.sequence import IGNORE_INDEX
 from parallel.topology import SPGroup, Topology
-from tasks.config import FilterConfig, GRPOConfig
+from tasks.config import FilterConfig, GRPOConfig, TrackingConfig
 from tasks.engine.store import LOCAL, stable_hash, write_json_atomic
 from tasks.grading.answers import AnswerKey, Grade, grade, total_reward
 from tasks.grading.judge import judge_all
@@ -68,7 +69,7 @@ log = logging.getLogger("lvr.grpo.trainer")
 
 ROLLOUT_METRICS = (
     "reward", "accuracy_reward", "format_reward", "response_length", "groups_kept", "encoder_calls", "videos_encoded",
-    "cache_hits", "step_time_s",
+    "cache_hits", "step_time_s", "lr",
 )
 UPDATE_METRICS = ("loss", "kl", "clip_fraction", "grad_norm")  # absent for a step whose groups were all dropped
 
@@ -79,7 +80,8 @@ class GRPOJob:
 
     `model_path`: the initial policy and the frozen reference; `out_dir`: the stage folder
     (`model/`, `_checkpoints/`); `work_dir`: this run's private folder; `cache_dir`: the embedding
-    cache (None: off); `judge`: the filter stage's settings when open-ended misses go to its judge.
+    cache (None: off); `judge`: the filter stage's settings when open-ended misses go to its judge;
+    `tracking`: where rank 0 reports, and how often it keeps sampled rollouts.
     """
 
     run_key: str
@@ -91,10 +93,11 @@ class GRPOJob:
     cache_dir: str | None = None
     judge: FilterConfig | None = None
     model_revision: str | None = None  # of a hub model id in `model_path`
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def save(self, path: Path) -> None:
         data = {
-            **asdict(self), "config": self.config.model_dump(mode="json"),
+            **asdict(self), "config": self.config.model_dump(mode="json"), "tracking": self.tracking.model_dump(mode="json"),
             "judge": self.judge.model_dump(mode="json") if self.judge else None,
         }
         write_json_atomic(LOCAL, str(path), data)
@@ -107,6 +110,7 @@ class GRPOJob:
             examples=tuple(RLExample.from_dict(e) for e in data["examples"]), config=GRPOConfig.model_validate(data["config"]),
             out_dir=data["out_dir"], work_dir=data["work_dir"], cache_dir=data["cache_dir"],
             judge=FilterConfig.model_validate(data["judge"]) if data["judge"] else None, model_revision=data["model_revision"],
+            tracking=TrackingConfig.model_validate(data["tracking"]),
         )
 
 
@@ -139,6 +143,21 @@ def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollou
     accuracy = [[float(g.correct) for g in group_grades] for group_grades in grades]
     formatted = [[float(g.format_ok) for g in group_grades] for group_grades in grades]
     return Scores(*(torch.tensor(values, dtype=torch.float32) for values in (reward, accuracy, formatted)))
+
+
+def sample_rows(
+    step: int, examples: Sequence[RLExample], rollouts: list[list[Rollout]], scores: Scores, advantages: torch.Tensor, keep: torch.Tensor
+) -> list[dict[str, Any]]:
+    """GRPO_SAMPLES rows of one replica's step: every rollout with its rewards and advantage."""
+    return [
+        {
+            "step": step + 1, "qa_id": example.qa_id, "sample": j, "prompt": example.prompt, "response": rollout.text,
+            "reward": float(scores.reward[i, j]), "accuracy_reward": float(scores.accuracy[i, j]),
+            "format_reward": float(scores.format[i, j]), "advantage": float(advantages[i, j]), "kept": bool(keep[i]),
+        }
+        for i, (example, group) in enumerate(zip(examples, rollouts))
+        for j, rollout in enumerate(group)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +297,7 @@ class Trainer(StepTrainer):
     """One rank's GRPO run of a `GRPOJob`."""
 
     stage = "grpo"
+    samples_schema = GRPO_SAMPLES
 
     def __init__(self, job: GRPOJob):
         self.job = job
@@ -384,8 +404,12 @@ class Trainer(StepTrainer):
             self.rollouts.sync_weights(self.policy.model)
         seconds = time.perf_counter() - started
         values["step_time_s"] = seconds
+        values["lr"] = float(self.engine.get_lr()[0])
         self.elapsed_s += seconds
         self.record(step, values, ROLLOUT_METRICS + UPDATE_METRICS)
+        every = self.job.tracking.samples_every
+        if self.is_main and every and (step + 1) % every == 0:
+            self.record_samples(step, sample_rows(step, examples, rollouts, scores, advantages, keep))
         if self.is_main:
             self.log.info(
                 "step %d/%d reward %.3f accuracy %.3f format %.3f kept %.2f len %.1f kl %.4f clip %.3f encoder calls %d (%.1fs)",

@@ -77,7 +77,9 @@ class SFTStage(TrainingStage):
         check_sp_degree(model_path, cfg.sp_degree)
         staged = staged_dir(ctx.workdir, self.name)
         run_key = self.run_key(ctx, item)
-        job = TrainJob(run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)))
+        job = TrainJob(
+            run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)), tracking=ctx.config.tracking
+        )
         return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(self.train(ctx, job))}, failures)
 
     def write_report(self, ctx: StageContext, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from parallel.launch import run_worker
 from parallel.loss import count_sum, cross_entropy_sum
 from parallel.sequence import IGNORE_INDEX, shift_labels
 from parallel.topology import Topology
-from tasks.config import SFTConfig
+from tasks.config import SFTConfig, TrackingConfig
 from tasks.engine.store import LOCAL, write_json_atomic
 from tasks.media.frames import read_video_frames
 from tasks.sft.data import SFTExample, collate, encode_example
@@ -40,7 +40,7 @@ class TrainJob:
     """Everything the workers need, written by the stage as `job.json`.
 
     `out_dir`: the stage folder (`model/` and `_checkpoints/` go there); `work_dir`: this run's
-    private folder (job, metrics, result, worker tracebacks).
+    private folder (job, metrics, result, worker tracebacks); `tracking`: where rank 0 reports.
     """
 
     run_key: str
@@ -49,9 +49,10 @@ class TrainJob:
     config: SFTConfig
     out_dir: str
     work_dir: str
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def save(self, path: Path) -> None:
-        data = {**asdict(self), "config": self.config.model_dump(mode="json")}
+        data = {**asdict(self), "config": self.config.model_dump(mode="json"), "tracking": self.tracking.model_dump(mode="json")}
         write_json_atomic(LOCAL, str(path), data)
 
     @classmethod
@@ -61,6 +62,7 @@ class TrainJob:
             run_key=data["run_key"], model_path=data["model_path"],
             examples=tuple(SFTExample(**e) for e in data["examples"]),
             config=SFTConfig.model_validate(data["config"]), out_dir=data["out_dir"], work_dir=data["work_dir"],
+            tracking=TrackingConfig.model_validate(data["tracking"]),
         )
 
 

@@ -10,6 +10,7 @@ written its part, so a run killed at any moment resumes from a whole checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -20,16 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from data_schemas import TableSchema, validate_table
 from parallel.launch import configure_worker_logging
 from parallel.topology import Topology, init_topology
-from tasks.engine.store import LOCAL, fsync_path, write_json_atomic
+from tasks.engine.store import LOCAL, fsync_path, write_json_atomic, write_table_atomic
 from tasks.training import checkpoints as ckpt
+from tasks.training.tracking import TrackedRun, Tracker, open_tracker
 
 JOB_FILE = "job.json"  # in a run's work folder: what the workers train
 METRICS_FILE = "metrics.parquet"  # in the work folder and in each checkpoint
+SAMPLES_FILE = "samples.parquet"  # likewise, for a trainer that keeps samples (`samples_schema`)
 RESULT_FILE = "result.json"  # in the work folder, written last: the run finished
 CHECKPOINTS_DIR = "_checkpoints"  # in the stage folder: step-N/
 MODEL_DIR = "model"  # in the stage folder: the trained model
@@ -61,10 +66,14 @@ class TrainResult:
 
 class StepTrainer:
     """One rank's training run. Subclasses set, in `__init__`: `job` (run_key, model_path,
-    examples, out_dir, work_dir), `cfg` (save_every, keep_checkpoints), `topo`, `engine` (DeepSpeed),
-    `tokenizer`; and implement `total_steps`, `train_step`, `trained_model` and `describe`."""
+    examples, out_dir, work_dir, tracking), `cfg` (save_every, keep_checkpoints), `topo`, `engine`
+    (DeepSpeed), `tokenizer`; and implement `total_steps`, `train_step`, `trained_model` and `describe`.
+
+    Rank 0 reports to the tracker `job.tracking` names (`tasks.training.tracking`): every recorded
+    metric, the rows of `record_samples`, and the end of the run."""
 
     stage: str
+    samples_schema: TableSchema | None = None  # rows of `record_samples` (kept like the metrics)
     job: Any
     cfg: Any
     topo: Topology
@@ -75,6 +84,8 @@ class StepTrainer:
         self.log = logging.getLogger(f"lvr.{self.stage}.trainer")
         self.checkpoints = Path(self.job.out_dir) / CHECKPOINTS_DIR
         self.metrics: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.tracker = Tracker()  # rank 0 opens the configured one once it knows the step it resumes after
         self.elapsed_s = 0.0
 
     # --- what a subclass says ------------------------------------------------------------------
@@ -112,13 +123,21 @@ class StepTrainer:
         start = self.resume()
         if self.is_main:
             self.log.info("%s%s", self.describe(), f"; resuming after step {start}" if start else "")
+            self.tracker = open_tracker(
+                self.job.tracking, TrackedRun(self.stage, self.job.run_key, self.job.out_dir, start, self.cfg.output_settings())
+            )
         total = self.total_steps
-        for step in range(start, total):
-            self.train_step(step)
-            done = step + 1
-            if done % self.cfg.save_every == 0 and done < total:
-                self.save_checkpoint(done)
-        self.publish()
+        try:
+            for step in range(start, total):
+                self.train_step(step)
+                done = step + 1
+                if done % self.cfg.save_every == 0 and done < total:
+                    self.save_checkpoint(done)
+            self.publish()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the training error is the one to see
+                self.tracker.close(failed=True)
+            raise
         result = TrainResult(
             self.job.run_key, len(self.job.examples), total, start or None, self.topo.world_size, self.topo.sp.size,
             round(self.elapsed_s, 3),
@@ -126,7 +145,9 @@ class StepTrainer:
         if self.is_main:
             work = Path(self.job.work_dir)
             ckpt.write_metrics(work / METRICS_FILE, self.metrics)
+            self.write_samples(work)
             write_json_atomic(LOCAL, str(work / RESULT_FILE), asdict(result))
+            self.tracker.close()
         dist.barrier()
         return result
 
@@ -137,6 +158,17 @@ class StepTrainer:
                 {"stage": self.stage, "step": step + 1, "name": name, "value": values[name], "time_s": round(self.elapsed_s, 4)}
                 for name in names if name in values
             )
+            self.tracker.log_metrics(step + 1, {f"{self.stage}/{name}": values[name] for name in names if name in values})
+
+    def record_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sampled outputs of a step, as rows of `samples_schema` (rank 0 keeps them; they travel in checkpoints)."""
+        if self.is_main:
+            self.samples.extend(rows)
+            self.tracker.log_samples(step + 1, rows)
+
+    def write_samples(self, folder: Path) -> None:
+        if self.samples_schema is not None:
+            write_table_atomic(LOCAL, str(folder / SAMPLES_FILE), self.samples_schema.from_rows(self.samples), self.samples_schema)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def resume(self) -> int:
@@ -157,6 +189,8 @@ class StepTrainer:
         self.restore_extra(folder)
         if self.is_main:
             self.metrics = ckpt.read_metrics(folder / METRICS_FILE)
+            if self.samples_schema is not None and (folder / SAMPLES_FILE).is_file():
+                self.samples = validate_table(pq.read_table(folder / SAMPLES_FILE), self.samples_schema).to_pylist()
             self.log.info("resuming from %s (step %d of %d)", folder, state.step, state.total_steps)
         self.elapsed_s = state.elapsed_s
         return state.step
@@ -171,6 +205,7 @@ class StepTrainer:
         self.save_extra(tmp, step)
         if self.is_main:
             ckpt.write_metrics(tmp / METRICS_FILE, self.metrics)
+            self.write_samples(tmp)
             ckpt.write_state(tmp, ckpt.TrainerState(self.job.run_key, step, self.total_steps, round(self.elapsed_s, 4)))
         dist.barrier()
         if self.is_main:

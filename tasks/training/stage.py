@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from data_schemas import TRAIN_METRICS, TableSchema
+from data_schemas import TRAIN_METRICS, TableSchema, validate_table
 from parallel.launch import LaunchSpec, LaunchTimeout, launch, torchrun_argv
 from tasks.engine.stage import Stage, StageContext, StageError, WorkItem
 from tasks.engine.store import (
@@ -26,7 +27,13 @@ from tasks.engine.store import (
 )
 from tasks.report.markdown import inline_images, read_report_file
 from tasks.training import checkpoints as ckpt
-from tasks.training.loop import JOB_FILE, METRICS_FILE, MODEL_DIR, RESULT_FILE
+from tasks.training.loop import (
+    JOB_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    RESULT_FILE,
+    SAMPLES_FILE,
+)
 from tasks.training.staging import (
     ERRORS_DIR,
     TRAIN_DIR,
@@ -35,6 +42,7 @@ from tasks.training.staging import (
     run_dir,
     staged_dir,
 )
+from tasks.training.tracking import TENSORBOARD_DIR
 
 METRICS_TABLE = "metrics.parquet"  # a training stage's table: one file, the folder also holds model/
 
@@ -138,7 +146,14 @@ class TrainingStage(Stage):
         _, metrics = launch_training(
             staged, job, lambda job_file: self.launch_spec(ctx, job_file), cfg.keep_checkpoints, timeout_s=cfg.launch_timeout_s
         )
+        if staged.mirrored and staged.local_path(TENSORBOARD_DIR).is_dir():
+            staged.push(TENSORBOARD_DIR)  # the default tensorboard log_dir, written locally by rank 0
         return metrics
+
+    def run_samples(self, ctx: StageContext, run_key: str, schema: TableSchema) -> pa.Table:
+        """The sampled rows rank 0 of run `run_key` kept (`SAMPLES_FILE` in its work folder); empty when none."""
+        path = run_dir(staged_dir(ctx.workdir, self.name), run_key) / SAMPLES_FILE
+        return validate_table(pq.read_table(path), schema) if path.is_file() else schema.empty()
 
     def run_key(self, ctx: StageContext, item: WorkItem) -> str:
         """Identifies one training run (data, initial model, settings, code): checkpoints of
@@ -146,6 +161,8 @@ class TrainingStage(Stage):
         return stable_hash({"item": item.key, "settings": self.settings(ctx), "code": self.code_version})
 
     def publish_table(self, ctx: StageContext, schema: TableSchema, table: pa.Table) -> list[str]:
+        if schema.name != self.output.name:  # side tables have folders of their own
+            return super().publish_table(ctx, schema, table)
         path = ctx.stage_path(self.name, METRICS_TABLE)
         write_table_atomic(ctx.workdir.fs, path, table, schema)
         return [path]

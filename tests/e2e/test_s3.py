@@ -164,7 +164,7 @@ def test_every_stage_is_published_in_the_bucket(s3_run):
     assert all(uri.startswith(f"{s3_run.workdir}/clip/") and fs.exists(uri) for uri in clips.clip_uri)
     assert set(s3_run.read_parquet("clip", "_videos").uri) == {f"{s3_run.source}/a.mp4", f"{s3_run.source}/b.mp4"}
     # The filter exports: datasets-ready files beside the stage, naming the source videos by URI.
-    exported = s3_run.read_parquet("filter", "_exports", "messages", "sft.parquet")
+    exported = s3_run.read_parquet("filter", "_exports", "trl", "sft.parquet")
     assert len(exported) > 0 and all(v[0].startswith(f"{s3_run.source}/") for v in exported.videos)
     assert len(json.loads(fs.cat_file(s3_run.key("filter", "_exports", "llava", "eval.json")))) > 0
     # Atomic writes leave nothing behind; nothing was staged in the bucket.

@@ -190,21 +190,23 @@ def test_scripted_rollouts_give_labels_splits_exports_and_report(tmp_path, video
     assert set(table[(table.difficulty == "medium") & (table.split != "eval")]["split"]) == {"rl"}
     assert splits["rl"] == len(table[(table.difficulty == "medium") & (table.split != "eval")])
 
-    exports = wd / "filter" / "_exports"
+    exports = wd / "filter" / "_exports"  # each layout's consumer reads it in tests/filter/test_exports.py
     for split in ("sft", "rl", "eval"):
         members = sorted(table[table.split == split]["qa_id"])
-        messages = datasets.load_dataset("parquet", data_files=str(exports / "messages" / f"{split}.parquet"), split="train")
-        assert sorted(messages["qa_id"]) == members
+        trl = datasets.load_dataset("parquet", data_files=str(exports / "trl" / f"{split}.parquet"), split="train")
+        assert sorted(trl["qa_id"]) == members
         llava = json.loads((exports / "llava" / f"{split}.json").read_text())
         assert sorted(r["id"] for r in llava) == members
-        easyr1 = datasets.load_dataset("parquet", data_files=str(exports / "easyr1" / f"{split}.parquet"), split="train")
-        assert sorted(easyr1["qa_id"]) == members
-    sft = datasets.load_dataset("parquet", data_files=str(exports / "messages" / "sft.parquet"), split="train")
+    for name, split in {"train": "rl", "validation": "eval", "test": "eval"}.items():
+        members = sorted(table[table.split == split]["qa_id"])
+        for fmt in ("longvideo-reason", "easyr1"):
+            exported = datasets.load_dataset("parquet", data_dir=str(exports / fmt), split=name)
+            assert sorted(exported["qa_id"]) == members
+    sft = datasets.load_dataset("parquet", data_files=str(exports / "trl" / "sft.parquet"), split="train")
     first = rows.loc[sft[0]["qa_id"]]
     user, assistant = sft[0]["messages"]
-    assert user["role"] == "user" and [p["type"] for p in user["content"]] == ["video", "text"]
-    assert user["content"][0]["video"] == first.video_uri and user["content"][1]["text"] == first.prompt
-    assert assistant == {"role": "assistant", "content": [{"type": "text", "text": first.target, "video": None}]}
+    assert user == {"role": "user", "content": [{"type": "video", "video": first.video_uri}, {"type": "text", "text": first.prompt}]}
+    assert assistant == {"role": "assistant", "content": [{"type": "text", "text": first.target}]}
     assert sft[0]["videos"] == [first.video_uri]
 
     report_dir = wd / "report"
@@ -233,19 +235,20 @@ def test_exported_easyr1_prompt_renders_to_the_training_prompt(tmp_path, videos)
     ctx = make_workdir(tmp_path / "wd", videos, GOOD, **{"filter.eval_fraction": 0.0, "filter.sft_fraction": 1.0})
     run_stage(ScriptedFilterStage(SCRIPT), ctx)
     exports = tmp_path / "wd" / "filter" / "_exports" / "easyr1"
-    template = jinja2.Template((exports / "format_prompt.jinja").read_text())
+    template = jinja2.Template((exports.parent / "easyr1_format_prompt.jinja").read_text())
     table = pd.read_parquet(tmp_path / "wd" / "filter").set_index("qa_id")
-    rows = pd.concat([pd.read_parquet(exports / f"{s}.parquet") for s in ("sft", "rl", "eval")])
-    assert len(rows) == 16
+    video_dir = json.loads((exports.parent / "manifest.json").read_text())["video_dir"]
+    rows = pd.read_parquet(exports / "train.parquet")
+    assert len(rows) == len(table[table.split == "rl"]) > 0
     for row in rows.itertuples():
-        assert row.problem.startswith("<video>") and row.videos.tolist() == [table.loc[row.qa_id, "video_uri"]]
+        assert row.problem.startswith("<video>") and [f"{video_dir}/{v}" for v in row.videos] == [table.loc[row.qa_id, "video_uri"]]
         assert template.render(content=row.problem.removeprefix("<video>")).strip() == table.loc[row.qa_id, "prompt"]
         expected_type = "multiple choice" if table.loc[row.qa_id, "question_type"] == "multiple_choice" else "free-form"
-        assert row.problem_type == expected_type and row.answer == f"<answer>{table.loc[row.qa_id, 'answer']}</answer>"
+        assert row.problem_type == expected_type and row.answer == table.loc[row.qa_id, "answer"]
     # Empty splits still get their files: no rows, the right columns.
-    assert pd.read_parquet(exports / "eval.parquet").empty and list(pd.read_parquet(exports / "eval.parquet").columns) == list(rows.columns)
+    assert pd.read_parquet(exports / "test.parquet").empty and list(pd.read_parquet(exports / "test.parquet").columns) == list(rows.columns)
     together = datasets.load_dataset("parquet", data_files=str(exports / "*.parquet"), split="train")
-    assert together.num_rows == 16 and together.column_names == list(rows.columns)
+    assert together.num_rows == len(rows) and together.column_names == list(rows.columns)
     assert json.loads((tmp_path / "wd" / "filter" / "_exports" / "llava" / "eval.json").read_text()) == []
 
 

@@ -68,7 +68,7 @@ def overrides(model: Path) -> dict:
     return {
         "grpo.model": str(model), "grpo.steps": STEPS, "grpo.save_every": 2, "grpo.prompts_per_step": 3, "grpo.group_size": 4,
         "grpo.max_new_tokens": 16, "grpo.num_frames": SPEC.num_frames, "grpo.learning_rate": 1e-3, "grpo.updates_per_step": 2,
-        "grpo.micro_batch_size": 6,
+        "grpo.micro_batch_size": 6, "tracking.backend": "tensorboard", "tracking.samples_every": 1,
     }
 
 
@@ -116,6 +116,18 @@ def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
     # the whole run (the rerun found the first run's embeddings), one tower call per step at most.
     assert value["videos_encoded"].sum() <= 3 and value["encoder_calls"].max() <= 1 and value["cache_hits"].sum() > 0
     assert len(list((root / "grpo" / "_embeddings").glob("*/*.safetensors"))) == value["videos_encoded"].sum()
+
+    # Tracking across the kill: the sampled rollouts of the steps before the checkpoint came back with it, and
+    # TensorBoard holds every step once (what the killed run logged past the checkpoint was purged).
+    samples = pd.read_parquet(root / "grpo" / "_samples")
+    assert samples.groupby("step").size().to_dict() == {s: 3 * 4 for s in range(1, STEPS + 1)}  # prompts_per_step x G
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((root / "grpo" / "_tensorboard").iterdir())), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = events.Scalars("grpo/reward")
+    assert [e.step for e in logged] == list(range(1, STEPS + 1))
+    assert [e.value for e in logged] == pytest.approx(value["reward"].tolist(), rel=1e-6)  # float32 events
 
     from models.vlm import HFVideoLM
 
