@@ -387,7 +387,9 @@ class TrackingConfig(Section):
     """Where SFT and GRPO report while they train (rank 0 only). Not a stage's section: no key here
     is part of a fingerprint or run key, so turning tracking on never retrains anything."""
 
-    runtime_keys = ("backend", "project", "log_dir", "tracking_uri", "samples_every")
+    runtime_keys = (
+        "backend", "project", "log_dir", "tracking_uri", "samples_every", "validate_every", "validate_examples", "validate_max_new_tokens",
+    )
 
     backend: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="none: metrics.parquet and the log only; tensorboard: event files; mlflow: a tracking server or "
@@ -406,6 +408,13 @@ class TrackingConfig(Section):
         10, ge=0, description="GRPO: keep the first replica's rollouts (prompt, response, reward, advantage) every this many "
         "steps, in grpo/_samples/ and the tracker; 0: never.",
     )
+    validate_every: int = Field(
+        0, ge=0, description="SFT and GRPO: every this many steps and after the last, rank 0 answers the first validate_examples "
+        "questions of the eval split (greedy, as the eval stage asks them) with the model being trained and records val_accuracy "
+        "and val_format in metrics.parquet and the tracker; 0: never. Skipped, with a warning, under ZeRO-3.",
+    )
+    validate_examples: int = Field(32, ge=1, description="Eval-split questions (the first by qa_id) each validation answers.")
+    validate_max_new_tokens: int = Field(256, ge=1, description="The longest answer a validation question may get.")
 
 
 class PipelineConfig(Section):

@@ -39,6 +39,7 @@ from tasks.training.loop import MODEL_DIR
 from tasks.training.models import local_model, model_identity
 from tasks.training.stage import TrainingStage
 from tasks.training.staging import run_dir, staged_dir
+from tasks.training.validation import validation_examples
 
 SFT = "sft"
 EMBEDDINGS_DIR = "_embeddings"
@@ -129,6 +130,7 @@ class GRPOStage(TrainingStage):
             run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)),
             cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None, model_revision=item.payload["model_revision"],
             tracking=ctx.config.tracking,
+            validation=validation_examples(ctx.workdir, ctx.config.tracking.validate_examples) if ctx.config.tracking.validate_every else (),
         )
         metrics = TRAIN_METRICS.from_rows(self.train(ctx, job))
         return ShardResult({TRAIN_METRICS.name: metrics, GRPO_SAMPLES.name: self.run_samples(ctx, run_key, GRPO_SAMPLES)}, failures)

@@ -64,6 +64,7 @@ from tasks.grpo.rollout import Rollout, RolloutEngine, make_rollout_engine
 from tasks.media.frames import read_video_frames
 from tasks.training.loop import StepTrainer, init_distributed, worker_main
 from tasks.training.schedule import TrainSchedule
+from tasks.training.validation import ValidationExample
 
 log = logging.getLogger("lvr.grpo.trainer")
 
@@ -81,7 +82,8 @@ class GRPOJob:
     `model_path`: the initial policy and the frozen reference; `out_dir`: the stage folder
     (`model/`, `_checkpoints/`); `work_dir`: this run's private folder; `cache_dir`: the embedding
     cache (None: off); `judge`: the filter stage's settings when open-ended misses go to its judge;
-    `tracking`: where rank 0 reports, and how often it keeps sampled rollouts.
+    `tracking`: where rank 0 reports, and how often it keeps sampled rollouts; `validation`: the eval
+    questions rank 0 scores the policy on when `tracking.validate_every` is set.
     """
 
     run_key: str
@@ -94,6 +96,7 @@ class GRPOJob:
     judge: FilterConfig | None = None
     model_revision: str | None = None  # of a hub model id in `model_path`
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    validation: tuple[ValidationExample, ...] = ()
 
     def save(self, path: Path) -> None:
         data = {
@@ -111,6 +114,7 @@ class GRPOJob:
             out_dir=data["out_dir"], work_dir=data["work_dir"], cache_dir=data["cache_dir"],
             judge=FilterConfig.model_validate(data["judge"]) if data["judge"] else None, model_revision=data["model_revision"],
             tracking=TrackingConfig.model_validate(data["tracking"]),
+            validation=tuple(ValidationExample.from_dict(e) for e in data["validation"]),
         )
 
 
@@ -305,6 +309,7 @@ class Trainer(StepTrainer):
         self.topo, self.device = init_distributed(cfg.sp_degree)
         self.policy = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision, revision=job.model_revision)
         self.tokenizer = self.policy.tokenizer
+        self.preprocess = self.policy.preprocess
         self.ref = None
         if cfg.beta > 0:
             self.ref = HFVideoLM(job.model_path, device=str(self.device), dtype=cfg.precision, revision=job.model_revision).model

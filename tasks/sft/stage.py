@@ -30,6 +30,7 @@ from tasks.sft.report import REPORT_FILE, write_sft_report
 from tasks.sft.trainer import TrainJob
 from tasks.training.stage import TrainingStage
 from tasks.training.staging import run_dir, staged_dir
+from tasks.training.validation import validation_examples
 
 
 def check_sp_degree(model_path: str, sp_degree: int) -> None:
@@ -77,8 +78,10 @@ class SFTStage(TrainingStage):
         check_sp_degree(model_path, cfg.sp_degree)
         staged = staged_dir(ctx.workdir, self.name)
         run_key = self.run_key(ctx, item)
+        tracking = ctx.config.tracking
         job = TrainJob(
-            run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)), tracking=ctx.config.tracking
+            run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)), tracking=tracking,
+            validation=validation_examples(ctx.workdir, tracking.validate_examples) if tracking.validate_every else (),
         )
         return ShardResult({TRAIN_METRICS.name: TRAIN_METRICS.from_rows(self.train(ctx, job))}, failures)
 

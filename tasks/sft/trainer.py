@@ -31,6 +31,7 @@ from tasks.sft.data import SFTExample, collate, encode_example
 from tasks.training import checkpoints as ckpt
 from tasks.training.loop import MODEL_DIR, StepTrainer, init_distributed, worker_main
 from tasks.training.schedule import TrainSchedule
+from tasks.training.validation import ValidationExample
 
 METRIC_NAMES = ("loss", "tokens_per_s", "lr", "grad_norm")
 
@@ -40,7 +41,8 @@ class TrainJob:
     """Everything the workers need, written by the stage as `job.json`.
 
     `out_dir`: the stage folder (`model/` and `_checkpoints/` go there); `work_dir`: this run's
-    private folder (job, metrics, result, worker tracebacks); `tracking`: where rank 0 reports.
+    private folder (job, metrics, result, worker tracebacks); `tracking`: where rank 0 reports;
+    `validation`: the eval questions rank 0 scores the model on when `tracking.validate_every` is set.
     """
 
     run_key: str
@@ -50,6 +52,7 @@ class TrainJob:
     out_dir: str
     work_dir: str
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    validation: tuple[ValidationExample, ...] = ()
 
     def save(self, path: Path) -> None:
         data = {**asdict(self), "config": self.config.model_dump(mode="json"), "tracking": self.tracking.model_dump(mode="json")}
@@ -63,6 +66,7 @@ class TrainJob:
             examples=tuple(SFTExample(**e) for e in data["examples"]),
             config=SFTConfig.model_validate(data["config"]), out_dir=data["out_dir"], work_dir=data["work_dir"],
             tracking=TrackingConfig.model_validate(data["tracking"]),
+            validation=tuple(ValidationExample.from_dict(e) for e in data["validation"]),
         )
 
 

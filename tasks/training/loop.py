@@ -31,6 +31,7 @@ from parallel.topology import Topology, init_topology
 from tasks.engine.store import LOCAL, fsync_path, write_json_atomic, write_table_atomic
 from tasks.training import checkpoints as ckpt
 from tasks.training.tracking import TrackedRun, Tracker, open_tracker
+from tasks.training.validation import VALIDATION_METRICS, validate
 
 JOB_FILE = "job.json"  # in a run's work folder: what the workers train
 METRICS_FILE = "metrics.parquet"  # in the work folder and in each checkpoint
@@ -66,11 +67,14 @@ class TrainResult:
 
 class StepTrainer:
     """One rank's training run. Subclasses set, in `__init__`: `job` (run_key, model_path,
-    examples, out_dir, work_dir, tracking), `cfg` (save_every, keep_checkpoints), `topo`, `engine`
-    (DeepSpeed), `tokenizer`; and implement `total_steps`, `train_step`, `trained_model` and `describe`.
+    examples, out_dir, work_dir, tracking, validation), `cfg` (save_every, keep_checkpoints,
+    num_frames), `topo`, `engine` (DeepSpeed), `tokenizer`, `preprocess`; and implement
+    `total_steps`, `train_step`, `trained_model` and `describe`.
 
     Rank 0 reports to the tracker `job.tracking` names (`tasks.training.tracking`): every recorded
-    metric, the rows of `record_samples`, and the end of the run."""
+    metric, the rows of `record_samples`, and the end of the run. With `tracking.validate_every`
+    set, rank 0 also scores the model on `job.validation` (`tasks.training.validation`) every that
+    many steps and after the last, while the other ranks wait."""
 
     stage: str
     samples_schema: TableSchema | None = None  # rows of `record_samples` (kept like the metrics)
@@ -79,6 +83,7 @@ class StepTrainer:
     topo: Topology
     engine: Any
     tokenizer: Any
+    preprocess: Any
 
     def __init__(self) -> None:
         self.log = logging.getLogger(f"lvr.{self.stage}.trainer")
@@ -87,6 +92,7 @@ class StepTrainer:
         self.samples: list[dict[str, Any]] = []
         self.tracker = Tracker()  # rank 0 opens the configured one once it knows the step it resumes after
         self.elapsed_s = 0.0
+        self.validation_skipped = False
 
     # --- what a subclass says ------------------------------------------------------------------
     @property
@@ -131,6 +137,9 @@ class StepTrainer:
             for step in range(start, total):
                 self.train_step(step)
                 done = step + 1
+                every = self.job.tracking.validate_every
+                if every and (done % every == 0 or done == total):
+                    self.validate(step)
                 if done % self.cfg.save_every == 0 and done < total:
                     self.save_checkpoint(done)
             self.publish()
@@ -159,6 +168,27 @@ class StepTrainer:
                 for name in names if name in values
             )
             self.tracker.log_metrics(step + 1, {f"{self.stage}/{name}": values[name] for name in names if name in values})
+
+    def validate(self, step: int) -> None:
+        """Rank 0 scores the model on the job's validation questions (recorded as metrics of `step`);
+        the other ranks wait. Skipped under ZeRO-3, whose ranks hold only slices of the weights."""
+        if not self.job.validation or self.cfg.zero_stage == 3:
+            if self.is_main and not self.validation_skipped:
+                self.validation_skipped = True  # said once per run
+                self.log.warning(
+                    "tracking.validate_every is set but validation is skipped: %s",
+                    "ZeRO-3 partitions the weights" if self.job.validation else "the eval split has no questions",
+                )
+            return
+        if self.is_main:
+            values = validate(
+                self.engine.module, self.trained_model(), self.tokenizer, self.preprocess, self.job.validation, self.cfg.num_frames,
+                self.job.tracking.validate_max_new_tokens,
+            )
+            self.record(step, values, VALIDATION_METRICS)
+            self.log.info("step %d/%d validation: accuracy %.3f format %.3f on %d eval questions", step + 1, self.total_steps,
+                          values["val_accuracy"], values["val_format"], len(self.job.validation))
+        dist.barrier()
 
     def record_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Sampled outputs of a step, as rows of `samples_schema` (rank 0 keeps them; they travel in checkpoints)."""
