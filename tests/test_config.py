@@ -14,6 +14,20 @@ def test_builtin_configs_validate():
     assert prod.filter.backend == "vllm" and prod.grpo.rollout_engine == "vllm"
 
 
+def test_production_sequence_parallelism_fits_the_production_model():
+    """Qwen2.5-VL-7B has 28 attention heads and 4 KV heads (its config.json): Ulysses must split both."""
+    from parallel.topology import sp_layout
+    from parallel.ulysses import kv_repeat_factor
+
+    prod = load_config("longvila-r1")
+    for section in (prod.sft, prod.grpo):
+        kv_repeat_factor(28, 4, section.sp_degree)  # raises when the heads do not split
+        sp_layout(section.procs_per_node * section.nnodes, section.sp_degree)
+    assert prod.grpo.precision == "bf16" and prod.grpo.gradient_checkpointing
+    with pytest.raises(ValueError, match="28 attention heads do not divide over sp_degree=8"):
+        kv_repeat_factor(28, 4, 8)  # what the profile had
+
+
 def test_overrides_parse_as_yaml_scalars():
     cfg = load_config("tiny", ["clip.seconds=8", "clip.mode=exact", "execution.shard_workers=3", "clip.extensions=[.mp4]"])
     assert cfg.clip.seconds == 8.0 and cfg.clip.mode == "exact" and cfg.execution.shard_workers == 3
