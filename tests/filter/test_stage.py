@@ -221,14 +221,22 @@ def test_scripted_rollouts_give_labels_splits_exports_and_report(tmp_path, video
 
     # Same config: cached. New split rules: the stage reruns, every answer is reused.
     assert run_stage(ScriptedFilterStage(SCRIPT), ctx).status == "cached"
-    ctx.config = load_config("tiny", {"filter.runs": 10, "filter.num_frames": 4, "filter.max_new_tokens": 12, "filter.shard_size": 5,
-                                      "filter.eval_fraction": 0.5, "filter.split_salt": "v2"})
-    again_stage = ScriptedFilterStage(SCRIPT)
-    again = run_stage(again_stage, ctx)
-    assert again.status == "done" and again.manifest["items_computed"] == 0 and again_stage._sampler.requests == []
-    relabelled = pd.read_parquet(wd / "filter")
-    assert Counter(relabelled["split"])["eval"] == 8
-    assert relabelled.drop(columns="split").equals(table.drop(columns="split"))
+    base = {"filter.runs": 10, "filter.num_frames": 4, "filter.max_new_tokens": 12, "filter.shard_size": 5,
+            "filter.rl_difficulties": ["medium"]}
+
+    def relabel(**changes) -> pd.DataFrame:
+        ctx.config = load_config("tiny", {**base, **changes})
+        again_stage = ScriptedFilterStage(SCRIPT)
+        again = run_stage(again_stage, ctx)
+        assert again.status == "done" and again.manifest["items_computed"] == 0 and again_stage._sampler.requests == []
+        relabelled = pd.read_parquet(wd / "filter")
+        assert relabelled.drop(columns="split").equals(table.drop(columns="split"))  # only the splits move
+        return relabelled.set_index("qa_id")["split"]
+
+    wider = relabel(**{"filter.eval_fraction": 0.5})  # one change at a time: the eval share...
+    assert Counter(wider)["eval"] == 8
+    salted = relabel(**{"filter.eval_fraction": 0.5, "filter.split_salt": "v2"})  # ...then the draw
+    assert Counter(salted)["eval"] == 8 and set(salted[salted == "eval"].index) != set(wider[wider == "eval"].index)
 
 
 def test_exported_easyr1_prompt_renders_to_the_training_prompt(tmp_path, videos):
