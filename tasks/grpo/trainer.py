@@ -70,7 +70,7 @@ log = logging.getLogger("lvr.grpo.trainer")
 
 ROLLOUT_METRICS = (
     "reward", "accuracy_reward", "format_reward", "response_length", "groups_kept", "encoder_calls", "videos_encoded",
-    "cache_hits", "step_time_s", "lr",
+    "cache_hits", "step_time_s", "lr", "judge_failures",
 )
 UPDATE_METRICS = ("loss", "kl", "clip_fraction", "grad_norm")  # absent for a step whose groups were all dropped
 
@@ -123,20 +123,26 @@ class GRPOJob:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scores:
-    """(questions, G) tensors: weighted reward, accuracy and format of every rollout."""
+    """(questions, G) tensors: weighted reward, accuracy and format of every rollout; `judged`
+    (questions,): whether every verdict of the group is known (False when the judge failed on it)."""
 
     reward: torch.Tensor
     accuracy: torch.Tensor
     format: torch.Tensor
+    judged: torch.Tensor
 
 
 def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollout]], cfg: GRPOConfig, judge: FilterConfig | None) -> Scores:
     """Grade every rollout with `tasks.grading.answers`; the judge (if any) decides open-ended misses."""
     grades: list[list[Grade]] = [[grade(r.text, key) for r in group] for key, group in zip(keys, rollouts)]
+    known = [True] * len(keys)
     if judge is not None:
         for i, judged in enumerate(judge_all(judge, list(zip(keys, grades)))):
-            if isinstance(judged, BaseException):  # an unanswered judge leaves the plain verdicts
-                log.warning("judge failed on %r: %s", keys[i].question[:80], judged)
+            if isinstance(judged, BaseException):
+                # Exact match would call every differently worded right answer wrong: a group whose
+                # verdicts are unknown takes no part in the update (counted in `judge_failures`).
+                log.warning("judge failed on %r: %s; the group is left out of this step", keys[i].question[:80], judged)
+                known[i] = False
             else:
                 grades[i] = judged
     reward = [
@@ -146,7 +152,7 @@ def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollou
     ]
     accuracy = [[float(g.correct) for g in group_grades] for group_grades in grades]
     formatted = [[float(g.format_ok) for g in group_grades] for group_grades in grades]
-    return Scores(*(torch.tensor(values, dtype=torch.float32) for values in (reward, accuracy, formatted)))
+    return Scores(*(torch.tensor(values, dtype=torch.float32) for values in (reward, accuracy, formatted)), torch.tensor(known))
 
 
 def sample_rows(
@@ -383,6 +389,7 @@ class Trainer(StepTrainer):
         scores = self.score(examples, rollouts)
         advantages = core_algos.group_advantages(scores.reward, cfg.adv_eps)
         keep = ~core_algos.zero_variance(scores.reward) if cfg.drop_zero_variance else torch.ones(len(examples), dtype=torch.bool)
+        keep &= scores.judged
         # A replica left without groups still joins the collectives, on its groups at zero weight.
         groups = [i for i in range(len(examples)) if keep[i]] or list(range(len(examples)))
         row_scale = 1.0 if bool(keep.any()) else 0.0
@@ -395,12 +402,13 @@ class Trainer(StepTrainer):
         sums = count_sum(mine * torch.tensor([
             float(scores.reward.sum()), float(scores.accuracy.sum()), float(scores.format.sum()), float(sum(lengths)),
             float(len(lengths)), float(keep.sum()), float(len(examples)), encode_stats["videos_encoded"], encode_stats["cache_hits"],
+            float((~scores.judged).sum()),
         ], dtype=torch.float64, device=self.device))
         calls = count_sum(torch.tensor(float(encode_stats["encoder_calls"]), device=self.device))
         values = {
             "reward": float(sums[0] / sums[4]), "accuracy_reward": float(sums[1] / sums[4]), "format_reward": float(sums[2] / sums[4]),
             "response_length": float(sums[3] / sums[4]), "groups_kept": float(sums[5] / sums[6]), "encoder_calls": float(calls),
-            "videos_encoded": float(sums[7]), "cache_hits": float(sums[8]),
+            "videos_encoded": float(sums[7]), "cache_hits": float(sums[8]), "judge_failures": float(sums[9]),
         }
         if plan.n_sequences > 0:
             values.update(policy_update(self.engine, self.ref, plan, cfg, topo))

@@ -33,3 +33,31 @@ def test_weights_format_and_accuracy():
 
     weighted = score_rollouts([mc], [groups[0]], GRPOConfig(accuracy_weight=1.0, format_weight=0.5), judge=None)
     assert torch.allclose(weighted.reward[0], torch.tensor([1.5, 1.0, 0.5, 1.0]))
+
+
+def test_a_failed_judge_leaves_the_group_out_instead_of_falling_back_to_exact_match(monkeypatch):
+    from tasks.config import FilterConfig
+    from tests.support.openai_server import Fault, OpenAITestServer, Reply
+
+    monkeypatch.setenv("LVR_TEST_GRPO_JUDGE_KEY", "sk-judge")
+    mc = AnswerKey("Which colour is first?", "multiple_choice", "B", ("red", "green", "blue", "yellow"))
+    open_ended = AnswerKey("Where is the box?", "open_ended", "in the centre", None)
+    groups = [rollouts("<answer>B</answer>", "<answer>A</answer>"), rollouts("<answer>in the middle</answer>", "<answer>left</answer>")]
+    state = {"down": False}
+
+    def faults(info):
+        return Fault.server_error(503) if state["down"] else None
+
+    def responder(info):
+        return Reply("yes" if "in the middle" in info.text else "no")
+
+    with OpenAITestServer(responder, faults=faults, api_key="sk-judge") as server:
+        judge = FilterConfig(judge_model="judge", judge_base_url=server.base_url, judge_api_key_env="LVR_TEST_GRPO_JUDGE_KEY",
+                             judge_max_retries=1)
+        answered = score_rollouts([mc, open_ended], groups, GRPOConfig(), judge)
+        assert answered.judged.tolist() == [True, True]
+        assert answered.accuracy[1].tolist() == [1.0, 0.0]  # the judge accepted the paraphrase
+        state["down"] = True
+        down = score_rollouts([mc, open_ended], groups, GRPOConfig(), judge)
+    assert down.judged.tolist() == [True, False]  # multiple choice needs no judge
+    assert down.accuracy[0].tolist() == [1.0, 0.0]

@@ -107,7 +107,8 @@ def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
     metrics = pd.read_parquet(root / "grpo" / "metrics.parquet")
     assert list(metrics.columns) == TRAIN_METRICS.columns and set(metrics.stage) == {"grpo"}
     by_name = metrics.groupby("name").step.apply(list).to_dict()
-    for name in ("reward", "accuracy_reward", "format_reward", "response_length", "groups_kept", "encoder_calls", "step_time_s"):
+    for name in ("reward", "accuracy_reward", "format_reward", "response_length", "groups_kept", "encoder_calls", "step_time_s",
+                 "judge_failures"):
         assert by_name[name] == list(range(1, STEPS + 1)), name  # every step once, the first run's kept
     assert "kl" in by_name and "clip_fraction" in by_name and "loss" in by_name  # some step kept a group and updated
     value = metrics.set_index(["name", "step"]).value
