@@ -37,6 +37,11 @@ class ClipRequest:
     path: str  # a local file (the stage fetches remote clips first)
 
 
+# Error kinds of a clip that got no caption: its file could not be read, or its request got no answer.
+UNREADABLE_CLIP = "unreadable_clip"
+REQUEST_FAILED = "request_failed_"  # + the request error's kind
+
+
 @dataclass(frozen=True)
 class CaptionResult:
     clip_id: str
@@ -114,7 +119,7 @@ class HFCaptioner:
                 try:
                     frames = _sample(clip, s.num_frames, self.timing)
                 except Exception as exc:  # an unreadable clip fails alone, not its batch
-                    results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind="unreadable_clip", error=str(exc)))
+                    results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind=UNREADABLE_CLIP, error=str(exc)))
                     continue
                 prompts.append(VideoPrompt(video_messages(s.prompt), frames))
                 readable.append((clip, len(frames)))
@@ -203,7 +208,7 @@ class OpenAICaptioner:
         try:
             messages, n_frames = await asyncio.to_thread(self._messages, clip)
         except Exception as exc:
-            return CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind="unreadable_clip", error=str(exc))
+            return CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind=UNREADABLE_CLIP, error=str(exc))
         s = self.settings
         try:
             result = await client.complete(
@@ -216,7 +221,7 @@ class OpenAICaptioner:
             # instead of recording the clip as failed.
             if exc.fatal or exc.transient:
                 raise
-            return CaptionResult(clip.clip_id, "", n_frames, 0, 0, 0.0, error_kind=f"request_failed_{exc.kind}", error=str(exc))
+            return CaptionResult(clip.clip_id, "", n_frames, 0, 0, 0.0, error_kind=f"{REQUEST_FAILED}{exc.kind}", error=str(exc))
         return CaptionResult(
             clip.clip_id, result.content.strip(), n_frames, result.prompt_tokens or 0, result.completion_tokens or 0, result.latency_s,
         )
@@ -251,7 +256,7 @@ class VLLMCaptioner:
             try:
                 frames = _sample(clip, s.num_frames, self.timing)
             except Exception as exc:
-                results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind="unreadable_clip", error=str(exc)))
+                results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind=UNREADABLE_CLIP, error=str(exc)))
                 continue
             prompt = self.tokenizer.apply_chat_template(video_messages(s.prompt), tokenize=False, add_generation_prompt=True)
             requests.append({"prompt": prompt, "multi_modal_data": {"video": frames.frames}})

@@ -12,6 +12,8 @@ import pyarrow as pa
 
 from data_schemas import CAPTIONS, CLIPS, INPUT_FAULT, OUTPUT_FAULT, REQUEST_FAULT
 from models.captioners import (
+    REQUEST_FAILED,
+    UNREADABLE_CLIP,
     Captioner,
     CaptionResult,
     CaptionSettings,
@@ -75,8 +77,6 @@ def caption_problem(result: CaptionResult) -> tuple[str, str] | None:
     return None
 
 
-REQUEST_FAILED = "request_failed_"  # error kinds of clips whose request got no usable answer
-UNREADABLE_CLIP = "unreadable_clip"
 
 
 def caption_failure_class(kind: str) -> str:

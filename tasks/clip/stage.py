@@ -13,7 +13,14 @@ import pyarrow as pa
 
 from data_schemas import CLIPS, VIDEOS
 from tasks.engine.manifest import read_manifest
-from tasks.engine.stage import ShardResult, Stage, StageContext, StageError, WorkItem
+from tasks.engine.stage import (
+    ShardResult,
+    Stage,
+    StageContext,
+    StageError,
+    WorkItem,
+    is_environment_fault,
+)
 from tasks.engine.store import Failure, stable_hash
 from tasks.media.cache import local_copy
 from tasks.media.ffmpeg import (
@@ -86,15 +93,12 @@ class ClipStage(Stage):
                 log.warning("clip: %s: %s (%s)", item.item_id, exc.kind, exc.message)
                 failures.append(Failure(item.item_id, exc.kind, exc.message))
                 continue
-            except FileNotFoundError as exc:  # deleted since the listing: gone from the next one too
-                failures.append(Failure(item.item_id, "missing", f"{type(exc).__name__}: {exc}"))
-                continue
-            except (OSError, MemoryError):
-                # A full disk, a failed download, no memory: the machine's fault, not the video's.
-                # The shard fails (Prefect retries it, a rerun redoes it) instead of recording the
-                # video as bad for good.
-                raise
             except Exception as exc:  # one broken input must not stop the other videos
+                if is_environment_fault(exc):
+                    raise
+                if isinstance(exc, FileNotFoundError):  # deleted since the listing
+                    failures.append(Failure(item.item_id, "missing", f"{type(exc).__name__}: {exc}"))
+                    continue
                 log.exception("clip: unexpected error on %s", item.item_id)
                 failures.append(Failure(item.item_id, "unexpected", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
                 continue

@@ -153,6 +153,13 @@ class StageReport:
 
 
 
+def is_environment_fault(exc: BaseException) -> bool:
+    """A fault of the machine, not of the item (a full disk, a failed download, no memory): it fails
+    the shard, which Prefect retries and a rerun redoes, instead of becoming a failure row. A file
+    deleted since the listing is the item's own: the next listing will not have it either."""
+    return isinstance(exc, (OSError, MemoryError)) and not isinstance(exc, FileNotFoundError)
+
+
 def read_stage_table(workdir: Workdir, stage: str, schema: TableSchema, table_dir: str | None = None) -> pa.Table:
     """An upstream stage's table, validated against the schema this reader expects."""
     return read_dataset(workdir.fs, workdir.path(stage, table_dir or ""), schema)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from models.video import FrameSampling, SampledFrames, read_frames
-from tasks.engine.stage import WorkItem
+from tasks.engine.stage import WorkItem, is_environment_fault
 from tasks.engine.store import Failure
 from tasks.media.cache import local_copy
 
@@ -32,12 +32,9 @@ def frames_by_video(items: Sequence[WorkItem], num_frames: int) -> tuple[list[tu
             continue
         try:
             frames = read_video_frames(uri, FrameSampling(num_frames=num_frames))
-        except (OSError, MemoryError) as exc:
-            if not isinstance(exc, FileNotFoundError):
-                raise  # a failed download, a full disk: the machine's fault, so the shard is redone
-            failures += [Failure(it.item_id, "unreadable_video", f"{uri}: {type(exc).__name__}: {exc}") for it in group]
-            continue
-        except Exception as exc:  # a corrupt video fails its questions, not the shard
+        except Exception as exc:  # a missing or corrupt video fails its questions, not the shard
+            if is_environment_fault(exc):
+                raise
             failures += [Failure(it.item_id, "unreadable_video", f"{uri}: {type(exc).__name__}: {exc}") for it in group]
             continue
         ready += [(it, frames) for it in group]
