@@ -58,7 +58,7 @@ def main() -> None:
 
         cfg = load_config("tiny").caption
         settings = CaptionSettings(
-            prompt=cfg.prompt, num_frames=args.frames, max_new_tokens=args.max_new_tokens, temperature=cfg.temperature,
+            prompt=cfg.prompt, sampling=FrameSampling(num_frames=args.frames), max_new_tokens=args.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, batch_size=args.batch_size, seed=cfg.seed,
         )
         captioner = HFCaptioner(cfg.model, settings)

@@ -155,7 +155,7 @@ CAPTIONS = TableSchema(
 
 QA = TableSchema(
     "qa",
-    2,
+    3,
     pa.schema(
         [
             _f("qa_id", STRING, doc="stable_hash(video_id, category, question_type, question): deterministic."),
@@ -180,6 +180,11 @@ QA = TableSchema(
             _f("refine_reasoning_tokens", I32, nullable=True),
             _f("generation_key", STRING, nullable=True, doc="Cache key of the generation answer (qa/_llm_cache/generate/); null for the template backend."),
             _f("refine_key", STRING, nullable=True, doc="Cache key of the refinement answer (qa/_llm_cache/refine/)."),
+            _f("window_index", I32, nullable=True, since=3,
+               doc="The context window of the video the question was asked about (qa.context_tokens), from 0; a video "
+               "that fits one prompt is window 0. Null in older files."),
+            _f("window_start_s", F64, nullable=True, since=3, doc="Start of the window's first clip; null in older files."),
+            _f("window_end_s", F64, nullable=True, since=3, doc="End of the window's last clip; null in older files."),
         ]
     ),
     "Question-reasoning-answer items, one per row.",
@@ -277,7 +282,7 @@ GRPO_SAMPLES = TableSchema(
 
 EVAL_ITEMS = TableSchema(
     "eval_items",
-    2,
+    3,
     pa.schema(
         [
             _f("eval_id", STRING, doc="<model>::<num_frames, 5 digits>::<qa_id>: one model's answer to one item at one frame count."),
@@ -291,7 +296,11 @@ EVAL_ITEMS = TableSchema(
             _f("frames_used", I32, doc="Frames the model saw (read_frames rounds up to the temporal patch and caps at the video's frames)."),
             _f("samples", I32, doc="Answers drawn (1: greedy; more: sampled, then majority vote)."),
             _f("prediction", pa.large_string(), nullable=True, doc="The option letter or answer text read from the response (the majority's); null if none."),
-            _f("correct", BOOL, doc="tasks.grading.answers' verdict on the prediction."),
+            _f("correct", BOOL, doc="tasks.grading.answers' verdict on the prediction (the LLM judge's where it decided)."),
+            _f(
+                "grader", STRING, nullable=True, since=3,
+                doc="How the verdict was reached: choice (letter match), match (normalised text) or judge (the LLM judge decided).",
+            ),
             _f("votes", I32, doc="Samples that gave the prediction."),
             _f("n_correct", I32, doc="Samples that were right (pass@k is n_correct > 0)."),
             _f("format_ok", BOOL, doc="The chosen response is exactly <think>...</think><answer>...</answer>."),

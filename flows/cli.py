@@ -15,6 +15,7 @@ from tasks.config import DEFAULT_CONFIG, ConfigError, load_config
 from tasks.engine.runs import workdir_status
 from tasks.engine.stage import StageContext, StageError
 from tasks.engine.store import Workdir
+from tasks.preflight.findings import PreflightError
 from tasks.stages import STAGE_NAMES, TRAINING_STAGES, stage_spec
 
 EXIT_FAILED = 1
@@ -102,6 +103,30 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=None, help="a different random init (default: the standard tiny seed)")
     tiny.add_argument("--overwrite", action="store_true")
 
+    arch = models_sub.add_parser(
+        "architecture",
+        help="refresh the architecture file (config.json, no weights) lvr check uses for a hub model without local weights",
+    )
+    arch.add_argument("model_id", help="the hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct")
+    arch.add_argument("--from", dest="origin", required=True,
+                      help="a local snapshot folder of the model, or 'hub' to download only its config file (needs the hub)")
+    arch.add_argument("--file", default="config.json", help="the config file inside the snapshot (NVILA: llm/config.json)")
+    arch.add_argument("--revision", default=None, help="with --from hub: the revision to read")
+    arch.add_argument("--out", default=None, help="folder to write to (default: lvr's configs/architectures)")
+
+    check = sub.add_parser(
+        "check",
+        help="check a config before running it: topology vs the models' heads, video tokens vs context, memory per GPU, "
+        "endpoints and keys, workdir and source (exit 2 on an error; lvr run does the same before its first stage)",
+    )
+    check.add_argument("--config", default=DEFAULT_CONFIG, help="built-in config name or YAML path (default: tiny)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    check.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, default=None, help="first stage of the run (default: clip)")
+    check.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, default=None, help="last stage of the run (default: eval)")
+    check.add_argument("--workdir", default=None, help="the run's workdir: checked for writing (remote ones with --probe)")
+    check.add_argument("--source", default=None, help="the run's source: checked for reading (local)")
+    check.add_argument("--probe", action="store_true", help="also send one one-token request to every configured endpoint")
+
     show = sub.add_parser("config", help="print a resolved config (after overrides)")
     show.add_argument("--config", default=DEFAULT_CONFIG)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -143,7 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
              "no_wait": "execution.wait_for_lock=false"}
     args.overrides = [*args.overrides, *(override for flag, override in flags.items() if getattr(args, flag))]
     try:
-        load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+        # Fail fast, before Prefect starts: the config, then lvr check of the stages this run executes.
+        from tasks.pipeline import select_stages
+        from tasks.preflight.checks import preflight
+
+        preflight(load_config(args.config, args.overrides), select_stages(args.from_stage, args.to_stage),
+                  workdir=args.workdir, source=args.source)
         if args.engine == "local" and args.execution != "local":
             raise ConfigError("--execution deployments needs --engine prefect (stages run as Prefect deployments)")
         if args.engine == "local":
@@ -167,6 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             results = result["results"]
     except ConfigError as exc:
         print(f"lvr: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PreflightError as exc:
+        print(f"lvr: {exc}\nlvr: nothing ran; `lvr check` prints the whole report", file=sys.stderr)
         return EXIT_USAGE
     except (StageError, ValueError) as exc:
         _print_summary(args.workdir)
@@ -280,6 +313,8 @@ def cmd_sample_videos(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_command == "architecture":
+        return cmd_models_architecture(args)
     from models.tiny import build_tiny_qwen2_5_vl, default_tiny_dir, ensure_tiny_model
 
     out = args.out or default_tiny_dir()
@@ -288,6 +323,42 @@ def cmd_models(args: argparse.Namespace) -> int:
     else:
         print(build_tiny_qwen2_5_vl(out, seed=args.seed or 0, overwrite=args.overwrite))
     return 0
+
+
+def cmd_models_architecture(args: argparse.Namespace) -> int:
+    import json
+
+    from models.architecture import ArchitectureError, architecture_record, write_architecture
+
+    try:
+        if args.origin == "hub":
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(args.model_id, args.file, revision=args.revision))
+        else:
+            folder = Path(args.origin).expanduser()
+            path = folder / args.file if folder.is_dir() else folder
+        record = architecture_record(args.model_id, json.loads(path.read_text(encoding="utf-8")), args.file)
+        print(write_architecture(args.model_id, record, args.out))
+    except (OSError, ValueError, ArchitectureError) as exc:
+        print(f"lvr: {args.model_id}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tasks.pipeline import select_stages
+    from tasks.preflight.checks import check_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        stages = select_stages(args.from_stage, args.to_stage)
+    except (ConfigError, ValueError) as exc:
+        print(f"lvr: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    report = check_config(cfg, stages, workdir=args.workdir, source=args.source, probe=args.probe)
+    print(report.render())
+    return EXIT_USAGE if report.errors else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -394,7 +465,7 @@ def cmd_train_node(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "status": cmd_status, "report": cmd_report, "synth": cmd_synth, "sample-videos": cmd_sample_videos,
             "models": cmd_models, "config": cmd_config, "train-node": cmd_train_node, "deploy": cmd_deploy,
-            "pool-template": cmd_pool_template, "publish": cmd_publish}
+            "pool-template": cmd_pool_template, "publish": cmd_publish, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,8 @@
 
 Every backend receives frames sampled by the one sampling function (`models.video.read_frames`)
 and returns one `CaptionResult` per clip, with an error instead of a caption when that clip failed.
+The video token budget (`CaptionSettings.budget`) applies where lvr preprocesses the frames (`hf`);
+`openai` and `vllm` servers resize frames by their own settings.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from models.openai_client import ChatClient, ChatRequestError, read_api_key
-from models.video import FrameSampling, SampledFrames, read_frames
+from models.video import (
+    FrameSampling,
+    SampledFrames,
+    VideoTokenBudget,
+    read_frames,
+    worst_case_frames,
+)
 from models.vlm import (
     GenerationTiming,
     HFVideoLM,
@@ -66,12 +74,13 @@ class CaptionTiming:
 @dataclass(frozen=True)
 class CaptionSettings:
     prompt: str
-    num_frames: int
+    sampling: FrameSampling
     max_new_tokens: int
     temperature: float
     top_p: float
     batch_size: int
     seed: int = 0
+    budget: VideoTokenBudget | None = None
 
 
 def prompt_hash(prompt: str) -> str:
@@ -86,9 +95,9 @@ class Captioner(Protocol):
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]: ...
 
 
-def _sample(clip: ClipRequest, num_frames: int, timing: CaptionTiming) -> SampledFrames:
+def _sample(clip: ClipRequest, sampling: FrameSampling, timing: CaptionTiming) -> SampledFrames:
     started = time.perf_counter()
-    frames = read_frames(clip.path, FrameSampling(num_frames=num_frames))
+    frames = read_frames(clip.path, sampling)
     timing.decode_s += time.perf_counter() - started
     return frames
 
@@ -106,7 +115,7 @@ class HFCaptioner:
     ):
         self.model = model
         self.settings = settings
-        self.lm = HFVideoLM(model, device=device, trust_remote_code=trust_remote_code, revision=revision)
+        self.lm = HFVideoLM(model, device=device, trust_remote_code=trust_remote_code, revision=revision, budget=settings.budget)
         self.timing = CaptionTiming()
 
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]:
@@ -117,7 +126,7 @@ class HFCaptioner:
             prompts, readable = [], []
             for clip in batch:
                 try:
-                    frames = _sample(clip, s.num_frames, self.timing)
+                    frames = _sample(clip, s.sampling, self.timing)
                 except Exception as exc:  # an unreadable clip fails alone, not its batch
                     results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind=UNREADABLE_CLIP, error=str(exc)))
                     continue
@@ -190,8 +199,8 @@ class OpenAICaptioner:
         if self.send_video_url:
             with open(clip.path, "rb") as fh:
                 url = "data:video/mp4;base64," + base64.b64encode(fh.read()).decode()
-            return openai_caption_messages(self.settings.prompt, None, video_url=url), self.settings.num_frames
-        frames = _sample(clip, self.settings.num_frames, self.timing)
+            return openai_caption_messages(self.settings.prompt, None, video_url=url), worst_case_frames(self.settings.sampling)
+        frames = _sample(clip, self.settings.sampling, self.timing)
         return openai_caption_messages(self.settings.prompt, frames), len(frames)
 
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]:
@@ -254,7 +263,7 @@ class VLLMCaptioner:
         requests, kept, results = [], [], []
         for clip in clips:
             try:
-                frames = _sample(clip, s.num_frames, self.timing)
+                frames = _sample(clip, s.sampling, self.timing)
             except Exception as exc:
                 results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind=UNREADABLE_CLIP, error=str(exc)))
                 continue

@@ -18,6 +18,8 @@ causal SDPA), which is what the SP=1 vs SP=2 equality tests compare against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +53,33 @@ class SPShard:
     scored: torch.Tensor
 
 
+GENERATION_ATTENTION = "sdpa"  # what a checkpoint loads with; Ulysses attention has no KV cache
+
+
 def enable_ulysses(model: nn.Module) -> None:
-    """Swap the text model's attention for Ulysses attention (the vision tower keeps its own).
+    """Swap the text model's attention for Ulysses attention (the vision tower keeps its own), for
+    good: a forward pass's attention must still be Ulysses when its backward runs, since gradient
+    checkpointing recomputes each layer then and looks its attention up again. Generation switches
+    back for its duration (`generation_attention`).
 
     The choice lives in the in-memory config only: `save_pretrained` does not write it, so saved
     checkpoints load with the default attention everywhere.
     """
     register_ulysses_attention()
     model.set_attn_implementation({"text_config": ULYSSES_ATTENTION})
+
+
+@contextmanager
+def generation_attention(model: nn.Module) -> Iterator[None]:
+    """The checkpoint's attention (with its KV cache) while the model generates, Ulysses again after."""
+    if model.config.text_config._attn_implementation != ULYSSES_ATTENTION:
+        yield
+        return
+    model.set_attn_implementation({"text_config": GENERATION_ATTENTION})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": ULYSSES_ATTENTION})
 
 
 def sp_video_embeddings(visual: nn.Module, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, sp: SPGroup) -> torch.Tensor:

@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 TINY_SEED = 0
@@ -94,12 +95,26 @@ CHAT_TEMPLATE = (
 )
 
 # --- model geometry ---------------------------------------------------------------------------
-TEXT_HIDDEN = 64
-TEXT_LAYERS = 2
-TEXT_HEADS = 4
-TEXT_KV_HEADS = 2
-TEXT_INTERMEDIATE = 128
-MROPE_SECTION = [2, 3, 3]  # sums to head_dim // 2 = (64 // 4) // 2 = 8
+@dataclass(frozen=True)
+class TextShape:
+    """The text model's geometry; the vision tower is the same for every shape."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    mrope_section: tuple[int, ...]  # sums to head_dim // 2
+
+
+TINY = "tiny"
+# Qwen2.5-VL-7B's head layout (28 query heads, 4 KV heads, mRoPE sections 16:24:24) at head_dim 16:
+# what the production profile's sequence-parallel rules meet, at a width a CPU trains in seconds.
+TINY_7B_LAYOUT = "tiny-7b-layout"
+TINY_SHAPES = {
+    TINY: TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=(2, 3, 3)),
+    TINY_7B_LAYOUT: TextShape(hidden=448, layers=2, heads=28, kv_heads=4, intermediate=256, mrope_section=(2, 3, 3)),
+}
 VISION_DEPTH = 2
 VISION_HIDDEN = 32
 VISION_HEADS = 2
@@ -246,7 +261,7 @@ def build_tiny_tokenizer():
     return hf_tok
 
 
-def _build_model(tokenizer, seed: int):
+def _build_model(tokenizer, seed: int, shape: TextShape):
     import torch
     from transformers import (
         GenerationConfig,
@@ -258,16 +273,16 @@ def _build_model(tokenizer, seed: int):
     vocab_size = len(tokenizer)
     text_config = dict(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_KV_HEADS,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         use_sliding_window=False,
-        max_window_layers=TEXT_LAYERS,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(MROPE_SECTION)},
+        max_window_layers=shape.layers,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(shape.mrope_section)},
         bos_token_id=ids[PAD_TOKEN],
         eos_token_id=ids[IM_END],
         pad_token_id=ids[PAD_TOKEN],
@@ -283,7 +298,7 @@ def _build_model(tokenizer, seed: int):
         temporal_patch_size=TEMPORAL_PATCH,
         tokens_per_second=TOKENS_PER_SECOND,
         window_size=112,
-        out_hidden_size=TEXT_HIDDEN,
+        out_hidden_size=shape.hidden,
         fullatt_block_indexes=[VISION_DEPTH - 1],
     )
     config = Qwen2_5_VLConfig(
@@ -326,23 +341,23 @@ def _video_preprocessor_dict() -> dict:
     return cfg.to_dict()
 
 
-def _write_into(folder: Path, seed: int) -> None:
+def _write_into(folder: Path, seed: int, name: str) -> None:
     tokenizer = build_tiny_tokenizer()
-    model = _build_model(tokenizer, seed)
+    model = _build_model(tokenizer, seed, TINY_SHAPES[name])
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / VIDEO_PREPROCESSOR_FILE).write_text(
         json.dumps(_video_preprocessor_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
-    marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed, "kind": "tiny-qwen2.5-vl"}
+    marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed, "kind": _cache_subdir(name)}
     (folder / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _build_to_tmp(out: Path, seed: int) -> Path:
+def _build_to_tmp(out: Path, seed: int, name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_into(tmp, seed)
+        _write_into(tmp, seed, name)
         # mkdtemp makes a 0700 folder (and some writers 0600 files): make the cache shareable.
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -360,18 +375,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, overwrite: bool = False) -> Path:
+def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, overwrite: bool = False, name: str = TINY) -> Path:
     """Build the tiny random Qwen2.5-VL into ``out_dir``; return it as an absolute Path.
 
     Files are written into a temporary sibling folder, the completion marker last, and that
     folder is renamed into place, so ``out_dir`` is never seen half-written.  If ``out_dir``
     exists and is not empty, raises ``FileExistsError`` unless ``overwrite=True`` (then it is
-    replaced).
+    replaced).  ``name``: the text model's shape (`TINY_SHAPES`).
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to rebuild it")
-    tmp = _build_to_tmp(out, seed)
+    tmp = _build_to_tmp(out, seed, name)
     try:
         if out.exists() or out.is_symlink():
             _remove(out)
@@ -382,13 +397,18 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, 
     return out
 
 
-def default_tiny_dir() -> Path:
-    """``$LVR_CACHE_DIR/tiny-qwen2.5-vl``; ``LVR_CACHE_DIR`` defaults to ``~/.cache/lvr``."""
+def _cache_subdir(name: str) -> str:
+    return DEFAULT_CACHE_SUBDIR if name == TINY else f"{name}-qwen2.5-vl"
+
+
+def default_tiny_dir(name: str = TINY) -> Path:
+    """``$LVR_CACHE_DIR/tiny-qwen2.5-vl`` (other shapes: ``<name>-qwen2.5-vl``); ``LVR_CACHE_DIR``
+    defaults to ``~/.cache/lvr``."""
     root = os.environ.get("LVR_CACHE_DIR") or os.path.join("~", ".cache", "lvr")
-    return Path(root).expanduser().resolve() / DEFAULT_CACHE_SUBDIR
+    return Path(root).expanduser().resolve() / _cache_subdir(name)
 
 
-def ensure_tiny_model(out_dir: str | os.PathLike | None = None) -> Path:
+def ensure_tiny_model(out_dir: str | os.PathLike | None = None, name: str = TINY) -> Path:
     """Return a complete tiny-model folder (``TINY_SEED``), building it first if needed.
 
     ``out_dir`` defaults to :func:`default_tiny_dir`.  A folder without the marker (an
@@ -396,10 +416,10 @@ def ensure_tiny_model(out_dir: str | os.PathLike | None = None) -> Path:
     with concurrent callers: the first to rename a finished build into place wins, the others
     use it.
     """
-    out = Path(out_dir).expanduser().resolve() if out_dir is not None else default_tiny_dir()
+    out = Path(out_dir).expanduser().resolve() if out_dir is not None else default_tiny_dir(name)
     if _marker_ok(out, TINY_SEED):
         return out
-    tmp = _build_to_tmp(out, TINY_SEED)
+    tmp = _build_to_tmp(out, TINY_SEED, name)
     try:
         if _marker_ok(out, TINY_SEED):  # someone else finished meanwhile
             return out
@@ -413,6 +433,12 @@ def ensure_tiny_model(out_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def tiny_model_dir(ref: str) -> Path | None:
+    """The locally built model a reference names (`tiny`, `tiny-7b-layout`), built on first use; None
+    for any other reference."""
+    return ensure_tiny_model(name=ref) if ref in TINY_SHAPES else None
 
 
 def _marker_ok(out: Path, seed: int) -> bool:

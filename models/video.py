@@ -30,6 +30,13 @@ Frame sampling rules (:func:`sample_frame_indices`):
 * Only when that cap leaves an odd count (a range of 1, 3, 5... frames) is the last index
   repeated once, which is exactly how Qwen's video processor pads an odd-length clip
   (``patchify`` repeats the last frame), so nothing downstream changes shape.
+
+Video token budgets (:class:`VideoTokenBudget`, :func:`budgeted_preprocess`): without one, each
+frame gets the checkpoint's per-frame pixel limit (512 frames of 720p are ~300K tokens for
+Qwen2.5-VL-7B).  A budget caps the tokens per frame and/or per video; every frame then gets the
+largest of Qwen's smart_resize sizes that fits (:func:`frame_size`), the same way wherever lvr
+preprocesses video, and :func:`max_video_tokens_for` / :func:`worst_case_frames` bound a setting's
+tokens for any input without decoding anything.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -395,6 +402,11 @@ class VideoPreprocessConfig:
     Defaults are those of transformers' ``Qwen2VLVideoProcessor`` (per frame
     ``min_pixels = 128*28*28``, ``max_pixels = 768*28*28``).  The tiny test model ships its own
     (smaller) values in ``lvr_video_preprocessor.json``: load them with :meth:`from_pretrained`.
+
+    ``max_tokens_per_temporal_patch``: a token budget's cap (set by :func:`budgeted_preprocess`,
+    never by a checkpoint) on the tokens of one temporal patch, i.e. of ``temporal_patch_size``
+    frames: ``grid_h * grid_w / merge_size**2``.  None: frames are sized by Qwen's rule alone
+    (see :func:`frame_size`).
     """
 
     patch_size: int = 14
@@ -405,12 +417,15 @@ class VideoPreprocessConfig:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
+    max_tokens_per_temporal_patch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
         if not (0 < self.min_pixels <= self.max_pixels):
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.max_tokens_per_temporal_patch is not None and self.max_tokens_per_temporal_patch < 1:
+            raise ValueError(f"max_tokens_per_temporal_patch must be >= 1, got {self.max_tokens_per_temporal_patch}")
 
     @property
     def factor(self) -> int:
@@ -439,6 +454,169 @@ class VideoPreprocessConfig:
         return cls.from_dict(json.loads((Path(folder) / VIDEO_PREPROCESSOR_FILE).read_text(encoding="utf-8")))
 
 
+# ---------------------------------------------------------------------------------------------
+# Frame size and video token budgets
+# ---------------------------------------------------------------------------------------------
+MAX_ASPECT_RATIO = 200  # smart_resize refuses frames at least this elongated
+_NUDGE = 1e-9  # relative: just below / above a max_pixels at which smart_resize's size steps
+
+
+@dataclass(frozen=True)
+class VideoTokenBudget:
+    """How many LLM tokens one video may take: either limit, both (the tighter wins) or neither.
+
+    Qwen2-VL packs ``temporal_patch_size`` (2) consecutive frames into one temporal patch of
+    ``grid_h * grid_w / merge_size**2`` tokens, and a video takes ``grid_t`` of them.
+    ``tokens_per_frame`` counts video tokens per sampled frame, ``tokens / (grid_t *
+    temporal_patch_size)`` (a video is padded to whole temporal patches): T tokens per frame let
+    a frame pair take 2T tokens, frames of up to ``2T * (patch_size * merge_size)**2`` pixels.
+    ``max_video_tokens``: all of one video's tokens, however many frames were sampled.
+    """
+
+    tokens_per_frame: int | None = None
+    max_video_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_frame", "max_video_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+    def tokens_per_temporal_patch(self, num_frames: int, temporal_patch_size: int = 2) -> int | None:
+        """The most tokens one temporal patch of a ``num_frames``-frame video may take; None when
+        neither limit is set.  ``ValueError`` when ``max_video_tokens`` leaves a temporal patch
+        less than one token (one merged block of ``merge_size**2`` patches)."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        tp = temporal_patch_size
+        grid_t = -(-num_frames // tp)
+        caps = []
+        if self.tokens_per_frame is not None:
+            caps.append(self.tokens_per_frame * tp)
+        if self.max_video_tokens is not None:
+            if self.max_video_tokens < grid_t:
+                raise ValueError(
+                    f"max_video_tokens={self.max_video_tokens} is below one token per temporal patch: {num_frames} frames "
+                    f"make {grid_t} temporal patches of {tp} frames, each at least one token; raise it or sample fewer frames"
+                )
+            caps.append(self.max_video_tokens // grid_t)
+        return min(caps) if caps else None
+
+
+def _tokens(size: tuple[int, int], factor: int) -> int:
+    return size[0] * size[1] // (factor * factor)
+
+
+def frame_size(height: int, width: int, cfg: VideoPreprocessConfig | None = None) -> tuple[int, int]:
+    """The (height, width) preprocessing resizes a ``height`` x ``width`` frame to.
+
+    Without a token cap: Qwen's :func:`smart_resize` under ``cfg``'s min / max pixels.  Under
+    ``cfg.max_tokens_per_temporal_patch`` (a budget, see :func:`budgeted_preprocess`): Qwen's
+    size when it fits, else the largest of the sizes smart_resize gives this frame for a lower
+    ``max_pixels`` (``min_pixels`` lowered with it when above it) whose tokens fit - the frame's
+    pixel limit lowered only as far as this frame needs; among sizes of equal tokens, the shape
+    nearest the frame's.  (Setting ``max_pixels`` to the cap itself would land up to a grid step
+    below the cap, and above it for frames more elongated than the cap in blocks, whose short
+    side smart_resize keeps at one block, or frames scaled up to ``min_pixels``, whose sides it
+    rounds up.)
+    """
+    cfg = cfg or VideoPreprocessConfig()
+    f = cfg.factor
+    size = smart_resize(height, width, factor=f, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    cap = cfg.max_tokens_per_temporal_patch
+    if cap is None or _tokens(size, f) <= cap:
+        return size
+    candidates = (
+        smart_resize(height, width, factor=f, min_pixels=min(cfg.min_pixels, p), max_pixels=p)
+        for p in _size_steps(height, width, cfg)
+    )
+    fitting = [s for s in candidates if _tokens(s, f) <= cap]
+    if not fitting:  # the smallest step is one block, and a cap is at least one token
+        raise AssertionError(f"no size of a {height}x{width} frame fits {cap} tokens")
+    return max(fitting, key=lambda s: (_tokens(s, f), -abs(math.log(s[1] * height / (s[0] * width)))))
+
+
+def _size_steps(height: int, width: int, cfg: VideoPreprocessConfig) -> list[float]:
+    """``max_pixels`` values (up to ``cfg.max_pixels``) at and around which smart_resize's size of
+    this frame can change, so that evaluating smart_resize there meets every size it gives.
+
+    A downscaled side is ``floor(sqrt(max_pixels * side / other) / factor)`` blocks and a side
+    scaled up to ``min_pixels`` the ceiling of the same, so each side steps at ``k**2 * factor**2 *
+    other / side``; the branch changes at the frame's rounded area and, as ``min(min_pixels,
+    max_pixels)`` is the floor, at ``min_pixels``.  Each point is taken just below, at and just
+    above it.
+    """
+    f2 = cfg.factor**2
+    points = {float(cfg.max_pixels), float(cfg.min_pixels)}
+    rounded = round(height / cfg.factor) * round(width / cfg.factor) * f2
+    if rounded:
+        points.add(float(rounded))
+    for ratio in (width / height, height / width):
+        k = 1
+        while (p := k * k * f2 * ratio) <= cfg.max_pixels:
+            points.add(p)
+            k += 1
+    steps = {q for p in points for q in (p * (1 - _NUDGE), p, p * (1 + _NUDGE))}
+    return sorted(q for q in steps if q <= cfg.max_pixels)
+
+
+def _max_tokens_per_temporal_patch(cfg: VideoPreprocessConfig) -> int:
+    """The most tokens one temporal patch takes under ``cfg``, for frames of any size (aspect
+    ratio below :data:`MAX_ASPECT_RATIO`)."""
+    f2 = cfg.factor**2
+    most = int(cfg.max_pixels) // f2  # smart_resize's sizes stay within max_pixels, except for:
+    # frames more elongated than max_pixels in blocks: their short side stays one block and the
+    # long one gets floor(sqrt(max_pixels * aspect) / factor) blocks, b with b*b*f2 < 200 * max_pixels;
+    most = max(most, math.isqrt((MAX_ASPECT_RATIO * int(cfg.max_pixels) - 1) // f2))
+    # frames scaled up to min_pixels with both sides rounded up: below (a + 1)(b + 1) blocks, a*b = min_pixels / f2.
+    m = cfg.min_pixels / f2
+    most = max(most, math.floor(m + math.sqrt(m * MAX_ASPECT_RATIO) + math.sqrt(m / MAX_ASPECT_RATIO) + 1))
+    cap = cfg.max_tokens_per_temporal_patch
+    return most if cap is None else min(most, cap)
+
+
+def budgeted_preprocess(cfg: VideoPreprocessConfig, num_frames: int, budget: VideoTokenBudget | None) -> VideoPreprocessConfig:
+    """``cfg`` for a video of ``num_frames`` frames under ``budget``: the per-patch token cap the
+    budget allows (``max_tokens_per_temporal_patch``), ``min_pixels`` lowered to it when above it.
+    :func:`frame_size` then gives every frame the largest of Qwen's smart_resize sizes that fits,
+    so :func:`preprocess_video` of ``num_frames`` frames of any size takes at most
+    ``budget.max_video_tokens`` tokens, ``budget.tokens_per_frame`` per frame.
+
+    ``cfg`` itself when there is no budget or it cannot bind (frames of any size fit it anyway):
+    preprocessing is then exactly as without one.  ``ValueError`` when the budget leaves less than
+    one token per temporal patch.
+    """
+    cap = budget.tokens_per_temporal_patch(num_frames, cfg.temporal_patch_size) if budget is not None else None
+    if cap is None or cap >= _max_tokens_per_temporal_patch(cfg):
+        return cfg
+    return replace(cfg, min_pixels=min(cfg.min_pixels, cap * cfg.factor**2), max_tokens_per_temporal_patch=cap)
+
+
+def max_video_tokens_for(num_frames: int, cfg: VideoPreprocessConfig | None = None, budget: VideoTokenBudget | None = None) -> int:
+    """The most video tokens :func:`preprocess_video` gives up to ``num_frames`` frames of any size
+    (aspect ratio below 200) under ``budget``: whether a sequence fits the context, without decoding
+    anything.  Fewer frames count too: under ``max_video_tokens`` a short video's per-patch share
+    rounds down less, so it can take a few tokens more than ``num_frames`` frames would."""
+    cfg = cfg or VideoPreprocessConfig()
+    tp = cfg.temporal_patch_size
+    grid_t = -(-num_frames // tp)
+    counts = range(1, grid_t + 1) if budget is not None and budget.max_video_tokens is not None else (grid_t,)
+    return max(g * _max_tokens_per_temporal_patch(budgeted_preprocess(cfg, g * tp, budget)) for g in counts)
+
+
+def worst_case_frames(sampling: FrameSampling, temporal_patch_size: int | None = None) -> int:
+    """The most frames ``sampling`` takes from any video, in whole temporal patches of
+    ``temporal_patch_size`` (default the sampling's own): ``num_frames``, or in fps mode
+    ``max_frames`` (floored to the sampling's temporal patch), however long the video."""
+    own = sampling.temporal_patch_size
+    if sampling.num_frames is not None:
+        n = -(-sampling.num_frames // own) * own
+    else:
+        n = max(own, sampling.max_frames // own * own)
+    tp = temporal_patch_size or own
+    return -(-n // tp) * tp
+
+
 def _as_frame_array(frames) -> np.ndarray:
     if isinstance(frames, SampledFrames):
         frames = frames.frames
@@ -455,13 +633,13 @@ def _as_frame_array(frames) -> np.ndarray:
 
 
 def resized_frames(frames, cfg: VideoPreprocessConfig | None = None) -> np.ndarray:
-    """Resize (T, H, W, 3) uint8 frames to the smart_resize size with PIL bicubic (uint8 out)."""
+    """Resize (T, H, W, 3) uint8 frames to :func:`frame_size` with PIL bicubic (uint8 out)."""
     from PIL import Image
 
     cfg = cfg or VideoPreprocessConfig()
     frames = _as_frame_array(frames)
     t, h, w, _ = frames.shape
-    rh, rw = smart_resize(h, w, factor=cfg.factor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    rh, rw = frame_size(h, w, cfg)
     if (rh, rw) == (h, w):
         return frames
     out = np.empty((t, rh, rw, 3), dtype=np.uint8)
@@ -470,18 +648,37 @@ def resized_frames(frames, cfg: VideoPreprocessConfig | None = None) -> np.ndarr
     return out
 
 
-def preprocess_video(frames, cfg: VideoPreprocessConfig | None = None) -> dict:
+@dataclass(frozen=True)
+class EngineVideo:
+    """Frames already resized as `preprocess_video` would under a budget, and the per-frame pixel limits
+    that make an engine with Qwen's own processor (vLLM) keep them at that size: the same inputs, hence
+    the same video tokens, as the hf backend and the trainers get for the same settings."""
+
+    frames: np.ndarray
+    processor_kwargs: dict[str, int]
+
+
+def engine_video(frames, cfg: VideoPreprocessConfig, budget: VideoTokenBudget | None) -> EngineVideo:
+    array = _as_frame_array(frames)
+    resized = resized_frames(array, budgeted_preprocess(cfg, len(array), budget))
+    pixels = int(resized.shape[1] * resized.shape[2])  # a multiple of factor**2: smart_resize leaves it as it is
+    return EngineVideo(resized, {"min_pixels": pixels, "max_pixels": pixels})
+
+
+def preprocess_video(frames, cfg: VideoPreprocessConfig | None = None, budget: VideoTokenBudget | None = None) -> dict:
     """One video -> ``{"pixel_values_videos": (grid_t*grid_h*grid_w, C*tp*p*p) float32,
     "video_grid_thw": (1, 3) int64}``, laid out exactly like Qwen2-VL's video processor.
 
     ``frames``: (T, H, W, 3) uint8 RGB array, a list of (H, W, 3) arrays, or a SampledFrames.
     An odd T is padded by repeating the last frame (as Qwen's processor does).  Per frame this
     is exactly ``Qwen2VLImageProcessorPil``: PIL bicubic resize, ``x.astype(float64) / 255`` cast to
-    float32, then ``(x - mean) / std`` in float32.
+    float32, then ``(x - mean) / std`` in float32.  ``budget``: the frames are sized by
+    ``budgeted_preprocess(cfg, T, budget)`` (see :func:`frame_size`); None sizes them by ``cfg``.
     """
     import torch
 
-    cfg = cfg or VideoPreprocessConfig()
+    frames = _as_frame_array(frames)
+    cfg = budgeted_preprocess(cfg or VideoPreprocessConfig(), frames.shape[0], budget)
     x = resized_frames(frames, cfg)
     tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
     if pad := -x.shape[0] % tp:
@@ -514,11 +711,13 @@ def _normalization_lut(cfg: VideoPreprocessConfig) -> np.ndarray:
     return (values[:, None] - mean[None, :]) / std[None, :]  # normalize, float32
 
 
-def video_grid_thw_for(num_frames: int, height: int, width: int, cfg: VideoPreprocessConfig | None = None) -> tuple[int, int, int]:
+def video_grid_thw_for(
+    num_frames: int, height: int, width: int, cfg: VideoPreprocessConfig | None = None, budget: VideoTokenBudget | None = None
+) -> tuple[int, int, int]:
     """The ``video_grid_thw`` that :func:`preprocess_video` gives for ``num_frames`` frames of
-    ``height`` x ``width`` - for budgeting tokens without decoding anything."""
-    cfg = cfg or VideoPreprocessConfig()
-    rh, rw = smart_resize(height, width, factor=cfg.factor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    ``height`` x ``width`` (under ``budget``) - for budgeting tokens without decoding anything."""
+    cfg = budgeted_preprocess(cfg or VideoPreprocessConfig(), num_frames, budget)
+    rh, rw = frame_size(height, width, cfg)
     tp = cfg.temporal_patch_size
     return (-(-num_frames // tp), rh // cfg.patch_size, rw // cfg.patch_size)
 
@@ -541,6 +740,7 @@ def build_video_inputs(
     cfg: VideoPreprocessConfig | None = None,
     *,
     fps_per_video: float | Sequence[float] | None = None,
+    budget: VideoTokenBudget | None = None,
     add_generation_prompt: bool = True,
     padding_side: str = "left",
 ) -> dict:
@@ -558,6 +758,8 @@ def build_video_inputs(
     video); ``None`` takes ``SampledFrames.sampled_fps``.  Gives
     ``second_per_grid_ts = temporal_patch_size / fps``, which sets the spacing of the temporal
     M-RoPE positions (``tokens_per_second * second_per_grid_ts`` per temporal patch).
+
+    ``budget``: each video is preprocessed under it for the frames it has (:func:`preprocess_video`).
 
     Returns torch tensors: ``input_ids`` (B, L), ``attention_mask`` (B, L), ``mm_token_type_ids``
     (B, L; 0 text, 2 video - transformers 5.x needs it to compute the 3D M-RoPE positions, without
@@ -611,7 +813,7 @@ def build_video_inputs(
     if any(not (f > 0) for f in fps_list):
         raise ValueError(f"fps values must be positive, got {fps_list}")
 
-    processed = [preprocess_video(v, cfg) for v in videos]
+    processed = [preprocess_video(v, cfg, budget) for v in videos]
     counts = [num_video_tokens(pv["video_grid_thw"], cfg.merge_size) for pv in processed]
 
     rows: list[list[int]] = []
@@ -660,8 +862,12 @@ __all__ = [
     "SampledFrames",
     "VideoPreprocessConfig",
     "VideoReadError",
+    "VideoTokenBudget",
+    "budgeted_preprocess",
     "build_video_inputs",
     "frame_range",
+    "frame_size",
+    "max_video_tokens_for",
     "num_video_tokens",
     "preprocess_video",
     "read_frames",
@@ -669,4 +875,5 @@ __all__ = [
     "sample_frame_indices",
     "smart_resize",
     "video_grid_thw_for",
+    "worst_case_frames",
 ]

@@ -26,17 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.tiny import ensure_tiny_model
+from models.tiny import tiny_model_dir
 from models.video import (
     VIDEO_PREPROCESSOR_FILE,
     SampledFrames,
     VideoPreprocessConfig,
+    VideoTokenBudget,
     build_video_inputs,
 )
 
 log = logging.getLogger("lvr.vlm")
-
-TINY = "tiny"
 
 
 class ModelLoadError(RuntimeError):
@@ -46,8 +45,9 @@ class ModelLoadError(RuntimeError):
 def resolve_model_ref(ref: str) -> str:
     """`tiny` is our locally built tiny Qwen2.5-VL (built on first use); anything else is a
     checkpoint folder or a model id that `from_pretrained` resolves."""
-    if ref == TINY:
-        return str(ensure_tiny_model())
+    built = tiny_model_dir(ref)
+    if built is not None:
+        return str(built)
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else ref
 
@@ -167,13 +167,17 @@ def pick_device(device: str = "auto") -> str:
 
 @dataclass
 class HFVideoLM:
-    """A transformers VLM with its tokenizer and video preprocessing settings."""
+    """A transformers VLM with its tokenizer and video preprocessing settings.
+
+    `budget`: the stage's video token budget; each video is preprocessed under it for the frames it
+    has (`models.video.budgeted_preprocess`), `preprocess` stays the checkpoint's own settings."""
 
     model_ref: str
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None  # the pinned commit of a hub model id (ignored for local folders)
+    budget: VideoTokenBudget | None = None
     model: Any = field(init=False, repr=False)
     tokenizer: Any = field(init=False, repr=False)
     preprocess: VideoPreprocessConfig = field(init=False)
@@ -212,7 +216,9 @@ class HFVideoLM:
         self.encoder_patch_rows += int(pixels.shape[0]) if pixels is not None else 0
 
     def _inputs(self, prompts: Sequence[VideoPrompt]) -> dict[str, Any]:
-        return build_video_inputs(self.tokenizer, [p.messages for p in prompts], [p.frames for p in prompts], self.preprocess)
+        return build_video_inputs(
+            self.tokenizer, [p.messages for p in prompts], [p.frames for p in prompts], self.preprocess, budget=self.budget
+        )
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, num_return_sequences: int) -> dict[str, Any]:
         sampling = temperature > 0

@@ -4,7 +4,7 @@
 of `build_video_inputs` and one embedding tensor per prompt, so the G rollouts, the old-policy
 and reference log-probs and the update all reuse it and none of them calls the tower again.
 
-- Videos are identified by `VideoRequest.video_key` (source video and frame sampling): prompts
+- Videos are identified by `VideoRequest.video_key` (source video, frame sampling, token budget): prompts
   about the same video share one encoding, whatever their frames objects.
 - Across a sequence-parallel group (ranks holding the same prompts), the missing videos' frames
   are split by temporal patch and the embeddings all-gathered (`models.qwen_sp.sp_video_embeddings`).
@@ -28,7 +28,12 @@ from typing import Any
 import torch
 
 from models.qwen_sp import sp_video_embeddings
-from models.video import SampledFrames, VideoPreprocessConfig, build_video_inputs
+from models.video import (
+    SampledFrames,
+    VideoPreprocessConfig,
+    VideoTokenBudget,
+    build_video_inputs,
+)
 from models.vlm import EncodedVideoBatch
 from parallel.loss import count_sum
 from parallel.topology import SPGroup
@@ -42,7 +47,7 @@ class VideoRequest:
 
     messages: list[dict[str, Any]]
     frames: SampledFrames
-    video_key: str  # equal keys promise equal frames (same video, same frame sampling)
+    video_key: str  # equal keys promise equal inputs (same video, same frame sampling, same token budget)
 
 
 @dataclass
@@ -126,11 +131,14 @@ def encode_requests(
     requests: Sequence[VideoRequest],
     sp: SPGroup,
     cache: EmbeddingCache | None = None,
+    *,
+    budget: VideoTokenBudget | None = None,
 ) -> tuple[EncodedVideoBatch, EncodeStats]:
     """The step's prompts, tokenized (left-padded, for generation) and with their videos encoded
-    once each: from the cache, else in one vision-tower call (split over the SP group)."""
+    once each: from the cache, else in one vision-tower call (split over the SP group). `budget`:
+    the video token budget each video is preprocessed under (the video keys must tell budgets apart)."""
     device = next(model.parameters()).device
-    inputs = build_video_inputs(tokenizer, [r.messages for r in requests], [r.frames for r in requests], preprocess)
+    inputs = build_video_inputs(tokenizer, [r.messages for r in requests], [r.frames for r in requests], preprocess, budget=budget)
     rows = inputs["video_grid_thw"].prod(-1).tolist()
     offsets = [sum(rows[:i]) for i in range(len(rows))]
     tokens = [r // preprocess.merge_size**2 for r in rows]

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from models.tiny import TINY_SHAPES
+from models.video import FrameSampling, VideoTokenBudget, worst_case_frames
 from parallel.topology import sp_layout
 from tasks.engine.settings import ExecutionConfig, Section
 from tasks.stages import STAGE_NAMES, TRAINING_STAGES
@@ -47,7 +49,7 @@ ALLOW_UNPINNED_DOC = "Accept trust_remote_code with a hub model id and no revisi
 
 def is_model_id(ref: str) -> bool:
     """A hub model id (`org/name`): not 'tiny', not a URL, not a path that exists or is written as one."""
-    if ref == "tiny" or "://" in ref or ref.startswith(("/", ".", "~")):
+    if ref in TINY_SHAPES or "://" in ref or ref.startswith(("/", ".", "~")):
         return False
     return not Path(ref).expanduser().exists()
 
@@ -97,14 +99,74 @@ class ClipConfig(Section):
         return self
 
 
-class CaptionConfig(Section):
+FPS_MIN_FRAMES = 4  # fps sampling takes at least this many frames (at most max_frames) from a short video
+
+
+class VideoInputs(Section):
+    """The keys of every section that shows videos to a model (caption, filter, sft, grpo, eval): which
+    frames are sampled and how many tokens they may take, one way for every stage, so equal settings give
+    filter, SFT, GRPO and eval the same model inputs. All of them are part of the stage's fingerprint."""
+
+    num_frames: int = Field(16, ge=1, description="Frames sampled uniformly across the whole video (fewer from a video that has fewer); unused when fps is set.")
+    fps: float | None = Field(
+        None, gt=0, description=f"Sample this many frames per second of video instead of num_frames: at least {FPS_MIN_FRAMES} "
+        "(or max_frames if lower), at most max_frames. None: num_frames.",
+    )
+    max_frames: int = Field(512, ge=1, description="With fps: the most frames sampled from one video (rounded down to an even count).")
+    tokens_per_frame: int | None = Field(
+        None, ge=1, description="The most video tokens per sampled frame (a pair of frames shares one temporal patch of twice "
+        "this); frames get the largest of Qwen's smart_resize sizes that fits. None: the model's per-frame pixel limit alone.",
+    )
+    max_video_tokens: int | None = Field(
+        None, ge=1, description="The most video tokens of one video, however many frames are sampled; with tokens_per_frame "
+        "the tighter limit wins. None: no total limit (512 frames of 720p take ~300K tokens with Qwen2.5-VL's own limit).",
+    )
+
+    def frame_sampling(self, num_frames: int | None = None) -> FrameSampling:
+        """How frames are sampled: `num_frames` given here (an eval sweep point) wins over the section's own sampling."""
+        if num_frames is not None:
+            return FrameSampling(num_frames=num_frames)
+        if self.fps is not None:
+            return FrameSampling(fps=self.fps, min_frames=min(FPS_MIN_FRAMES, self.max_frames), max_frames=self.max_frames)
+        return FrameSampling(num_frames=self.num_frames)
+
+    def video_budget(self) -> VideoTokenBudget | None:
+        """The video token budget; None when neither limit is set (each frame gets the model's own limit)."""
+        if self.tokens_per_frame is None and self.max_video_tokens is None:
+            return None
+        return VideoTokenBudget(tokens_per_frame=self.tokens_per_frame, max_video_tokens=self.max_video_tokens)
+
+    def frame_samplings(self) -> list[FrameSampling]:
+        """Every sampling the stage uses."""
+        return [self.frame_sampling()]
+
+    def video_inputs_text(self) -> str:
+        """The sampling and budget in words, for reports: "16 frames", "1 fps (at most 512 frames), at most 120,000 video tokens"."""
+        text = f"{self.fps:g} fps (at most {self.max_frames} frames)" if self.fps is not None else f"{self.num_frames} frames"
+        limits = [f"{self.tokens_per_frame:,} per frame"] if self.tokens_per_frame is not None else []
+        limits += [f"{self.max_video_tokens:,} per video"] if self.max_video_tokens is not None else []
+        return text + (f", video tokens at most {' and '.join(limits)}" if limits else "")
+
+    @model_validator(mode="after")
+    def _budget_covers_the_frames(self) -> "VideoInputs":
+        # Qwen2-VL packs two frames into each temporal patch, and a patch takes at least one token.
+        for sampling in self.frame_samplings() if self.max_video_tokens is not None else ():
+            patches = worst_case_frames(sampling) // sampling.temporal_patch_size
+            if self.max_video_tokens < patches:
+                raise ValueError(
+                    f"max_video_tokens ({self.max_video_tokens}) is below one token per pair of frames: up to "
+                    f"{worst_case_frames(sampling)} frames are sampled, which need at least {patches}"
+                )
+        return self
+
+
+class CaptionConfig(VideoInputs):
     # How work is scheduled or authenticated, never what a caption says.
     runtime_keys = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env", "allow_unpinned_remote_code")
 
     backend: Literal["hf", "openai", "vllm"] = "hf"
-    model: str = Field("tiny", description="A local checkpoint folder, a model id already on disk, or 'tiny'.")
+    model: str = Field(description="Required: a local checkpoint folder, a model id, or 'tiny' (the random-weight CPU model of the tiny profile).")
     prompt: str = "Elaborate on the visual and narrative elements of the video in detail."
-    num_frames: int = Field(16, ge=1)
     max_pixels: int = Field(360 * 420, ge=28 * 28)
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -137,7 +199,10 @@ class QAConfig(Section):
         "base_url", "refine_base_url", "api_key_env", "refine_api_key_env",
     )
 
-    backend: Literal["openai", "template"] = "template"
+    backend: Literal["openai", "template"] = Field(
+        description="Required: openai (an OpenAI-compatible reasoning endpoint, e.g. DeepSeek-R1) or template (offline questions built "
+        "from the captions, for CPU smoke runs)."
+    )
     base_url: str | None = None
     model: str = "deepseek-reasoner"
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
@@ -157,6 +222,12 @@ class QAConfig(Section):
         description="One generation request per video, category and question type.",
     )
     questions_per_request: int = Field(1, ge=1, le=20, description="Questions asked for in each generation request.")
+    context_tokens: int | None = Field(
+        None, ge=1,
+        description="The generation endpoint's context length in tokens: a video whose prompt plus max_tokens would not fit "
+        "is split into windows of consecutive captions, each asked for its own questions (tokens estimated on the high side, "
+        "see tasks/qa/windows.py). None: one prompt per video, however long.",
+    )
     prompt_version: str = Field("v1", description="Folder of tasks/qa/prompts/generate holding the generation templates.")
     refine_prompt_version: str = Field("v1", description="Folder of tasks/qa/prompts/refine holding the refinement templates.")
     refine_model: str | None = Field(None, description="Refinement model; defaults to `model`.")
@@ -168,15 +239,12 @@ class QAConfig(Section):
 Difficulty = Literal["easy", "medium", "hard"]
 
 
-class FilterConfig(Section):
-    # How work is grouped and the judge reached, not what is answered or judged.
-    runtime_keys = (
-        "shard_size", "judge_base_url", "judge_api_key_env", "judge_concurrency", "judge_timeout_s", "judge_max_retries",
-        "allow_unpinned_remote_code",
-    )
+class FilterConfig(VideoInputs):
+    # How work is grouped, not what is answered or judged.
+    runtime_keys = ("shard_size", "allow_unpinned_remote_code")
 
     backend: Literal["hf", "vllm"] = "hf"
-    model: str = Field("tiny", description="The base model: a local checkpoint folder, a model id already on disk, or 'tiny'.")
+    model: str = Field(description="Required: the base model: a local checkpoint folder, a model id, or 'tiny' (the random-weight CPU model).")
     trust_remote_code: bool = False
     revision: str | None = Field(None, description=REVISION_DOC)
     allow_unpinned_remote_code: bool = Field(False, description=ALLOW_UNPINNED_DOC)
@@ -184,7 +252,6 @@ class FilterConfig(Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(0, description="Sampling seed.")
-    num_frames: int = Field(16, ge=1, description="Frames sampled across the whole source video.")
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(4, ge=1, description="hf backend: questions per generation call, each with `runs` sequences.")
     shard_size: int = Field(32, ge=1, description="Questions per shard.")
@@ -199,12 +266,6 @@ class FilterConfig(Section):
     sft_min_reasoning_words: int = Field(10, ge=0, description="Reference reasoning shorter than this never goes to SFT.")
     sft_max_reasoning_words: int = Field(1024, ge=1, description="Reference reasoning longer than this never goes to SFT.")
     split_salt: str = Field("v1", description="Hash salt of the eval and SFT draws; change it to redraw them.")
-    judge_model: str | None = Field(None, description="An LLM judging open-ended answers that normalised matching calls wrong; none: no judge.")
-    judge_base_url: str | None = None
-    judge_api_key_env: str | None = Field(None, description="Name of the environment variable holding the judge's API key.")
-    judge_concurrency: int = Field(16, ge=1)
-    judge_timeout_s: float = Field(120.0, gt=0)
-    judge_max_retries: int = Field(5, ge=0)
     report_examples: int = Field(2, ge=0, description="Example items per difficulty shown in the report.")
 
     @model_validator(mode="after")
@@ -231,11 +292,11 @@ def check_topology(sp_degree: int, procs_per_node: int, nnodes: int, node_rank: 
         raise ValueError("nnodes > 1 needs master_addr (the address of node 0)")
 
 
-class SFTConfig(Section):
+class SFTConfig(VideoInputs):
     # Where and how often state is written, and this node's place: not what is trained.
     runtime_keys = TRAINING_RUNTIME_KEYS
 
-    model: str = Field("tiny", description="Base checkpoint: a local folder, a model id already on disk, or 'tiny'.")
+    model: str = Field(description="Required: the checkpoint SFT starts from: a local folder, a model id, or 'tiny' (the random-weight CPU model).")
     revision: str | None = Field(None, description=REVISION_DOC)
     sp_degree: int = Field(2, ge=1, description="Ranks sharing one sequence (Ulysses); must divide the world size and the attention heads.")
     nproc_per_node: int = Field(2, ge=1, description="Training processes per node (one per GPU; on CPU, gloo processes).")
@@ -254,7 +315,6 @@ class SFTConfig(Section):
     micro_batch_size: int = Field(1, ge=1, description="Samples per forward pass per data-parallel replica.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute text-layer activations in backward (long sequences on GPU).")
-    num_frames: int = Field(16, ge=1)
     seed: int = 0
     save_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
@@ -273,16 +333,16 @@ class SFTConfig(Section):
         return self
 
 
-class GRPOConfig(Section):
+class GRPOConfig(VideoInputs):
     # As SFT's, and where the embedding cache lives.
     runtime_keys = (*TRAINING_RUNTIME_KEYS, "embedding_cache_dir")
 
     model: str = Field(
         "sft",
-        description="Initial policy and frozen reference: sft = the SFT stage's model (<workdir>/sft/model) once that stage is "
-        "complete, else the base model (filter.model); or a checkpoint folder, a model id already on disk, or 'tiny'.",
+        description="Initial policy and frozen reference: sft = the SFT stage's model (<workdir>/sft/model; an error when that "
+        "stage has not finished), base = the base model (filter.model, filter.revision), or a checkpoint folder, a model id, or 'tiny'.",
     )
-    revision: str | None = Field(None, description=f"{REVISION_DOC} Only for a model id in `model`; the base fallback uses filter.revision.")
+    revision: str | None = Field(None, description=f"{REVISION_DOC} Only for a model id in `model`; base uses filter.revision.")
     rollout_engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate from the cached embeddings; vllm: colocated vLLM (GPU).")
     group_size: int = Field(8, ge=2, description="Rollouts per question (G).")
     prompts_per_step: int = Field(4, ge=1, description="Questions per step and data-parallel replica.")
@@ -304,11 +364,9 @@ class GRPOConfig(Section):
     drop_zero_variance: bool = Field(True, description="Leave out groups whose G rewards are all equal (DAPO): they have no advantage.")
     accuracy_weight: float = Field(0.9, ge=0, description="reward = accuracy_weight * accuracy + format_weight * format.")
     format_weight: float = Field(0.1, ge=0)
-    judge: bool = Field(False, description="Open-ended answers that normalised matching calls wrong go to the filter stage's judge (filter.judge_*).")
     learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
-    num_frames: int = Field(16, ge=1, description="Frames sampled across the whole source video.")
     embedding_cache: bool = Field(
         True, description="Keep video embeddings on disk across steps and runs (the vision tower is frozen during GRPO)."
     )
@@ -342,7 +400,7 @@ class GRPOConfig(Section):
         return self
 
 
-class EvalConfig(Section):
+class EvalConfig(VideoInputs):
     # How work is grouped and what models may run, not what they answer.
     runtime_keys = ("shard_size", "trust_remote_code", "allow_unpinned_remote_code")
 
@@ -351,9 +409,9 @@ class EvalConfig(Section):
         description="Models to score: base (filter.model), sft (<workdir>/sft/model), grpo (<workdir>/grpo/model), or a "
         "checkpoint folder / model id. sft and grpo are skipped with a note when their stage has not produced a model.",
     )
-    num_frames: int = Field(16, ge=1, description="Frames sampled across the whole source video.")
     frames_sweep: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=list, description="More frame counts to score every model at (accuracy versus frames); costs one pass each."
+        default_factory=list, description="More frame counts to score every model at (accuracy versus frames), each exactly "
+        "that many frames whatever fps says, under the same token budget; costs one pass each.",
     )
     samples: int = Field(1, ge=1, description="Answers per question: 1 is greedy; more are sampled and the majority answer is graded.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature when samples > 1.")
@@ -375,12 +433,31 @@ class EvalConfig(Section):
             raise ValueError(f"models lists {', '.join(repeated)} more than once")
         ids = [m for m in self.models if m not in ("base", *TRAINING_STAGES)]
         check_remote_code_pinned(ids, self.revision, self.trust_remote_code, self.allow_unpinned_remote_code)
+        if self.fps is not None and self.max_frames in self.frames_sweep:
+            raise ValueError(
+                f"frames_sweep holds {self.max_frames}, the frame count that labels the fps sampling's results (max_frames); "
+                "drop it from the sweep or change max_frames"
+            )
         return self
 
     @property
+    def main_frames(self) -> int:
+        """The frame count that labels the results of the section's own sampling: num_frames, or with
+        fps max_frames (the most it samples)."""
+        return self.max_frames if self.fps is not None else self.num_frames
+
+    @property
     def frame_counts(self) -> list[int]:
-        """Every frame count scored: `num_frames` and the sweep, ascending."""
-        return sorted({self.num_frames, *self.frames_sweep})
+        """Every frame count scored: `main_frames` and the sweep, ascending."""
+        return sorted({self.main_frames, *self.frames_sweep})
+
+    def sampling_at(self, frames: int) -> FrameSampling:
+        """The sampling of the results labelled `frames` (one of `frame_counts`): the section's own
+        for `main_frames`, else exactly that many frames (a sweep point)."""
+        return self.frame_sampling() if frames == self.main_frames else self.frame_sampling(frames)
+
+    def frame_samplings(self) -> list[FrameSampling]:
+        return [self.sampling_at(n) for n in self.frame_counts]
 
 
 class TrackingConfig(Section):
@@ -417,18 +494,51 @@ class TrackingConfig(Section):
     validate_max_new_tokens: int = Field(256, ge=1, description="The longest answer a validation question may get.")
 
 
+class ClusterConfig(Section):
+    """The machines a run gets, for `lvr check` (not a stage's section: part of no fingerprint)."""
+
+    runtime_keys = ("gpus_per_node", "gpu_memory_gb")
+
+    gpus_per_node: int | None = Field(
+        None, ge=1, description="GPUs per node; training stages may not start more processes per node (none: not checked).",
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GB; lvr check compares each training stage's estimate with it (none: estimate only).",
+    )
+
+
+class JudgeConfig(Section):
+    """The LLM judge of open-ended answers, used alike by filter, grpo and eval. Not a stage's section:
+    those stages add its identity (`tasks.grading.judge.judge_identity`) to their settings."""
+
+    # How the judge is reached, not what it decides.
+    runtime_keys = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries")
+
+    model: str | None = Field(
+        None, description="An LLM on an OpenAI-compatible endpoint deciding the open-ended answers that normalised matching "
+        "calls wrong (filter's rollouts, GRPO's rewards, eval's answers); none: no judge, normalised matching only.",
+    )
+    base_url: str | None = Field(None, description="The judge's OpenAI-compatible endpoint (https://host/v1).")
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the judge's API key.")
+    concurrency: int = Field(16, ge=1, description="Judge requests in flight per shard (per GRPO step).")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline of one attempt of one judge request.")
+    max_retries: int = Field(5, ge=0, description="Retries of a failed judge request before the item counts as failed.")
+
+
 class PipelineConfig(Section):
     profile: str = "tiny"
     source: str | None = Field(None, description="Default source when none is given on the command line.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
-    caption: CaptionConfig = Field(default_factory=CaptionConfig)
-    qa: QAConfig = Field(default_factory=QAConfig)
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
+    caption: CaptionConfig = Field(default_factory=dict, validate_default=True)
+    qa: QAConfig = Field(default_factory=dict, validate_default=True)
+    filter: FilterConfig = Field(default_factory=dict, validate_default=True)
+    sft: SFTConfig = Field(default_factory=dict, validate_default=True)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def resolve_config_path(config: str | Path) -> Path | Traversable:
@@ -536,7 +646,21 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":  # a choice the config must make: say what the choices are
+            lines.append(f"{loc}: missing, and it has no default. {_field_description(err['loc'])}".rstrip())
+            continue
         got = err.get("input")
         got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
         lines.append(f"{loc or 'config'}: {err['msg']}{got_text}")
     return "; ".join(lines)
+
+
+def _field_description(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] | None = PipelineConfig
+    description = ""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return ""
+        description = model.model_fields[part].description or ""
+        model = _submodel(model, part)
+    return description

@@ -11,6 +11,7 @@ from tasks.engine.run import run_stage
 from tasks.engine.runs import RunRecord, StageObserver, StageRunner, run_stages
 from tasks.engine.stage import StageContext, StageReport
 from tasks.engine.store import Workdir
+from tasks.preflight.checks import preflight
 from tasks.samples.videos import write_sample_videos
 from tasks.stages import STAGE_NAMES, get_stage
 
@@ -48,5 +49,8 @@ def run_pipeline(
     stage_runner: StageRunner = run_stage_by_name,
     on_stage_done: StageObserver | None = None,
 ) -> RunRecord:
-    """Run the stages from `from_stage` to `to_stage` in order; stop at the first failure, recording it."""
-    return run_stages(workdir, config, select_stages(from_stage, to_stage), stage_runner, source, run_id, on_stage_done)
+    """Check the config for the stages from `from_stage` to `to_stage` (`lvr check`: raises
+    `PreflightError` before anything runs), then run them in order; stop at the first failure, recording it."""
+    stages = select_stages(from_stage, to_stage)
+    preflight(config, stages, workdir=workdir.url, source=source)
+    return run_stages(workdir, config, stages, stage_runner, source, run_id, on_stage_done)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, PipelineConfig, load_config, normalise_overrides
+from tasks.config import ConfigError, load_config, normalise_overrides
 
 
 def test_builtin_configs_validate():
@@ -70,8 +70,27 @@ def test_unknown_key_in_yaml_file(tmp_path: Path):
 
 
 def test_output_settings_are_plain_json_without_runtime_keys():
-    cfg = PipelineConfig()
+    cfg = load_config("tiny")
     settings = cfg.clip.output_settings()
     assert settings["seconds"] == 10.0 and "shard_size" not in settings
     qa = cfg.qa.output_settings()
     assert "base_url" not in qa and "concurrency" not in qa and qa["model"] == cfg.qa.model
+    # The judge: which model decides, not where it is reached or how hard it is pushed.
+    judge = load_config("tiny", ["judge.model=j", "judge.base_url=http://x/v1", "judge.concurrency=4"]).judge
+    assert judge.output_settings() == {"model": "j"} and load_config("tiny").judge.model is None  # tiny has no judge
+
+
+@pytest.mark.parametrize("key", ["caption.model", "qa.backend", "filter.model", "sft.model"])
+def test_a_choice_without_a_safe_default_is_required(tmp_path, key):
+    """No toy hides in the schema: omitting a model or the QA backend is an error naming the key and its
+    choices, not the random tiny model or the offline template backend."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
+    section, name = key.split(".")
+    del data[section][name]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=rf"{key}: missing, and it has no default\. Required: .*'?tiny'?|{key}: missing, and it has no default\. Required: openai"):
+        load_config(str(path))
+

@@ -64,9 +64,9 @@ def test_two_revisions_give_two_fingerprints(tmp_path, stage):
 
 
 def test_the_base_models_revision_reaches_the_stages_that_use_it(tmp_path):
-    """grpo falls back to filter.model and eval's `base` is filter.model: filter.revision changes
+    """grpo.model=base is filter.model and eval's `base` is filter.model: filter.revision changes
     both; and it is one of the settings a filter shard's answers depend on."""
-    pinned, other = ({"filter.model": HUB_ID, "filter.revision": rev} for rev in ("v1.0", "v2.0"))
+    pinned, other = ({"filter.model": HUB_ID, "filter.revision": rev, "grpo.model": "base"} for rev in ("v1.0", "v2.0"))
     for stage in (GRPOStage(), EvalStage()):
         assert _fingerprint(stage, tmp_path, pinned) != _fingerprint(stage, tmp_path, other)
     ctx = StageContext(Workdir(str(tmp_path)), load_config("tiny", pinned))

@@ -41,8 +41,8 @@ log = logging.getLogger("lvr.caption")
 
 def make_captioner(cfg: CaptionConfig) -> Captioner:
     settings = CaptionSettings(
-        prompt=cfg.prompt, num_frames=cfg.num_frames, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed,
+        prompt=cfg.prompt, sampling=cfg.frame_sampling(), max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, budget=cfg.video_budget(),
     )
     if cfg.backend == "hf":
         return HFCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)

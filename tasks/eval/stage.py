@@ -3,11 +3,14 @@
 Items are (model, frame count, eval question) triples, id `<model>::<frames>::<qa_id>`, so shards
 hold one model at one frame count (ids sort that way) and a model loads once per stage run.
 A shard reads each video once per frame count (the one frame-sampling function, across the whole
-source video as in training), puts each question to the model with the prompt the filter stage
+source video as in training: `eval.num_frames`, or `eval.fps` labelled `eval.max_frames`, and each
+`eval.frames_sweep` count; every one under the video token budget), puts each question to the model with the prompt the filter stage
 stored for it (the training prompt, `tasks.grading.prompts`), draws `eval.samples` answers from one
-encoding of the video (greedy for one sample), takes the majority answer and grades it with
-`tasks.grading.answers.grade`. Outputs: `eval/` (EVAL_ITEMS, one row per item), `eval/_summary/`
-(EVAL_SUMMARY: model x category x frames, and an Overall row), `report/eval.md` with its charts.
+encoding of the video (greedy for one sample), grades the answers with `tasks.grading.answers.grade`
+(open-ended misses decided by the `judge:` section's LLM judge when set, `tasks.grading.judge`, as in
+filter and GRPO) and takes the majority answer. Outputs: `eval/` (EVAL_ITEMS, one row per item),
+`eval/_summary/` (EVAL_SUMMARY: model x category x frames, and an Overall row), `report/eval.md` with
+its charts.
 
 Models: `base` is `filter.model` (the model the dataset was filtered with), `sft` / `grpo` the
 model the stage of that name wrote under the workdir, anything else a checkpoint folder or model
@@ -17,7 +20,10 @@ Models in an object-store workdir (or named by such a URL) are downloaded once i
 model cache (`tasks.training.models.local_model`) and loaded from there.
 
 Failure rows (the run goes on): a malformed item (`bad_item`), a video that is unknown
-(`unknown_video`) or unreadable (`unreadable_video`). A model that cannot be loaded stops the stage.
+(`unknown_video`) or unreadable (`unreadable_video`), an item the judge gave no usable verdict on
+after retries (`judge_<kind>`; never the exact-match verdict instead). The summary counts only items
+with a verdict. A model that cannot be loaded stops the stage; an unreachable judge fails the shard
+(a rerun judges it); a judge that refuses us, or every request, stops the stage.
 """
 
 from __future__ import annotations
@@ -47,6 +53,12 @@ from tasks.engine.stage import (
 )
 from tasks.engine.store import Failure, Workdir, is_local_uri, stable_hash, url_to_fs
 from tasks.grading.answers import AnswerKey, Grade, grade, normalize_answer
+from tasks.grading.judge import (
+    check_judge_reached,
+    judge_all,
+    judge_failure,
+    judge_identity,
+)
 from tasks.grading.prompts import (
     MULTIPLE_CHOICE,
     category_order,
@@ -72,7 +84,9 @@ BASE = "base"
 SUMMARY_DIR = "_summary"
 REPORT_FILE = "eval.md"
 # What one answer depends on besides its model, frame count and question (those key the items).
-ANSWER_SETTINGS = ("samples", "temperature", "top_p", "seed", "max_new_tokens", "batch_size")
+ANSWER_SETTINGS = (
+    "samples", "temperature", "top_p", "seed", "max_new_tokens", "batch_size", "judge", "fps", "tokens_per_frame", "max_video_tokens",
+)
 SAMPLING_KEYS = ("temperature", "top_p", "seed")  # unused by greedy answers (samples == 1)
 
 
@@ -224,18 +238,21 @@ def majority(grades: Sequence[Grade], question_type: str) -> tuple[int, int] | N
     return keys.index(winner), votes
 
 
-def eval_row(model: EvalModel, payload: dict[str, Any], frames_used: int, generations: Sequence[Generation]) -> dict[str, Any]:
-    key = AnswerKey.from_row(payload)
-    grades = [grade(g.text, key) for g in generations]
-    voted = majority(grades, key.question_type)
+def eval_row(
+    model: EvalModel, payload: dict[str, Any], frames_used: int, generations: Sequence[Generation], grades: Sequence[Grade]
+) -> dict[str, Any]:
+    """One EVAL_ITEMS row from an item's samples and their grades (the judge's, where it decided)."""
+    question_type = payload["question_type"]
+    voted = majority(grades, question_type)
     chosen = voted[0] if voted else 0
     return {
         "eval_id": eval_id(model.label, payload["num_frames"], payload["qa_id"]),
         "model": model.label, "model_path": model.path, "qa_id": payload["qa_id"], "video_id": payload["video_id"],
-        "category": payload["category"], "question_type": key.question_type, "num_frames": payload["num_frames"],
+        "category": payload["category"], "question_type": question_type, "num_frames": payload["num_frames"],
         "frames_used": frames_used, "samples": len(generations),
         "prediction": grades[chosen].predicted if voted else None,
         "correct": grades[chosen].correct if voted else False,
+        "grader": grades[chosen].method,
         "votes": voted[1] if voted else 0,
         "n_correct": sum(g.correct for g in grades),
         "format_ok": grades[chosen].format_ok,
@@ -267,15 +284,19 @@ def summarize(rows: Sequence[dict[str, Any]], model_order: Sequence[str]) -> lis
     return out
 
 
-def eval_markdown(summary: Sequence[dict[str, Any]], cfg: EvalConfig, notes: Sequence[str], failures: Sequence[Failure]) -> str:
+def eval_markdown(
+    summary: Sequence[dict[str, Any]], cfg: EvalConfig, notes: Sequence[str], failures: Sequence[Failure], judge: str | None = None
+) -> str:
     rows = accuracy_table(summary)
     columns = ["model", "frames", *category_order(r["category"] for r in summary if r["category"] != OVERALL), OVERALL]
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(f.error_kind for f in failures).items())) or "none"
     answering = "greedy" if cfg.samples == 1 else f"majority of {cfg.samples} samples (temperature {cfg.temperature:g})"
+    grading = f"normalised matching calls wrong are decided by the LLM judge {judge}" if judge else "are graded by normalised matching"
     parts = [
         "# Evaluation",
         f"Eval split answered {answering} with at most {cfg.max_new_tokens} new tokens; frames per video: "
-        f"{', '.join(map(str, cfg.frame_counts))}. Failures: {kinds}.",
+        f"{', '.join(map(str, cfg.frame_counts))} ({cfg.main_frames}: {cfg.video_inputs_text()}). Open-ended answers {grading}. "
+        f"Failures: {kinds}.",
         *(["\n".join(f"- {note}" for note in notes)] if notes else []),
         markdown_table(columns, [[r.get(c, "-") for c in columns] for r in rows]) if rows else "No eval items were answered.",
     ]
@@ -324,11 +345,14 @@ class EvalStage(Stage):
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
         settings = super().settings(ctx)
+        settings["num_frames"] = ctx.config.eval.main_frames  # the label of the section's own sampling (max_frames with fps)
         for key in SAMPLING_KEYS if settings["samples"] == 1 else ():
             settings.pop(key)
         models, notes = self.models(ctx)
         settings["models"] = [asdict(m) for m in models]
         settings["skipped"] = notes
+        if ctx.config.judge.model:  # the judge's verdicts are part of the rows
+            settings["judge"] = judge_identity(ctx.config.judge)
         return settings
 
     def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
@@ -359,7 +383,8 @@ class EvalStage(Stage):
     def load_answerer(self, ctx: StageContext, model: EvalModel) -> Answerer:
         try:
             lm = HFVideoLM(
-                local_model(model.path, model.identity), trust_remote_code=ctx.config.eval.trust_remote_code, revision=model.revision
+                local_model(model.path, model.identity), trust_remote_code=ctx.config.eval.trust_remote_code, revision=model.revision,
+                budget=ctx.config.eval.video_budget(),
             )
         except Exception as exc:  # every item of this model would fail alike: stop with the reason
             raise StageError(f"eval: cannot load model {model.label!r} from {model.path}: {type(exc).__name__}: {exc}") from exc
@@ -382,24 +407,33 @@ class EvalStage(Stage):
         failures: list[Failure] = []
         for (label, num_frames), group in groupby(items, key=lambda it: (it.payload["model"], it.payload["num_frames"])):
             posable, bad = posable_items(list(group))
-            ready, unreadable = frames_by_video(posable, num_frames)
+            ready, unreadable = frames_by_video(posable, ctx.config.eval.sampling_at(num_frames))
             failures += bad + unreadable
             if not ready:
                 continue
             model = models[label]
             requests = [EvalRequest(it.payload["qa_id"], VideoPrompt(video_messages(it.payload["prompt"]), frames)) for it, frames in ready]
             generations = self.answerer(ctx, model).answer(requests)
-            rows += [eval_row(model, it.payload, len(frames), gens) for (it, frames), gens in zip(ready, generations)]
+            keys = [AnswerKey.from_row(it.payload) for it, _ in ready]
+            plain = [[grade(g.text, key) for g in gens] for key, gens in zip(keys, generations)]
+            judge = ctx.config.judge
+            graded: list[list[Grade] | BaseException] = judge_all(judge, list(zip(keys, plain))) if judge.model else list(plain)
+            for (it, frames), gens, grades in zip(ready, generations, graded):
+                if isinstance(grades, BaseException):
+                    failures.append(judge_failure(self.name, it.item_id, grades))
+                else:
+                    rows.append(eval_row(model, it.payload, len(frames), gens, grades))
         return ShardResult({EVAL_ITEMS.name: EVAL_ITEMS.from_rows(rows)}, failures)
 
     def finalize(
         self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
     ) -> tuple[dict[str, pa.Table], list[Failure]]:
         cfg = ctx.config.eval
+        check_judge_reached(self.name, failures, "judge" in set(tables[EVAL_ITEMS.name]["grader"].to_pylist()))
         models, notes = self.models(ctx)
         summary = summarize(tables[EVAL_ITEMS.name].select(["model", "num_frames", "category", "correct"]).to_pylist(), [m.label for m in models])
-        write_eval_charts(ctx.workdir, summary, cfg.num_frames)
-        write_report_file(ctx.workdir, REPORT_FILE, eval_markdown(summary, cfg, notes, failures).encode())
+        write_eval_charts(ctx.workdir, summary, cfg.main_frames)
+        write_report_file(ctx.workdir, REPORT_FILE, eval_markdown(summary, cfg, notes, failures, ctx.config.judge.model).encode())
         self._answerers.clear()  # the models are not needed any more: free their memory now
         return {EVAL_ITEMS.name: tables[EVAL_ITEMS.name], EVAL_SUMMARY.name: EVAL_SUMMARY.from_rows(summary)}, failures
 

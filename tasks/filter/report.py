@@ -107,7 +107,7 @@ def filter_report(
         [
             "# Filter: difficulty and splits",
             f"Base model `{cfg.model}` ({cfg.backend}) answered each of {len(rows)} questions {cfg.runs} times "
-            f"(temperature {cfg.temperature:g}, {cfg.num_frames} frames across the whole video). Failures: {failure_kinds}.",
+            f"(temperature {cfg.temperature:g}, {cfg.video_inputs_text()} across the whole video). Failures: {failure_kinds}.",
             f"Difficulty: easy when the pass rate is at least {cfg.easy_min_pass_rate:g}, hard when at most "
             f"{cfg.hard_max_pass_rate:g}, medium in between.",
             _difficulty_section(rows),

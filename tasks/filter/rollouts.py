@@ -7,7 +7,8 @@
   so the same shard gives the same answers on every machine and after a crash.
 - `vllm`: offline `vllm.LLM` (GPU machines; imported only when selected): one request per
   question with `SamplingParams(n=runs)`, so vLLM prefills (and encodes the video) once and forks
-  the samples; seeded per question.
+  the samples; seeded per question. vLLM resizes the frames by its own settings: the video token
+  budget applies to the `hf` backend.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from models.video import SampledFrames
+from models.video import SampledFrames, engine_video
 from models.vlm import (
     Generation,
     GenerationTiming,
     HFVideoLM,
     VideoPrompt,
+    load_preprocess_config,
     resolve_model_ref,
 )
 from tasks.config import FilterConfig
@@ -52,7 +54,10 @@ class HFSampler:
     timing: GenerationTiming = field(init=False, default_factory=GenerationTiming)
 
     def __post_init__(self) -> None:
-        self.lm = HFVideoLM(self.cfg.model, device=self.device, trust_remote_code=self.cfg.trust_remote_code, revision=self.cfg.revision)
+        self.lm = HFVideoLM(
+            self.cfg.model, device=self.device, trust_remote_code=self.cfg.trust_remote_code, revision=self.cfg.revision,
+            budget=self.cfg.video_budget(),
+        )
 
     def sample(self, requests: Sequence[RolloutRequest]) -> list[list[Generation]]:
         cfg = self.cfg
@@ -81,18 +86,21 @@ class VLLMSampler:  # pragma: no cover - GPU machines only
             tokenizer_revision=cfg.revision, limit_mm_per_prompt={"video": 1}, seed=cfg.seed,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.preprocess = load_preprocess_config(resolve_model_ref(cfg.model))
 
     def sample(self, requests: Sequence[RolloutRequest]) -> list[list[Generation]]:
         from vllm import SamplingParams
 
         cfg = self.cfg
-        prompts = [
-            {
+        prompts = []
+        for r in requests:
+            # Resized under the budget here, pinned there: vLLM's processor would resize to its own limits.
+            video = engine_video(r.frames, self.preprocess, cfg.video_budget())
+            prompts.append({
                 "prompt": self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),
-                "multi_modal_data": {"video": r.frames.frames},
-            }
-            for r in requests
-        ]
+                "multi_modal_data": {"video": video.frames},
+                "mm_processor_kwargs": video.processor_kwargs,
+            })
         params = [
             SamplingParams(
                 n=cfg.runs, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,

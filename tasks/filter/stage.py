@@ -1,10 +1,11 @@
 """Filter stage: the base model answers every question `filter.runs` times; labels, splits, exports, report.
 
-Items are QA rows (item id = qa id). A shard reads each of its videos once (`filter.num_frames`
-frames across the whole source video, with the one frame-sampling function), puts every question
+Items are QA rows (item id = qa id). A shard reads each of its videos once (the frames `filter.num_frames`
+or `filter.fps` take across the whole source video, with the one frame-sampling function; sized under the
+video token budget, `filter.tokens_per_frame` / `max_video_tokens`), puts every question
 to the base model in the training prompt format (`tasks.grading.prompts`) and draws all of its answers
-in one batched generation (`tasks.filter.rollouts`), grades them (`tasks.grading.answers`; optionally an
-LLM judge for open-ended answers) and writes one row per question (`filter/`) and one per answer
+in one batched generation (`tasks.filter.rollouts`), grades them (`tasks.grading.answers`; open-ended
+misses by the `judge:` section's LLM judge when set, `tasks.grading.judge`) and writes one row per question (`filter/`) and one per answer
 (`filter/_rollouts/`).
 
 Labels and splits need the whole dataset, so `finalize` sets them (`tasks.filter.labels`; shard
@@ -15,8 +16,9 @@ the stage in seconds, reusing every answer already drawn.
 
 Failure rows (the run goes on): a question whose video is not in `clip/_videos`
 (`unknown_video`) or cannot be read (`unreadable_video`), a malformed item (`bad_item`), a judge
-that gives no usable verdict (`judge_<kind>`). The stage stops instead when the judge endpoint
-refuses us (401/403/404) or its key's variable is unset: every item would fail the same way.
+that gives no usable verdict after retries (`judge_<kind>`). An unreachable judge fails the shard (a
+rerun judges it); the stage stops when the judge endpoint refuses us (401/403/404), its key's variable
+is unset, or it refused every request: every item would fail the same way.
 """
 
 from __future__ import annotations
@@ -30,13 +32,10 @@ import pyarrow as pa
 from data_schemas import (
     FILTER,
     FILTER_ROLLOUTS,
-    OUTPUT_FAULT,
     QA,
-    REQUEST_FAULT,
     VIDEOS,
     TableSchema,
 )
-from models.openai_client import ChatRequestError
 from models.video import SampledFrames
 from models.vlm import Generation
 from tasks.config import FilterConfig
@@ -44,7 +43,6 @@ from tasks.engine.stage import (
     ShardResult,
     Stage,
     StageContext,
-    StageError,
     WorkItem,
     read_stage_table,
 )
@@ -54,7 +52,12 @@ from tasks.filter.labels import label_rows, reasoning_words
 from tasks.filter.report import REPORT_FILE, write_filter_report
 from tasks.filter.rollouts import RolloutRequest, Sampler, make_sampler
 from tasks.grading.answers import AnswerKey, Grade, grade
-from tasks.grading.judge import JudgeError, judge_all
+from tasks.grading.judge import (
+    check_judge_reached,
+    judge_all,
+    judge_failure,
+    judge_identity,
+)
 from tasks.grading.prompts import (
     posable_items,
     prompt_fingerprint,
@@ -69,7 +72,7 @@ log = logging.getLogger("lvr.filter")
 # What an answer depends on; everything else only changes labels, splits, exports or the report.
 ROLLOUT_SETTINGS = (
     "backend", "model", "revision", "trust_remote_code", "runs", "temperature", "top_p", "seed", "num_frames", "max_new_tokens",
-    "batch_size", "judge_model", "prompt_version",
+    "batch_size", "judge", "prompt_version", "fps", "max_frames", "tokens_per_frame", "max_video_tokens",
 )
 ITEM_COLUMNS = ("qa_id", "video_id", "category", "question_type", "question", "options", "answer", "target")
 PENDING = "pending"  # difficulty and split of a shard row, until finalize labels the whole dataset
@@ -91,11 +94,13 @@ class FilterStage(Stage):
     def settings(self, ctx: StageContext) -> dict[str, Any]:
         settings = super().settings(ctx)
         settings["prompt_version"] = prompt_fingerprint()
+        if ctx.config.judge.model:  # the judge's verdicts are part of the grades
+            settings["judge"] = judge_identity(ctx.config.judge)
         return settings
 
     def shard_settings(self, ctx: StageContext) -> dict[str, Any]:
         settings = self.settings(ctx)
-        return {key: settings[key] for key in ROLLOUT_SETTINGS}
+        return {key: settings[key] for key in ROLLOUT_SETTINGS if key in settings}
 
     def table_dir(self, ctx: StageContext, schema: TableSchema) -> str:
         if schema.name == FILTER_ROLLOUTS.name:
@@ -120,7 +125,7 @@ class FilterStage(Stage):
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         cfg = ctx.config.filter
         posable, failures = posable_items(items)
-        ready, unreadable = frames_by_video(posable, cfg.num_frames)
+        ready, unreadable = frames_by_video(posable, cfg.frame_sampling())
         failures += unreadable
         requests = [
             RolloutRequest(it.item_id, prompt_messages(it.payload["question"], it.payload["question_type"], it.payload["options"]), frames)
@@ -129,29 +134,18 @@ class FilterStage(Stage):
         generations = self.sampler(ctx).sample(requests) if requests else []
         keys = [AnswerKey.from_row(it.payload) for it, _ in ready]
         plain = [[grade(g.text, key) for g in gens] for key, gens in zip(keys, generations)]
-        grades: list[list[Grade] | BaseException] = judge_all(cfg, list(zip(keys, plain))) if cfg.judge_model else list(plain)
+        judge = ctx.config.judge
+        grades: list[list[Grade] | BaseException] = judge_all(judge, list(zip(keys, plain))) if judge.model else list(plain)
 
         rows: list[dict[str, Any]] = []
         rollouts: list[dict[str, Any]] = []
         for (item, frames), gens, item_grades in zip(ready, generations, grades):
             if isinstance(item_grades, BaseException):
-                failures.append(self._judge_failure(item.item_id, item_grades))
+                failures.append(judge_failure(self.name, item.item_id, item_grades))
                 continue
             rows.append(self._row(cfg, item, frames, item_grades))
             rollouts += [self._rollout(cfg, item.item_id, run, gen, g) for run, (gen, g) in enumerate(zip(gens, item_grades))]
         return ShardResult({FILTER.name: FILTER.from_rows(rows), FILTER_ROLLOUTS.name: FILTER_ROLLOUTS.from_rows(rollouts)}, failures)
-
-    @staticmethod
-    def _judge_failure(item_id: str, exc: BaseException) -> Failure:
-        if isinstance(exc, ChatRequestError):
-            if exc.fatal:
-                raise StageError(f"filter: the judge endpoint refused the request ({exc}); check judge_base_url, judge_model and the key") from exc
-            if exc.transient:  # the judge was unreachable, not wrong about this item: redo the shard
-                raise exc
-            return Failure(item_id, f"judge_{exc.kind}", f"the judge gave no answer after {exc.attempts} attempt(s): {exc}", None, REQUEST_FAULT)
-        if isinstance(exc, JudgeError):
-            return Failure(item_id, "judge_unparseable", str(exc), None, OUTPUT_FAULT)
-        raise exc
 
     @staticmethod
     def _row(cfg: FilterConfig, item: WorkItem, frames: SampledFrames, grades: list[Grade]) -> dict[str, Any]:
@@ -184,12 +178,7 @@ class FilterStage(Stage):
         self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
     ) -> tuple[dict[str, pa.Table], list[Failure]]:
         cfg = ctx.config.filter
-        refused = [f for f in failures if f.error_kind.startswith("judge_") and f.failure_class == REQUEST_FAULT]
-        if refused and "judge" not in set(tables[FILTER_ROLLOUTS.name]["grader"].to_pylist()):
-            raise StageError(
-                f"filter: every request to the judge failed ({len(refused)} items; first: {refused[0].message}); the judge is "
-                "misconfigured, so nothing is published: check filter.judge_model and judge_base_url"
-            )
+        check_judge_reached(self.name, failures, "judge" in set(tables[FILTER_ROLLOUTS.name]["grader"].to_pylist()))
         rows = label_rows(tables[FILTER.name].to_pylist(), cfg)
         rollouts = tables[FILTER_ROLLOUTS.name].sort_by([("qa_id", "ascending"), ("run", "ascending")])
         exports = ctx.stage_path(self.name, EXPORTS_DIR)

@@ -1,6 +1,14 @@
-"""The LLM judge for open-ended answers: an LLM on an OpenAI-compatible endpoint decides the answers
-that normalised matching (`tasks.grading.answers`) called wrong. Each distinct prediction of an
-item is asked once."""
+"""The LLM judge for open-ended answers: an LLM on an OpenAI-compatible endpoint (the `judge:`
+section) decides the answers that normalised matching (`tasks.grading.answers`) called wrong. Each
+distinct prediction of an item is asked once.
+
+Filter, GRPO and eval use it alike: `judge_all` grades, `judge_identity` enters their fingerprints,
+and a failure is never replaced by the exact-match verdict. In filter and eval `judge_failure` turns
+an item's failure into a failure row (a refused request: `request`; an unreadable verdict: `output`)
+or stops the shard (the endpoint unreachable after retries: a rerun judges) or the stage (the endpoint
+refuses us: every item would fail alike), and `check_judge_reached` stops a stage in which no request
+to the judge succeeded. GRPO leaves a group with an unknown verdict out of the step instead.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from models.openai_client import ChatClient, MissingAPIKey, read_api_key
-from tasks.config import FilterConfig
+from data_schemas import OUTPUT_FAULT, REQUEST_FAULT
+from models.openai_client import (
+    ChatClient,
+    ChatRequestError,
+    MissingAPIKey,
+    read_api_key,
+)
+from tasks.config import JudgeConfig
 from tasks.engine.stage import StageError
+from tasks.engine.store import Failure, stable_hash
 from tasks.grading.answers import AnswerKey, Grade, after_thinking, normalize_answer
 from tasks.grading.prompts import OPEN_ENDED
 
@@ -79,20 +94,60 @@ async def judge_grades(judge: LLMJudge, key: AnswerKey, grades: Sequence[Grade])
     return out
 
 
-def judge_all(cfg: FilterConfig, pending: Sequence[tuple[AnswerKey, list[Grade]]]) -> list[list[Grade] | BaseException]:
-    """The judge's verdicts on the open-ended misses of every item; an item's exception in its place."""
-    assert cfg.judge_model is not None
+def judge_identity(cfg: JudgeConfig) -> dict[str, Any] | None:
+    """What the judge's verdicts depend on (its model and prompt; not how it is reached), for the
+    settings of every stage it grades for; None without a judge."""
+    if cfg.model is None:
+        return None
+    return {**cfg.output_settings(), "prompt": stable_hash([JUDGE_SYSTEM, JUDGE_USER], 8)}
+
+
+def judge_api_key(cfg: JudgeConfig) -> str:
+    """The judge's API key; a StageError when its variable is named but unset (every item would fail)."""
     try:
-        api_key = read_api_key(cfg.judge_api_key_env)
+        return read_api_key(cfg.api_key_env)
     except MissingAPIKey as exc:
-        raise StageError(f"filter: judge: {exc}") from None
+        raise StageError(f"judge: {exc}") from None
+
+
+def judge_all(cfg: JudgeConfig, pending: Sequence[tuple[AnswerKey, list[Grade]]]) -> list[list[Grade] | BaseException]:
+    """The judge's verdicts on the open-ended misses of every item; an item's exception in its place
+    (each request retried `cfg.max_retries` times first)."""
+    assert cfg.model is not None
+    model, api_key = cfg.model, judge_api_key(cfg)
 
     async def run() -> list[list[Grade] | BaseException]:
         async with ChatClient(
-            base_url=cfg.judge_base_url, api_key=api_key, concurrency=cfg.judge_concurrency, timeout_s=cfg.judge_timeout_s,
-            max_retries=cfg.judge_max_retries,
+            base_url=cfg.base_url, api_key=api_key, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
         ) as client:
-            judge = LLMJudge(client, cfg.judge_model)
+            judge = LLMJudge(client, model)
             return await asyncio.gather(*(judge_grades(judge, key, grades) for key, grades in pending), return_exceptions=True)
 
     return asyncio.run(run())
+
+
+def judge_failure(stage: str, item_id: str, exc: BaseException) -> Failure:
+    """The failure row of an item the judge gave no verdict on, or the exception that stops the shard
+    (endpoint unreachable after retries, so a rerun judges it) or the stage (endpoint refuses us)."""
+    if isinstance(exc, ChatRequestError):
+        if exc.fatal:
+            raise StageError(
+                f"{stage}: the judge endpoint refused the request ({exc}); check judge.base_url, judge.model and the key"
+            ) from exc
+        if exc.transient:  # the judge was unreachable, not wrong about this item: redo the shard
+            raise exc
+        return Failure(item_id, f"judge_{exc.kind}", f"the judge gave no answer after {exc.attempts} attempt(s): {exc}", None, REQUEST_FAULT)
+    if isinstance(exc, JudgeError):
+        return Failure(item_id, "judge_unparseable", str(exc), None, OUTPUT_FAULT)
+    raise exc
+
+
+def check_judge_reached(stage: str, failures: Sequence[Failure], judged: bool) -> None:
+    """Stop a stage in which the judge refused requests and decided nothing (`judged` False): it is
+    misconfigured, and publishing would turn every open-ended item into a failure row."""
+    refused = [f for f in failures if f.error_kind.startswith("judge_") and f.failure_class == REQUEST_FAULT]
+    if refused and not judged:
+        raise StageError(
+            f"{stage}: every request to the judge failed ({len(refused)} items; first: {refused[0].message}); the judge is "
+            "misconfigured, so nothing is published: check judge.model and judge.base_url"
+        )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from data_schemas import FILTER
+from models.video import FrameSampling, VideoTokenBudget
 from models.vlm import video_messages
+from parallel.embedding_cache import VideoRequest
+from tasks.config import VideoInputs
 from tasks.engine.stage import read_stage_table
 from tasks.engine.store import Workdir, stable_hash
 from tasks.grading.answers import AnswerKey
+from tasks.media.frames import read_video_frames
 
 RL_SPLIT = "rl"
 
@@ -38,10 +43,23 @@ class RLExample:
     def answer_key(self) -> AnswerKey:
         return AnswerKey(self.question, self.question_type, self.answer, self.options)
 
-    def video_key(self, num_frames: int) -> str:
-        """Identity of the frames this question is asked about (the embedding cache's key; the
-        cache's namespace adds the vision weights and the preprocessing)."""
-        return stable_hash({"video_id": self.video_id, "uri": self.video_uri, "num_frames": num_frames})
+    def video_key(self, sampling: FrameSampling, budget: VideoTokenBudget | None = None) -> str:
+        """Identity of the video input this question is asked about (the embedding cache's key; the
+        cache's namespace adds the vision weights and the preprocessing): the video, how its frames
+        are sampled and the token budget they are sized under."""
+        return stable_hash({
+            "video_id": self.video_id, "uri": self.video_uri, "sampling": asdict(sampling),
+            "budget": asdict(budget) if budget is not None else None,
+        })
+
+
+def video_requests(examples: Sequence[RLExample], cfg: VideoInputs) -> list[VideoRequest]:
+    """The questions with their videos' frames as `cfg` samples them (each video read once), keyed by
+    the sampling and the budget the embeddings are made under (`cfg.video_budget()`, given to
+    `encode_requests` with them)."""
+    sampling, budget = cfg.frame_sampling(), cfg.video_budget()
+    frames = {uri: read_video_frames(uri, sampling) for uri in dict.fromkeys(e.video_uri for e in examples)}
+    return [VideoRequest(e.messages(), frames[e.video_uri], e.video_key(sampling, budget)) for e in examples]
 
 
 def load_rl_examples(workdir: Workdir) -> list[RLExample]:

@@ -17,14 +17,14 @@ laid out like the log-probs: full (rows, positions) tensors cut with `scored_val
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from models.qwen_sp import enable_ulysses, sp_forward
+from parallel.ulysses import ULYSSES_ATTENTION
 from models.vlm import EncodedVideoBatch
 from parallel.loss import token_logprobs
 from parallel.sequence import IGNORE_INDEX, shard, shift_labels
@@ -94,18 +94,6 @@ def pack_sequences(batch: EncodedVideoBatch, prompt_of: Sequence[int], responses
     )
 
 
-@contextmanager
-def ulysses_attention(model: nn.Module) -> Iterator[None]:
-    """The text model's attention is Ulysses inside the block and what it was outside it: the same
-    model also generates rollouts, which need the default attention and its KV cache."""
-    previous = model.config.text_config._attn_implementation
-    enable_ulysses(model)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({"text_config": previous})
-
-
 def response_logprobs(model: nn.Module, seqs: PolicyBatch, sp: SPGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token) at this rank's scored positions, in row-major order (fp32), and the
     (rows, padded length / SP) mask of those positions.
@@ -113,11 +101,12 @@ def response_logprobs(model: nn.Module, seqs: PolicyBatch, sp: SPGroup) -> tuple
     Every rank of the SP group passes the same `seqs`; the vision tower is never called: the MM-SP
     pass (`models.qwen_sp.sp_forward`) takes the rows' cached video embeddings.
     """
-    with ulysses_attention(model):
-        out = sp_forward(
-            model, sp, seqs.input_ids, seqs.attention_mask, labels=seqs.labels, mm_token_type_ids=seqs.mm_token_type_ids,
-            video_grid_thw=seqs.video_grid_thw, second_per_grid_ts=seqs.second_per_grid_ts, video_embeds=torch.cat(seqs.video_embeds),
-        )
+    if model.config.text_config._attn_implementation != ULYSSES_ATTENTION:
+        enable_ulysses(model)  # the rollout engine generates inside `generation_attention`
+    out = sp_forward(
+        model, sp, seqs.input_ids, seqs.attention_mask, labels=seqs.labels, mm_token_type_ids=seqs.mm_token_type_ids,
+        video_grid_thw=seqs.video_grid_thw, second_per_grid_ts=seqs.second_per_grid_ts, video_embeds=torch.cat(seqs.video_embeds),
+    )
     return token_logprobs(out.logits, out.targets), out.scored
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from models.qwen_sp import generation_attention
 from models.vlm import EncodedVideoBatch
 from tasks.config import GRPOConfig
 
@@ -75,7 +76,7 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), generation_attention(self.model):
                 torch.manual_seed(seed)
                 output = self.model.generate(
                     **batch.model_kwargs(), max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,

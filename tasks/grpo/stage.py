@@ -31,6 +31,7 @@ from models.vlm import resolve_model_ref
 from tasks.engine.manifest import output_identity, read_manifest
 from tasks.engine.stage import ShardResult, StageContext, StageError, WorkItem
 from tasks.engine.store import Failure, stable_hash
+from tasks.grading.judge import judge_api_key, judge_identity
 from tasks.grpo.data import RLExample, load_rl_examples
 from tasks.grpo.report import REPORT_FILE, write_grpo_report
 from tasks.grpo.trainer import GRPOJob
@@ -42,6 +43,7 @@ from tasks.training.staging import run_dir, staged_dir
 from tasks.training.validation import validation_examples
 
 SFT = "sft"
+BASE = "base"
 EMBEDDINGS_DIR = "_embeddings"
 SAMPLES_DIR = "_samples"  # GRPO_SAMPLES: rollouts kept every tracking.samples_every steps
 
@@ -55,12 +57,18 @@ class InitModel:
 
 
 def init_model(ctx: StageContext) -> InitModel:
-    """`grpo.model` resolved: the SFT stage's model when asked for and complete, else the base."""
+    """`grpo.model` resolved: the SFT stage's model (which must exist: starting from the base model
+    instead would silently train another recipe), the base model, or a checkpoint."""
     ref, revision = ctx.config.grpo.model, ctx.config.grpo.revision
     if ref == SFT:
         manifest = read_manifest(ctx.workdir, SFT)
-        if manifest is not None and ctx.workdir.exists(SFT, MODEL_DIR):
-            return InitModel(ctx.workdir.uri(SFT, MODEL_DIR), output_identity(manifest), True)
+        if manifest is None or not ctx.workdir.exists(SFT, MODEL_DIR):
+            raise StageError(
+                f"grpo.model is 'sft' but {ctx.workdir.uri(SFT, MODEL_DIR)} does not exist: run the sft stage first, or set "
+                "grpo.model=base to start GRPO from the base model (filter.model)"
+            )
+        return InitModel(ctx.workdir.uri(SFT, MODEL_DIR), output_identity(manifest), True)
+    if ref == BASE:
         ref, revision = ctx.config.filter.model, ctx.config.filter.revision
     return InitModel(ref, model_identity(ref, revision), False, revision)
 
@@ -84,8 +92,8 @@ class GRPOStage(TrainingStage):
         settings = super().settings(ctx)
         init = init_model(ctx)
         settings["init_model"] = {"path": init.path, "identity": init.identity}
-        if settings["judge"]:  # the judge's verdicts are part of the rewards
-            settings["judge_model"] = ctx.config.filter.judge_model
+        if ctx.config.judge.model:  # the judge's verdicts are part of the rewards
+            settings["judge"] = judge_identity(ctx.config.judge)
         return settings
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:
@@ -112,8 +120,9 @@ class GRPOStage(TrainingStage):
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         (item,) = items
         cfg = ctx.config.grpo
-        if cfg.judge and not ctx.config.filter.judge_model:
-            raise StageError("grpo.judge asks the filter stage's judge, but filter.judge_model is not set")
+        judge = ctx.config.judge if ctx.config.judge.model else None
+        if judge is not None:
+            judge_api_key(judge)  # an unset key variable stops the stage here, not in every worker
         examples: list[RLExample] = []
         failures: list[Failure] = []
         for example in item.payload["examples"]:
@@ -128,7 +137,7 @@ class GRPOStage(TrainingStage):
         model_path = resolve_model_ref(local_model(item.payload["model_path"], item.payload["model_identity"]))
         job = GRPOJob(
             run_key, model_path, tuple(examples), cfg, str(staged.local), str(run_dir(staged, run_key)),
-            cache_dir=self.cache_dir(ctx), judge=ctx.config.filter if cfg.judge else None, model_revision=item.payload["model_revision"],
+            cache_dir=self.cache_dir(ctx), judge=judge, model_revision=item.payload["model_revision"],
             tracking=ctx.config.tracking,
             validation=validation_examples(ctx.workdir, ctx.config.tracking.validate_examples) if ctx.config.tracking.validate_every else (),
         )

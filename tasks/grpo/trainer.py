@@ -6,9 +6,10 @@ replica takes `prompts_per_step` RL questions (`TrainSchedule`, seeded per step)
 1. reads each question's video (THE frame sampling) and encodes every distinct video once, frames
    split over the SP group, or reads it from the embedding cache (MR-SP stage 1, `embeddings`);
 2. draws G rollouts per question from those embeddings (`rollout`; the SP ranks share the samples);
-3. grades them with `tasks.grading.answers` (format, accuracy, the configured weights; optionally the
-   filter stage's LLM judge) and computes group advantages (Eq. 2); groups whose rewards are all
-   equal are dropped (DAPO) unless `drop_zero_variance` is off;
+3. grades them with `tasks.grading.answers` (format, accuracy, the configured weights; open-ended
+   misses by the `judge:` section's LLM judge when set; a group the judge failed on is left out) and
+   computes group advantages (Eq. 2); groups whose rewards are all equal are dropped (DAPO) unless
+   `drop_zero_variance` is off;
 4. prefills the old-policy (when `updates_per_step` > 1) and reference log-probs from the same
    embeddings, sequence-parallel (MR-SP stage 2, `prefill`);
 5. runs `updates_per_step` optimizer steps of the clipped, KL-penalised objective (Eq. 1) through
@@ -35,11 +36,9 @@ import torch
 import torch.distributed as dist
 
 from data_schemas import GRPO_SAMPLES
-from models.video import FrameSampling
 from models.vlm import EncodedVideoBatch, HFVideoLM
 from parallel.embedding_cache import (
     EmbeddingCache,
-    VideoRequest,
     encode_requests,
     vision_tower,
 )
@@ -47,12 +46,12 @@ from parallel.launch import run_worker
 from parallel.loss import count_sum
 from parallel.sequence import IGNORE_INDEX
 from parallel.topology import SPGroup, Topology
-from tasks.config import FilterConfig, GRPOConfig, TrackingConfig
+from tasks.config import GRPOConfig, JudgeConfig, TrackingConfig
 from tasks.engine.store import LOCAL, stable_hash, write_json_atomic
 from tasks.grading.answers import AnswerKey, Grade, grade, total_reward
 from tasks.grading.judge import judge_all
 from tasks.grpo import core_algos
-from tasks.grpo.data import RLExample
+from tasks.grpo.data import RLExample, video_requests
 from tasks.grpo.prefill import (
     PolicyBatch,
     PolicyModule,
@@ -61,7 +60,6 @@ from tasks.grpo.prefill import (
     scored_values,
 )
 from tasks.grpo.rollout import Rollout, RolloutEngine, make_rollout_engine
-from tasks.media.frames import read_video_frames
 from tasks.training.loop import StepTrainer, init_distributed, worker_main
 from tasks.training.schedule import TrainSchedule
 from tasks.training.validation import ValidationExample
@@ -81,7 +79,7 @@ class GRPOJob:
 
     `model_path`: the initial policy and the frozen reference; `out_dir`: the stage folder
     (`model/`, `_checkpoints/`); `work_dir`: this run's private folder; `cache_dir`: the embedding
-    cache (None: off); `judge`: the filter stage's settings when open-ended misses go to its judge;
+    cache (None: off); `judge`: the `judge:` section when it names a model (open-ended misses go to it);
     `tracking`: where rank 0 reports, and how often it keeps sampled rollouts; `validation`: the eval
     questions rank 0 scores the policy on when `tracking.validate_every` is set.
     """
@@ -93,7 +91,7 @@ class GRPOJob:
     out_dir: str
     work_dir: str
     cache_dir: str | None = None
-    judge: FilterConfig | None = None
+    judge: JudgeConfig | None = None
     model_revision: str | None = None  # of a hub model id in `model_path`
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: tuple[ValidationExample, ...] = ()
@@ -112,7 +110,7 @@ class GRPOJob:
             run_key=data["run_key"], model_path=data["model_path"],
             examples=tuple(RLExample.from_dict(e) for e in data["examples"]), config=GRPOConfig.model_validate(data["config"]),
             out_dir=data["out_dir"], work_dir=data["work_dir"], cache_dir=data["cache_dir"],
-            judge=FilterConfig.model_validate(data["judge"]) if data["judge"] else None, model_revision=data["model_revision"],
+            judge=JudgeConfig.model_validate(data["judge"]) if data["judge"] else None, model_revision=data["model_revision"],
             tracking=TrackingConfig.model_validate(data["tracking"]),
             validation=tuple(ValidationExample.from_dict(e) for e in data["validation"]),
         )
@@ -132,7 +130,7 @@ class Scores:
     judged: torch.Tensor
 
 
-def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollout]], cfg: GRPOConfig, judge: FilterConfig | None) -> Scores:
+def score_rollouts(keys: Sequence[AnswerKey], rollouts: Sequence[Sequence[Rollout]], cfg: GRPOConfig, judge: JudgeConfig | None) -> Scores:
     """Grade every rollout with `tasks.grading.answers`; the judge (if any) decides open-ended misses."""
     grades: list[list[Grade]] = [[grade(r.text, key) for r in group] for key, group in zip(keys, rollouts)]
     known = [True] * len(keys)
@@ -356,10 +354,11 @@ class Trainer(StepTrainer):
         return [self.job.examples[i] for i in indices]
 
     def encode(self, examples: Sequence[RLExample]) -> tuple[EncodedVideoBatch, dict[str, float]]:
-        frames = {uri: read_video_frames(uri, FrameSampling(num_frames=self.cfg.num_frames)) for uri in dict.fromkeys(e.video_uri for e in examples)}
-        requests = [VideoRequest(e.messages(), frames[e.video_uri], e.video_key(self.cfg.num_frames)) for e in examples]
+        requests = video_requests(examples, self.cfg)
         calls = self.policy.encoder_calls
-        batch, stats = encode_requests(self.policy.model, self.policy.tokenizer, self.policy.preprocess, requests, self.topo.sp, self.cache)
+        batch, stats = encode_requests(
+            self.policy.model, self.policy.tokenizer, self.policy.preprocess, requests, self.topo.sp, self.cache, budget=self.cfg.video_budget()
+        )
         return batch, {"encoder_calls": self.policy.encoder_calls - calls, "videos_encoded": stats.encoded, "cache_hits": stats.cache_hits}
 
     def sample(self, batch: EncodedVideoBatch, examples: Sequence[RLExample], step: int) -> list[list[Rollout]]:

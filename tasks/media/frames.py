@@ -17,8 +17,8 @@ def read_video_frames(uri: str, sampling: FrameSampling) -> SampledFrames:
         return read_frames(str(path), sampling)
 
 
-def frames_by_video(items: Sequence[WorkItem], num_frames: int) -> tuple[list[tuple[WorkItem, SampledFrames]], list[Failure]]:
-    """Each item (payload `video_uri`, `video_id`) with its video's frames, read once per video (items
+def frames_by_video(items: Sequence[WorkItem], sampling: FrameSampling) -> tuple[list[tuple[WorkItem, SampledFrames]], list[Failure]]:
+    """Each item (payload `video_uri`, `video_id`) with the frames `sampling` takes from its video, read once per video (items
     of one video kept together, so a batch of them shares one encoding), and failure rows for items
     whose video is unknown or unreadable."""
     failures: list[Failure] = []
@@ -31,7 +31,7 @@ def frames_by_video(items: Sequence[WorkItem], num_frames: int) -> tuple[list[tu
             failures += [Failure(it.item_id, "unknown_video", f"video {it.payload['video_id']} is not in clip/_videos") for it in group]
             continue
         try:
-            frames = read_video_frames(uri, FrameSampling(num_frames=num_frames))
+            frames = read_video_frames(uri, sampling)
         except Exception as exc:  # a missing or corrupt video fails its questions, not the shard
             if is_environment_fault(exc):
                 raise

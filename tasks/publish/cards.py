@@ -77,12 +77,15 @@ def provenance_section(stages: list[StageProvenance]) -> str:
 
 
 def difficulty_note(filter_settings: Mapping[str, Any]) -> str:
-    """How difficulty was labelled, with the thresholds of the filter stage's settings when it recorded them."""
+    """How difficulty was labelled, with the thresholds of the filter stage's settings when it recorded them,
+    and the LLM judge that graded open-ended answers if there was one."""
     text = "Difficulty comes from the pass rate of the base model's `n_runs` answers to each question"
     easy, hard = filter_settings.get("easy_min_pass_rate"), filter_settings.get("hard_max_pass_rate")
-    if easy is None or hard is None:
-        return text + "."
-    return text + f": easy at a pass rate of at least {easy}, hard at most {hard}, medium in between."
+    text += "." if easy is None or hard is None else f": easy at a pass rate of at least {easy}, hard at most {hard}, medium in between."
+    judge = (filter_settings.get("judge") or {}).get("model")
+    if judge:
+        text += f" Open-ended answers that normalised matching called wrong were decided by the LLM judge `{judge}`."
+    return text
 
 
 def _type_name(type_: pa.DataType) -> str:

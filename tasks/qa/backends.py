@@ -1,7 +1,7 @@
 """Where QA answers come from: an OpenAI-compatible reasoning LLM (cached), or the offline template.
 
 Both backends answer the same two questions, so the stage treats them alike: `generate` (write QA
-items about a video, in a category and question type) and `refine` (rewrite an item's reasoning).
+items about a window of a video, in a category and question type) and `refine` (rewrite an item's reasoning).
 Both return raw model text, which the stage parses and validates the same way.
 """
 
@@ -22,7 +22,7 @@ from tasks.config import QAConfig
 from tasks.engine.stage import StageError
 from tasks.qa import template
 from tasks.qa.cache import AnswerCache, request_key
-from tasks.qa.captions import VideoCaptions
+from tasks.qa.captions import Window
 from tasks.qa.parser import ParsedItem
 from tasks.qa.prompts import PromptSet, generation_prompt, refine_prompt
 from tasks.qa.refine import display_answer
@@ -50,8 +50,8 @@ class Backend(Protocol):
     refiner_model: str
     stats: BackendStats
 
-    async def generate(self, video: VideoCaptions, category: str, question_type: str, n_questions: int) -> Answer | None:
-        """The raw answer; None when this backend cannot form such a question for this video."""
+    async def generate(self, window: Window, category: str, question_type: str, n_questions: int) -> Answer | None:
+        """The raw answer about one window of a video; None when this backend cannot form such a question there."""
 
     async def refine(self, item: ParsedItem) -> Answer: ...
 
@@ -67,8 +67,8 @@ class TemplateBackend:
     def __init__(self) -> None:
         self.stats = BackendStats()
 
-    async def generate(self, video: VideoCaptions, category: str, question_type: str, n_questions: int) -> Answer | None:
-        drafts = template.draft_questions(video, category, question_type, n_questions)
+    async def generate(self, window: Window, category: str, question_type: str, n_questions: int) -> Answer | None:
+        drafts = template.draft_questions(window.video, category, question_type, n_questions, range(window.first, window.stop))
         if not drafts:
             return None
         return Answer(_local_result(template.render_answer(drafts), self.generator_model), template.PROMPT_VERSION)
@@ -115,8 +115,8 @@ class LLMBackend:
         self._pending: dict[str, asyncio.Future[ChatResult]] = {}
         self.stats = BackendStats()
 
-    async def generate(self, video: VideoCaptions, category: str, question_type: str, n_questions: int) -> Answer:
-        prompt = generation_prompt(self.generate_prompts, video, category, question_type, n_questions)
+    async def generate(self, window: Window, category: str, question_type: str, n_questions: int) -> Answer:
+        prompt = generation_prompt(self.generate_prompts, window, category, question_type, n_questions)
         return await self._ask(GENERATE, prompt.messages, self.generator_model, prompt.version)
 
     async def refine(self, item: ParsedItem) -> Answer:

@@ -2,7 +2,8 @@
 
 A generation prompt is assembled from `system.txt`, `user.txt`, the category's
 `category_<slug>.txt` and the question type's `format_<type>.txt`; a refinement prompt from
-`refine/<version>/{system,user}.txt`. Templates use `$name` placeholders (string.Template), so JSON
+`refine/<version>/{system,user}.txt`. A window of a long video (`tasks.qa.windows`) adds
+`window.txt` after its caption lines; a whole video's prompt does not use it. Templates use `$name` placeholders (string.Template), so JSON
 examples in them need no escaping. A prompt's version id is `<version>-<hash of the files used>`:
 editing a file without renaming its folder still yields a new id, so rows record exactly which text
 produced them, and the stage fingerprint changes.
@@ -16,7 +17,7 @@ from string import Template
 from typing import Any
 
 from tasks.engine.store import stable_hash
-from tasks.qa.captions import VideoCaptions, caption_lines, mmss
+from tasks.qa.captions import VideoCaptions, Window, caption_lines, mmss
 
 # Package data of tasks.qa: read through importlib.resources, so an installed wheel has them too.
 PROMPTS_DIR = files("tasks.qa") / "prompts"
@@ -68,12 +69,35 @@ class PromptSet:
         return stable_hash(self._texts)
 
 
-def generation_prompt(prompts: PromptSet, video: VideoCaptions, category: str, question_type: str, n_questions: int) -> Prompt:
+WINDOW_FILE = "window.txt"
+
+
+def generation_prompt(prompts: PromptSet, window: Window, category: str, question_type: str, n_questions: int) -> Prompt:
+    """The generation request for one window of a video: its caption lines, and for a part of a
+    video (not the whole) the window note naming the part's time range."""
+    span = None if window.whole else (window.start_s, window.end_s)
+    return _generation(prompts, window.video, caption_lines(window.view), span, category, question_type, n_questions)
+
+
+def prompt_frame(prompts: PromptSet, video: VideoCaptions, category: str, question_type: str, n_questions: int, windowed: bool) -> Prompt:
+    """A generation prompt of `video` without caption lines: what a window costs besides its lines.
+    A windowed frame's note gives the video's duration as both ends: no window's times are wider."""
+    span = (video.duration_s, video.duration_s) if windowed else None
+    return _generation(prompts, video, "", span, category, question_type, n_questions)
+
+
+def _generation(
+    prompts: PromptSet, video: VideoCaptions, lines: str, span: tuple[float, float] | None, category: str, question_type: str, n_questions: int
+) -> Prompt:
     names = ["system.txt", "user.txt", f"category_{category_slug(category)}.txt", f"format_{question_type}.txt"]
     system, user, guidance, fmt = (prompts.text(n) for n in names)
+    if span is not None:
+        names.append(WINDOW_FILE)
+        note = Template(prompts.text(WINDOW_FILE)).substitute(start=mmss(span[0]), end=mmss(span[1]), duration=mmss(video.duration_s))
+        lines = f"{lines}\n\n{note.strip()}"
     user_text = Template(user).substitute(
         duration=mmss(video.duration_s),
-        captions=caption_lines(video),
+        captions=lines,
         n_questions=n_questions,
         category=category,
         question_type=QUESTION_TYPE_LABELS[question_type],

@@ -2,19 +2,25 @@
 
 Items are videos. For each video and each configured category x question type, one generation
 request (`qa.questions_per_request` questions); every valid item it yields gets one refinement
-request; a refined item becomes a row with its training target. Requests of a shard run
-concurrently (asyncio, at most `qa.concurrency` in flight) and rows come out in a fixed order
-whatever order answers arrive in.
+request; a refined item becomes a row with its training target. With `qa.context_tokens` set, a
+video whose prompt would not fit the endpoint's context is split into windows of consecutive
+captions (`tasks.qa.windows`), each asked all those requests; each row records its window.
+Requests of a shard run concurrently (asyncio, at most `qa.concurrency` in flight) and rows come
+out in a fixed order whatever order answers arrive in.
 
 Failure rows (the run goes on), keyed by video id like the rows (so the engine can reuse a video's
 rows and failures together), the message naming the request (`<video>/<category>/<type>`) and the
 qa id when there is one: an answer that does not parse or an item that fails validation (kind from
 `tasks.qa.parser`, detail = the raw answer), a request that still fails after its retries
-(`request_<kind>`, `refine_request_<kind>`), a video with fewer than two captioned clips
-(`too_few_clips`), a question asked twice for a video (`duplicate_question`). The stage stops
-instead when failing on would be wrong: the endpoint refuses us (401/403/404: the key, the model or
-the URL is wrong), the key's variable is unset, or every request of a shard failed (the endpoint is
-down): publishing a dataset of failure rows would then be cached as if complete.
+(`request_<kind>`, `refine_request_<kind>`), a video (or a window of one) with fewer than two
+captioned clips (`too_few_clips`), a caption too long for a context window even alone
+(`caption_too_long`), a question asked twice for a video, in one window or two
+(`duplicate_question`). A video asked about in windows names the window in its requests
+(`<video>/window <i>/<category>/<type>`). The stage stops instead when failing on would be wrong:
+the endpoint refuses us (401/403/404: the key, the model or the URL is wrong), the key's variable
+is unset, `qa.context_tokens` leaves no room for a caption line next to the prompt and
+`qa.max_tokens`, or every request of a shard failed (the endpoint is down): publishing a dataset of
+failure rows would then be cached as if complete.
 
 Special-token markers in any generated text (`<|im_end|>` in a question, `<|video_pad|>` quoted from a
 caption) are broken into plain text before the item is refined or becomes a row
@@ -32,7 +38,14 @@ import logging
 from collections import Counter
 from typing import Any
 
-from data_schemas import CAPTIONS, FAILURES, OUTPUT_FAULT, QA, REQUEST_FAULT
+from data_schemas import (
+    CAPTIONS,
+    FAILURES,
+    INPUT_FAULT,
+    OUTPUT_FAULT,
+    QA,
+    REQUEST_FAULT,
+)
 from models.openai_client import ChatRequestError
 from tasks.config import QAConfig
 from tasks.engine.stage import (
@@ -47,10 +60,11 @@ from tasks.engine.store import FAILURES_FILE, Failure, read_table_file, stable_h
 from tasks.grading.prompts import count_neutralised, neutralise_special_tokens
 from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
 from tasks.qa.cache import CACHE_DIR, AnswerCache
-from tasks.qa.captions import VideoCaptions, videos_from_rows
+from tasks.qa.captions import VideoCaptions, Window, time_range, videos_from_rows
 from tasks.qa.parser import ParsedItem, ParseFailure, parse_generation, parse_refinement
-from tasks.qa.prompts import PromptError, PromptSet
+from tasks.qa.prompts import WINDOW_FILE, PromptError, PromptSet
 from tasks.qa.refine import build_target
+from tasks.qa.windows import CaptionTooLong, NoRoom, plan_windows
 
 log = logging.getLogger("lvr.qa")
 
@@ -62,13 +76,15 @@ def qa_id(video_id: str, category: str, question_type: str, question: str) -> st
     return stable_hash({"video_id": video_id, "category": category, "question_type": question_type, "question": question})
 
 
-def request_id(video_id: str, category: str, question_type: str) -> str:
-    return f"{video_id}/{category}/{question_type}"
+def request_id(video_id: str, category: str, question_type: str, window: Window | None = None) -> str:
+    """`<video>/<category>/<type>`; a part of a video (one of several windows) adds `/window <i>` after the video."""
+    where = video_id if window is None or window.whole else f"{video_id}/window {window.index}"
+    return f"{where}/{category}/{question_type}"
 
 
 class QAStage(Stage):
     name = "qa"
-    code_version = "2"  # 2: special tokens in generated texts neutralised
+    code_version = "3"  # 2: special tokens in generated texts neutralised; 3: context windows (window columns)
     inputs = ("caption",)
     output = QA
     item_columns = {QA.name: "video_id"}
@@ -77,10 +93,10 @@ class QAStage(Stage):
         settings = super().settings(ctx)
         cfg = ctx.config.qa
         try:  # the prompt files' text, so editing a template reruns the stage even without a new version
-            settings["prompt_files"] = {
-                GENERATE: PromptSet(GENERATE, cfg.prompt_version).fingerprint(),
-                REFINE: PromptSet(REFINE, cfg.refine_prompt_version).fingerprint(),
-            }
+            generate = PromptSet(GENERATE, cfg.prompt_version)
+            settings["prompt_files"] = {GENERATE: generate.fingerprint(), REFINE: PromptSet(REFINE, cfg.refine_prompt_version).fingerprint()}
+            if cfg.context_tokens is not None:
+                generate.text(WINDOW_FILE)  # windows need it: fail before any request, not on the first long video
         except PromptError as exc:
             raise StageError(f"qa: {exc}") from None
         return settings
@@ -119,10 +135,11 @@ class QAStage(Stage):
 async def run_videos(cfg: QAConfig, cache: AnswerCache, videos: list[VideoCaptions]) -> tuple[list[dict[str, Any]], list[Failure]]:
     """Rows and failures of a batch of videos, in a deterministic order."""
     backend = make_backend(cfg, cache)
+    prompts = PromptSet(GENERATE, cfg.prompt_version)  # what windows are measured with, whatever the backend
     try:
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(_video(cfg, backend, video)) for video in videos]
+                tasks = [group.create_task(_video(cfg, backend, prompts, video)) for video in videos]
         except ExceptionGroup as group:  # a fatal or transient endpoint error cancels the shard's other requests
             first = group.exceptions[0]
             if isinstance(first, ChatRequestError):  # transient: the endpoint, not a video, failed
@@ -154,13 +171,27 @@ async def run_videos(cfg: QAConfig, cache: AnswerCache, videos: list[VideoCaptio
     return rows, failures
 
 
-async def _video(cfg: QAConfig, backend: Backend, video: VideoCaptions) -> tuple[list[dict[str, Any]], list[Failure]]:
+async def _video(cfg: QAConfig, backend: Backend, prompts: PromptSet, video: VideoCaptions) -> tuple[list[dict[str, Any]], list[Failure]]:
     if len(video.clips) < MIN_CLIPS:
         return [], [Failure(video.video_id, "too_few_clips", f"{len(video.clips)} captioned clip(s); questions need at least {MIN_CLIPS}")]
     kinds = [(category, qtype) for category in cfg.categories for qtype in cfg.question_types]
-    results = await asyncio.gather(*(_request(cfg, backend, video, category, qtype) for category, qtype in kinds))
-    rows: list[dict[str, Any]] = []
+    try:
+        windows = plan_windows(prompts, video, kinds, cfg.questions_per_request, cfg.max_tokens, cfg.context_tokens)
+    except CaptionTooLong as exc:
+        return [], [Failure(video.video_id, "caption_too_long", f"{video.video_id}: {exc}", failure_class=INPUT_FAULT)]
+    except NoRoom as exc:
+        raise StageError(f"qa: {exc}; raise qa.context_tokens or lower qa.max_tokens") from None
     failures: list[Failure] = []
+    asked = []
+    for window in windows:
+        if len(window.clips) < MIN_CLIPS:  # only a part of a video with very long captions around it
+            span = time_range(window.start_s, window.end_s)
+            failures.append(Failure(video.video_id, "too_few_clips", f"{video.video_id}/window {window.index} ({span}): "
+                                    f"{len(window.clips)} captioned clip(s) fit this window; questions need at least {MIN_CLIPS}"))
+        else:
+            asked.append(window)
+    results = await asyncio.gather(*(_request(cfg, backend, window, category, qtype) for window in asked for category, qtype in kinds))
+    rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for request_rows, request_failures in results:
         failures += request_failures
@@ -175,12 +206,13 @@ async def _video(cfg: QAConfig, backend: Backend, video: VideoCaptions) -> tuple
 
 
 async def _request(
-    cfg: QAConfig, backend: Backend, video: VideoCaptions, category: str, qtype: str
+    cfg: QAConfig, backend: Backend, window: Window, category: str, qtype: str
 ) -> tuple[list[dict[str, Any]], list[Failure]]:
-    """One generation request, then one refinement per valid item it yields."""
-    rid = request_id(video.video_id, category, qtype)
+    """One generation request about a window of a video, then one refinement per valid item it yields."""
+    video = window.video
+    rid = request_id(video.video_id, category, qtype, window)
     try:
-        generated = await backend.generate(video, category, qtype, cfg.questions_per_request)
+        generated = await backend.generate(window, category, qtype, cfg.questions_per_request)
     except ChatRequestError as exc:
         if exc.transient:
             raise
@@ -204,7 +236,7 @@ async def _request(
         if isinstance(outcome, Failure):
             failures.append(outcome)
         else:
-            rows.append(_row(item_id, video.video_id, category, qtype, item, generated, *outcome, backend))
+            rows.append(_row(item_id, window, category, qtype, item, generated, *outcome, backend))
     return rows, failures
 
 
@@ -238,13 +270,13 @@ async def _refine(backend: Backend, item: ParsedItem, video_id: str, where: str)
 
 
 def _row(
-    item_id: str, video_id: str, category: str, qtype: str, item: ParsedItem,
+    item_id: str, window: Window, category: str, qtype: str, item: ParsedItem,
     generated: Answer, refined: Answer, refined_text: str, backend: Backend,
 ) -> dict[str, Any]:
     gen, ref = generated.result, refined.result
     return {
         "qa_id": item_id,
-        "video_id": video_id,
+        "video_id": window.video.video_id,
         "category": category,
         "question_type": qtype,
         "question": item.question,
@@ -265,4 +297,7 @@ def _row(
         "refine_reasoning_tokens": ref.reasoning_tokens,
         "generation_key": generated.key,
         "refine_key": refined.key,
+        "window_index": window.index,
+        "window_start_s": window.start_s,
+        "window_end_s": window.end_s,
     }

@@ -17,7 +17,8 @@ token soup included. The categories are framed honestly within that limit:
   moments two clips apart (options: the middle moment and other moments). Open-ended: what happens
   right after a quoted moment.
 
-A question that a video cannot support (too few clips with distinctive snippets, e.g. a one- or
+A window of a long video (`tasks.qa.windows`) is asked about its own clips, quoting snippets that are
+distinctive in the whole video. A question that a video cannot support (too few clips with distinctive snippets, e.g. a one- or
 two-clip video, or duplicate captions) is simply not drafted. The raw reasoning is written the way
 an LLM that read the captions writes it ("The caption for 00:10-00:20 describes ...") and
 `rewrite_reasoning` is the template refinement: a deterministic rewrite into steps about the video.
@@ -221,9 +222,18 @@ def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
 _DRAFTERS = {"Temporal": _temporal, "Goal and Purpose": _goal, "Spatial": _spatial, "Plot and Narrative": _plot}
 
 
-def draft_questions(video: VideoCaptions, category: str, question_type: str, n_questions: int) -> list[Draft]:
-    """Up to `n_questions` distinct drafts; fewer (or none) when the video cannot support more."""
+def draft_questions(video: VideoCaptions, category: str, question_type: str, n_questions: int, clips: range | None = None) -> list[Draft]:
+    """Up to `n_questions` distinct drafts; fewer (or none) when the video cannot support more.
+
+    `clips`: a window of consecutive clips to ask about (default: all). Quotes stay distinctive in
+    the whole video, since the questions are put to someone watching all of it, and "what the video
+    shows at the end" is asked only of a window that reaches the video's end."""
     snip = distinctive_snippets(video)
+    if clips is not None and (clips.start, clips.stop) != (0, len(video.clips)):
+        if clips.stop < len(video.clips) and (category, question_type) == ("Goal and Purpose", "open_ended"):
+            return []
+        snip = {i - clips.start: text for i, text in snip.items() if i in clips}
+        video = VideoCaptions(video.video_id, video.clips[clips.start : clips.stop])
     drafts: dict[str, Draft] = {}
     for attempt in range(4 * n_questions):
         seed = int(stable_hash([video.video_id, category, question_type, attempt]), 16)

@@ -107,13 +107,14 @@ def _difficulty(workdir: Workdir, manifest: dict[str, Any]) -> bytes | None:
     if not rows:
         return None
     # The thresholds the stage labelled with (the defaults where its manifest does not say).
-    cfg = FilterConfig(**{k: v for k, v in manifest["config"].items() if k in ("easy_min_pass_rate", "hard_max_pass_rate")})
+    defaults = {k: FilterConfig.model_fields[k].default for k in ("easy_min_pass_rate", "hard_max_pass_rate")}
+    easy, hard = ({**defaults, **manifest["config"]}[k] for k in defaults)
     runs = max(r["n_runs"] for r in rows)
     by_category: dict[str, list[int]] = {}
     for r in rows:
         by_category.setdefault(r["category"], []).append(r["n_correct"])
     return difficulty_histogram_chart(
-        by_category, runs, lambda k: difficulty(k / runs, cfg.easy_min_pass_rate, cfg.hard_max_pass_rate)
+        by_category, runs, lambda k: difficulty(k / runs, easy, hard)
     )
 
 

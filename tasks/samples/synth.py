@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_schemas import FILTER
-from tasks.config import PipelineConfig
+from tasks.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from tasks.engine.run import run_stage
 from tasks.engine.stage import ShardResult, Stage, StageContext, StageReport, WorkItem
 from tasks.engine.store import Workdir, stable_hash
@@ -180,4 +180,4 @@ def write_synth(workdir: str | Workdir, spec: SynthSpec, config: PipelineConfig 
     if not wd.is_local:
         raise ValueError(f"lvr synth writes videos with local file I/O: use a local workdir, not {wd.url}")
     wd.makedirs()
-    return run_stage(SynthStage(spec), StageContext(wd, config or PipelineConfig()))
+    return run_stage(SynthStage(spec), StageContext(wd, config or load_config(DEFAULT_CONFIG)))

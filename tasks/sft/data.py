@@ -8,11 +8,18 @@ from typing import Any
 import torch
 
 from data_schemas import FILTER
-from models.video import SampledFrames, VideoPreprocessConfig, build_video_inputs
+from models.video import (
+    SampledFrames,
+    VideoPreprocessConfig,
+    VideoTokenBudget,
+    build_video_inputs,
+)
 from models.vlm import video_messages
 from parallel.sequence import IGNORE_INDEX
+from tasks.config import VideoInputs
 from tasks.engine.stage import read_stage_table
 from tasks.engine.store import Workdir
+from tasks.media.frames import read_video_frames
 
 SFT_SPLIT = "sft"
 
@@ -44,8 +51,11 @@ def load_sft_examples(workdir: Workdir) -> list[SFTExample]:
     )
 
 
-def encode_example(tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, frames: SampledFrames) -> dict[str, torch.Tensor]:
-    """Model inputs of one example (batch of one), with `labels` scoring the assistant turn only.
+def encode_example(
+    tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, frames: SampledFrames, budget: VideoTokenBudget | None = None
+) -> dict[str, torch.Tensor]:
+    """Model inputs of one example (batch of one), with `labels` scoring the assistant turn only;
+    the video preprocessed under `budget`.
 
     The assistant turn is what the chat template appends after the generation prompt for an
     assistant message holding the target (for Qwen: the target, `<|im_end|>` and a newline), so
@@ -59,7 +69,7 @@ def encode_example(tokenizer, preprocess: VideoPreprocessConfig, example: SFTExa
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently once an assistant turn follows it")
     completion = tokenizer(full[len(prompt) :], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    inputs = build_video_inputs(tokenizer, prompt, [frames], preprocess)
+    inputs = build_video_inputs(tokenizer, prompt, [frames], preprocess, budget=budget)
     n_prompt = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], completion], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -68,6 +78,12 @@ def encode_example(tokenizer, preprocess: VideoPreprocessConfig, example: SFTExa
     labels[:, :n_prompt] = IGNORE_INDEX
     inputs["labels"] = labels
     return inputs
+
+
+def example_inputs(tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, cfg: VideoInputs) -> dict[str, torch.Tensor]:
+    """`encode_example` of the frames `cfg` samples from the example's video, under `cfg`'s token budget."""
+    frames = read_video_frames(example.video_uri, cfg.frame_sampling())
+    return encode_example(tokenizer, preprocess, example, frames, cfg.video_budget())
 
 
 def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from models.qwen_sp import SPQwen2_5_VL
-from models.video import FrameSampling
 from models.vlm import load_preprocess_config
 from parallel.launch import run_worker
 from parallel.loss import count_sum, cross_entropy_sum
@@ -26,8 +25,7 @@ from parallel.sequence import IGNORE_INDEX, shift_labels
 from parallel.topology import Topology
 from tasks.config import SFTConfig, TrackingConfig
 from tasks.engine.store import LOCAL, write_json_atomic
-from tasks.media.frames import read_video_frames
-from tasks.sft.data import SFTExample, collate, encode_example
+from tasks.sft.data import SFTExample, collate, example_inputs
 from tasks.training import checkpoints as ckpt
 from tasks.training.loop import MODEL_DIR, StepTrainer, init_distributed, worker_main
 from tasks.training.schedule import TrainSchedule
@@ -159,11 +157,7 @@ class Trainer(StepTrainer):
         pad = self.tokenizer.pad_token_id
         out = []
         for indices in self.schedule.micro_batches(step, self.topo.dp_rank):
-            encoded = []
-            for i in indices:
-                example = self.job.examples[i]
-                frames = read_video_frames(example.video_uri, FrameSampling(num_frames=self.cfg.num_frames))
-                encoded.append(encode_example(self.tokenizer, self.preprocess, example, frames))
+            encoded = [example_inputs(self.tokenizer, self.preprocess, self.job.examples[i], self.cfg) for i in indices]
             out.append(collate(encoded, pad))
         return out
 

@@ -67,8 +67,8 @@ class TrainResult:
 
 class StepTrainer:
     """One rank's training run. Subclasses set, in `__init__`: `job` (run_key, model_path,
-    examples, out_dir, work_dir, tracking, validation), `cfg` (save_every, keep_checkpoints,
-    num_frames), `topo`, `engine` (DeepSpeed), `tokenizer`, `preprocess`; and implement
+    examples, out_dir, work_dir, tracking, validation), `cfg` (save_every, keep_checkpoints, and
+    frame_sampling / video_budget: a `tasks.config.VideoInputs`), `topo`, `engine` (DeepSpeed), `tokenizer`, `preprocess`; and implement
     `total_steps`, `train_step`, `trained_model` and `describe`.
 
     Rank 0 reports to the tracker `job.tracking` names (`tasks.training.tracking`): every recorded
@@ -182,8 +182,8 @@ class StepTrainer:
             return
         if self.is_main:
             values = validate(
-                self.engine.module, self.trained_model(), self.tokenizer, self.preprocess, self.job.validation, self.cfg.num_frames,
-                self.job.tracking.validate_max_new_tokens,
+                self.engine.module, self.trained_model(), self.tokenizer, self.preprocess, self.job.validation,
+                self.cfg.frame_sampling(), self.cfg.video_budget(), self.job.tracking.validate_max_new_tokens,
             )
             self.record(step, values, VALIDATION_METRICS)
             self.log.info("step %d/%d validation: accuracy %.3f format %.3f on %d eval questions", step + 1, self.total_steps,

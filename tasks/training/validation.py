@@ -19,16 +19,20 @@ from typing import Any
 import torch
 
 from data_schemas import EVAL_SPLIT, FILTER
-from models.video import FrameSampling, VideoPreprocessConfig, build_video_inputs
+from models.video import (
+    FrameSampling,
+    VideoPreprocessConfig,
+    VideoTokenBudget,
+    build_video_inputs,
+)
+from models.qwen_sp import generation_attention
 from models.vlm import VideoPrompt, video_messages
-from parallel.ulysses import ULYSSES_ATTENTION
 from tasks.engine.stage import read_stage_table
 from tasks.engine.store import Workdir
 from tasks.grading.answers import AnswerKey, grade
 from tasks.media.frames import read_video_frames
 
 VALIDATION_METRICS = ("val_accuracy", "val_format")
-GENERATION_ATTENTION = "sdpa"  # what a checkpoint loads with; Ulysses attention has no KV cache
 
 
 @dataclass(frozen=True)
@@ -76,23 +80,23 @@ def generation_mode(module: torch.nn.Module, model: torch.nn.Module) -> Iterator
     `save_pretrained` model inside it) with the attention a saved checkpoint loads with; both
     restored afterwards."""
     was_training = module.training
-    attention = model.config.text_config._attn_implementation
-    if attention == ULYSSES_ATTENTION:
-        model.set_attn_implementation({"text_config": GENERATION_ATTENTION})
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), generation_attention(model):
             yield
     finally:
         module.train(was_training)
-        if attention == ULYSSES_ATTENTION:
-            model.set_attn_implementation({"text_config": attention})
 
 
-def answer(model: torch.nn.Module, tokenizer: Any, preprocess: VideoPreprocessConfig, prompt: VideoPrompt, max_new_tokens: int) -> str:
-    """The greedy answer to one prompt, decoded as `HFVideoLM` decodes (up to the first EOS or pad)."""
+def answer(
+    model: torch.nn.Module, tokenizer: Any, preprocess: VideoPreprocessConfig, prompt: VideoPrompt, max_new_tokens: int,
+    budget: VideoTokenBudget | None = None,
+) -> str:
+    """The greedy answer to one prompt (its video under `budget`), decoded as `HFVideoLM` decodes (up
+    to the first EOS or pad)."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in build_video_inputs(tokenizer, [prompt.messages], [prompt.frames], preprocess).items()}
+    built = build_video_inputs(tokenizer, [prompt.messages], [prompt.frames], preprocess, budget=budget)
+    inputs = {k: v.to(device) for k, v in built.items()}
     if "pixel_values_videos" in inputs:
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_return_sequences=1, pad_token_id=tokenizer.pad_token_id)
@@ -107,16 +111,18 @@ def answer(model: torch.nn.Module, tokenizer: Any, preprocess: VideoPreprocessCo
 
 def validate(
     module: torch.nn.Module, model: torch.nn.Module, tokenizer: Any, preprocess: VideoPreprocessConfig,
-    examples: Sequence[ValidationExample], num_frames: int, max_new_tokens: int,
+    examples: Sequence[ValidationExample], sampling: FrameSampling, budget: VideoTokenBudget | None, max_new_tokens: int,
 ) -> dict[str, float]:
-    """`val_accuracy` and `val_format` of `model` (inside the trained `module`) on `examples`."""
+    """`val_accuracy` and `val_format` of `model` (inside the trained `module`) on `examples`, their
+    videos sampled and sized as the stage being trained sees them (`sampling`, `budget`)."""
     frames: dict[str, Any] = {}
     correct = formatted = 0
     with generation_mode(module, model):
         for example in examples:
             if example.video_uri not in frames:
-                frames = {example.video_uri: read_video_frames(example.video_uri, FrameSampling(num_frames=num_frames))}
-            text = answer(model, tokenizer, preprocess, VideoPrompt(video_messages(example.prompt), frames[example.video_uri]), max_new_tokens)
+                frames = {example.video_uri: read_video_frames(example.video_uri, sampling)}
+            prompt = VideoPrompt(video_messages(example.prompt), frames[example.video_uri])
+            text = answer(model, tokenizer, preprocess, prompt, max_new_tokens, budget)
             verdict = grade(text, example.key())
             correct += verdict.correct
             formatted += verdict.format_ok

@@ -6,6 +6,7 @@ import os
 
 import pandas as pd
 
+from models.video import FrameSampling
 from tasks.config import load_config
 from tasks.engine.store import Workdir
 from tasks.grpo.data import RLExample
@@ -47,4 +48,4 @@ def test_new_content_under_the_old_name_size_and_mtime_is_recomputed(tmp_path):
     # The embedding cache is keyed by the content id: the new content gets its own entries.
     ask = dict(qa_id="q", video_uri=str(video), question_type="open_ended", question="?", options=None, answer="a", prompt="?")
     old, new = RLExample(video_id=before[str(video)], **ask), RLExample(video_id=after[str(video)], **ask)
-    assert old.video_key(16) != new.video_key(16)
+    assert old.video_key(FrameSampling(num_frames=16)) != new.video_key(FrameSampling(num_frames=16))

@@ -11,9 +11,10 @@ pytestmark = pytest.mark.gpu
 
 def test_hf_captioner_on_cuda(tmp_path):
     from models.captioners import CaptionSettings, ClipRequest, HFCaptioner
+    from models.video import FrameSampling
 
     clip = make_video(tmp_path / "c.mp4", 4, fps=25, gop=25)
-    settings = CaptionSettings(prompt="Describe.", num_frames=8, max_new_tokens=16, temperature=1.0, top_p=1.0, batch_size=2)
+    settings = CaptionSettings(prompt="Describe.", sampling=FrameSampling(num_frames=8), max_new_tokens=16, temperature=1.0, top_p=1.0, batch_size=2)
     captioner = HFCaptioner("tiny", settings, device="cuda")
     assert str(next(captioner.lm.model.parameters()).device).startswith("cuda")
     (result,) = captioner.caption([ClipRequest("c", str(clip))])
@@ -23,8 +24,9 @@ def test_hf_captioner_on_cuda(tmp_path):
 def test_vllm_captioner(tmp_path):
     pytest.importorskip("vllm")
     from models.captioners import CaptionSettings, ClipRequest, VLLMCaptioner
+    from models.video import FrameSampling
 
     clip = make_video(tmp_path / "c.mp4", 4, fps=25, gop=25)
-    settings = CaptionSettings(prompt="Describe.", num_frames=8, max_new_tokens=16, temperature=1.0, top_p=1.0, batch_size=2)
+    settings = CaptionSettings(prompt="Describe.", sampling=FrameSampling(num_frames=8), max_new_tokens=16, temperature=1.0, top_p=1.0, batch_size=2)
     (result,) = VLLMCaptioner("tiny", settings).caption([ClipRequest("c", str(clip))])
     assert result.error_kind is None and result.tokens_out > 0

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from data_schemas import FAILURES
-from tasks.config import PipelineConfig
+from tasks.config import load_config
 from tasks.engine.lease import (
     LOCK_FILE,
     Holder,
@@ -144,8 +144,10 @@ def test_two_runs_of_one_stage_never_overlap(tmp_path):
     seen: list[str] = []
     reports = {}
 
+    config = load_config("tiny", ["clip.shard_size=2"])  # one shard; loaded before the threads, whose start order is the test's
+
     def run(run_id: str):
-        ctx = StageContext(wd, PipelineConfig(), run_id=run_id)
+        ctx = StageContext(wd, config, run_id=run_id)
         reports[run_id] = run_stage(SlowStage(0.3, seen), ctx)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in ("a", "b")]

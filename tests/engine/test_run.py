@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_schemas import SchemaError, TableSchema
-from tasks.config import PipelineConfig
+from tasks.config import load_config
 from tasks.engine.manifest import read_manifest
 from tasks.engine.run import plan_stage, run_stage
 from tasks.engine.stage import ShardResult, Stage, StageContext, StageError, WorkItem
@@ -65,7 +65,7 @@ class SquareStage(Stage):
 
 
 def _ctx(tmp_path):
-    return StageContext(workdir=Workdir(str(tmp_path / "wd")), config=PipelineConfig())
+    return StageContext(workdir=Workdir(str(tmp_path / "wd")), config=load_config("tiny"))
 
 
 def test_run_publishes_table_failures_and_manifest(tmp_path):

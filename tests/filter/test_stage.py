@@ -288,7 +288,7 @@ def test_judge_grades_open_ended_answers(tmp_path, videos, monkeypatch):
         return Reply("<think>compare</think>yes" if "car that is blue" in info.text else "no")
 
     with OpenAITestServer(responder, api_key="sk-judge") as server:
-        overrides = {"filter.judge_model": "judge", "filter.judge_base_url": server.base_url, "filter.judge_api_key_env": JUDGE_KEY_ENV}
+        overrides = {"judge.model": "judge", "judge.base_url": server.base_url, "judge.api_key_env": JUDGE_KEY_ENV}
         ctx = make_workdir(tmp_path / "wd", videos, items, **overrides)
         report = run_stage(ScriptedFilterStage(script), ctx)
         assert report.rows == 2 and server.total_requests == 2  # one per distinct unmatched prediction of "open"
@@ -299,10 +299,32 @@ def test_judge_grades_open_ended_answers(tmp_path, videos, monkeypatch):
 
     # A judge that refuses us stops the stage (every item would fail alike); nothing is published.
     with OpenAITestServer(responder, api_key="another-key") as server:
-        ctx = make_workdir(tmp_path / "wd2", videos, items, **{**overrides, "filter.judge_base_url": server.base_url})
+        ctx = make_workdir(tmp_path / "wd2", videos, items, **{**overrides, "judge.base_url": server.base_url})
         with pytest.raises(StageError, match="judge endpoint refused"):
             run_stage(ScriptedFilterStage(script), ctx)
     assert not (tmp_path / "wd2" / "filter" / "_manifest.json").exists()
+
+
+def test_the_judge_model_keys_the_stage_but_its_endpoint_does_not(tmp_path, videos, monkeypatch):
+    monkeypatch.setenv(JUDGE_KEY_ENV, "sk-judge")
+    items = [qa_item("open", "va", "Temporal", "open_ended", "the blue car")]
+    script = {"open": [RIGHT.format("the car that is blue")] * 10}
+    first, moved = OpenAITestServer(lambda info: Reply("yes"), api_key="sk-judge"), OpenAITestServer(lambda info: Reply("no"), api_key="sk-judge")
+    with first, moved:
+        judge = {"judge.model": "judge", "judge.base_url": first.base_url, "judge.api_key_env": JUDGE_KEY_ENV}
+        assert run_stage(ScriptedFilterStage(script), make_workdir(tmp_path / "wd", videos, items, **judge)).status == "done"
+        fingerprint = json.loads((tmp_path / "wd" / "filter" / "_manifest.json").read_text())["fingerprint"]
+
+        # Another endpoint serving the same judge, more concurrency or retries: the finished stage stands.
+        same = {**judge, "judge.base_url": moved.base_url, "judge.concurrency": 2, "judge.max_retries": 1, "judge.timeout_s": 5}
+        assert run_stage(ScriptedFilterStage(script), make_workdir(tmp_path / "wd", videos, items, **same)).status == "cached"
+        assert moved.total_requests == 0
+
+        # Another judge model: every answer is judged again (its verdicts are the grades).
+        report = run_stage(ScriptedFilterStage(script), make_workdir(tmp_path / "wd", videos, items, **{**same, "judge.model": "judge-2"}))
+        assert report.status == "done" and report.manifest["fingerprint"] != fingerprint
+        assert moved.total_requests == 1 and moved.requests[0].body["model"] == "judge-2"
+    assert pd.read_parquet(tmp_path / "wd" / "filter").loc[0, "n_correct"] == 0
 
 
 def test_a_judge_outage_fails_the_shard_instead_of_recording_verdicts(tmp_path, videos, monkeypatch):
@@ -319,8 +341,8 @@ def test_a_judge_outage_fails_the_shard_instead_of_recording_verdicts(tmp_path, 
 
     with OpenAITestServer(lambda info: Reply("yes"), faults=faults, api_key="sk-judge") as server:
         overrides = {
-            "filter.judge_model": "judge", "filter.judge_base_url": server.base_url, "filter.judge_api_key_env": JUDGE_KEY_ENV,
-            "filter.judge_max_retries": 1,
+            "judge.model": "judge", "judge.base_url": server.base_url, "judge.api_key_env": JUDGE_KEY_ENV,
+            "judge.max_retries": 1,
         }
         ctx = make_workdir(tmp_path / "wd", videos, items, **overrides)
         with pytest.raises(ChatRequestError, match="503"):
@@ -338,7 +360,7 @@ def test_a_judge_that_refuses_every_request_fails_the_stage(tmp_path, videos, mo
     script = {"open": [RIGHT.format("the car that is blue")] * 10, "mc": scripted(3, "B", "A")}
     refuse = Fault(status=400, message="unknown parameter")
     with OpenAITestServer(lambda info: Reply("yes"), faults=lambda info: refuse, api_key="sk-judge") as server:
-        overrides = {"filter.judge_model": "judge", "filter.judge_base_url": server.base_url, "filter.judge_api_key_env": JUDGE_KEY_ENV}
+        overrides = {"judge.model": "judge", "judge.base_url": server.base_url, "judge.api_key_env": JUDGE_KEY_ENV}
         ctx = make_workdir(tmp_path / "wd", videos, items, **overrides)
         with pytest.raises(StageError, match=r"filter: every request to the judge failed \(1 items; first: .*400"):
             run_stage(ScriptedFilterStage(script), ctx)

@@ -31,9 +31,9 @@ class GradientsOnly:
         pass
 
 
-def _prefill(video_paths: list[str], responses: list[list[int]], sp_degree: int) -> dict:
+def _prefill(video_paths: list[str], responses: list[list[int]], sp_degree: int, checkpointing: bool = False) -> dict:
     """On one rank (or the only process): stage 1 encoding, the policy prefill, and the gradient
-    of one GRPO update (what this rank back-propagates)."""
+    of one GRPO update (what this rank back-propagates), with gradient checkpointing if asked."""
     from models.vlm import HFVideoLM
     from parallel.embedding_cache import VideoRequest, encode_requests
     from parallel.topology import init_topology
@@ -55,6 +55,9 @@ def _prefill(video_paths: list[str], responses: list[list[int]], sp_degree: int)
     cfg = GRPOConfig(group_size=2, micro_batch_size=2, beta=0.04, updates_per_step=2)
     reference = HFVideoLM("tiny", device="cpu").model
     plan = plan_update(seqs, torch.tensor([1.0, -0.5, 0.25]), 1.0, cfg, topo)
+    if checkpointing:  # as the trainer does: layers are recomputed in backward
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.model.train()
     policy_update(GradientsOnly(PolicyModule(lm.model, topo.sp)), reference, plan, cfg, topo)
     grads = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}
     return {"logp": logp, "scored": scored, "embeds": [e.clone() for e in batch.video_embeds], "patch_rows": lm.encoder_patch_rows,
@@ -111,3 +114,18 @@ def test_sp2_prefill_equals_sp1(videos):
     for rank, piece in enumerate(ranks):
         where = scored_values(index, SPGroup(object(), rank, SP), piece["scored"])
         assert torch.allclose(grid.flatten()[where], piece["logp"], atol=1e-5)
+
+
+def test_sp2_update_with_gradient_checkpointing_equals_sp1(videos):
+    """Checkpointed layers are recomputed in backward with the attention they ran with: Ulysses
+    (a forward that switched back to the checkpoint's attention when it returned made the recompute
+    attend over one slice with all heads, and backward failed on the saved tensors' shapes)."""
+    from parallel.local import run_local
+
+    responses = [[11, 12, 13, 14, 15], [21, 22, 1050], [31, 32, 33, 34, 35, 36, 37]]
+    single = _prefill(videos, responses, 1)
+    ranks = run_local(_prefill, SP, videos, responses, SP, True)
+    assert single["grads"].keys() == ranks[0]["grads"].keys()
+    worst = max(float((sum(r["grads"][n] for r in ranks) / SP - g).abs().max()) for n, g in single["grads"].items())
+    assert worst < 1e-5, worst
+

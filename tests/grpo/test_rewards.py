@@ -36,7 +36,7 @@ def test_weights_format_and_accuracy():
 
 
 def test_a_failed_judge_leaves_the_group_out_instead_of_falling_back_to_exact_match(monkeypatch):
-    from tasks.config import FilterConfig
+    from tasks.config import JudgeConfig
     from tests.support.openai_server import Fault, OpenAITestServer, Reply
 
     monkeypatch.setenv("LVR_TEST_GRPO_JUDGE_KEY", "sk-judge")
@@ -52,8 +52,7 @@ def test_a_failed_judge_leaves_the_group_out_instead_of_falling_back_to_exact_ma
         return Reply("yes" if "in the middle" in info.text else "no")
 
     with OpenAITestServer(responder, faults=faults, api_key="sk-judge") as server:
-        judge = FilterConfig(judge_model="judge", judge_base_url=server.base_url, judge_api_key_env="LVR_TEST_GRPO_JUDGE_KEY",
-                             judge_max_retries=1)
+        judge = JudgeConfig(model="judge", base_url=server.base_url, api_key_env="LVR_TEST_GRPO_JUDGE_KEY", max_retries=1)
         answered = score_rollouts([mc, open_ended], groups, GRPOConfig(), judge)
         assert answered.judged.tolist() == [True, True]
         assert answered.accuracy[1].tolist() == [1.0, 0.0]  # the judge accepted the paraphrase
@@ -61,3 +60,25 @@ def test_a_failed_judge_leaves_the_group_out_instead_of_falling_back_to_exact_ma
         down = score_rollouts([mc, open_ended], groups, GRPOConfig(), judge)
     assert down.judged.tolist() == [True, False]  # multiple choice needs no judge
     assert down.accuracy[0].tolist() == [1.0, 0.0]
+
+
+def test_the_judge_model_keys_grpo_and_reaches_the_workers_but_its_endpoint_does_not(tmp_path):
+    from tasks.config import JudgeConfig, load_config
+    from tasks.engine.stage import StageContext
+    from tasks.engine.store import Workdir
+    from tasks.grpo.stage import GRPOStage
+    from tasks.grpo.trainer import GRPOJob
+
+    def settings(**overrides):
+        return GRPOStage().settings(StageContext(Workdir(str(tmp_path / "wd")), load_config("tiny", {"grpo.model": "base", **overrides})))
+
+    assert "judge" not in settings()
+    judged = settings(**{"judge.model": "judge", "judge.base_url": "http://127.0.0.1:1/v1"})
+    assert judged["judge"]["model"] == "judge"
+    assert settings(**{"judge.model": "judge", "judge.base_url": "http://127.0.0.1:2/v1", "judge.concurrency": 2}) == judged
+    assert settings(**{"judge.model": "judge-2"}) != judged
+
+    judge = JudgeConfig(model="judge", base_url="http://127.0.0.1:1/v1", api_key_env="LVR_TEST_GRPO_JUDGE_KEY", max_retries=1)
+    job = GRPOJob("key", "tiny", (), load_config("tiny").grpo, str(tmp_path), str(tmp_path), judge=judge)
+    job.save(tmp_path / "job.json")
+    assert GRPOJob.load(tmp_path / "job.json").judge == judge  # what the workers' score_rollouts is given

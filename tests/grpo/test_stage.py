@@ -148,12 +148,17 @@ def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
 
 
 def test_initial_model_is_sft_once_complete_and_the_rl_split_is_required(tmp_path):
+    """grpo.model=sft needs a finished SFT model (never a silent start from the base model);
+    grpo.model=base is the base model; and an empty rl split stops the stage."""
     root = tmp_path / "wd"
     write_synth(str(root), SynthSpec(videos=4, eval_fraction=0.25, sft_fraction=0.75))  # no rl video
     ctx = StageContext(Workdir(str(root)), load_config("tiny"))
-    assert not init_model(ctx).from_sft and init_model(ctx).path == ctx.config.filter.model
+    with pytest.raises(StageError, match="grpo.model is 'sft' but .*sft/model does not exist.*grpo.model=base"):
+        init_model(ctx)
+    base = StageContext(Workdir(str(root)), load_config("tiny", ["grpo.model=base"]))
+    assert not init_model(base).from_sft and init_model(base).path == ctx.config.filter.model
     with pytest.raises(StageError, match="no item in the rl split"):
-        run_stage(GRPOStage(), ctx)
+        run_stage(GRPOStage(), base)
 
     sft = root / "sft"
     (sft / "model").mkdir(parents=True)

@@ -14,6 +14,7 @@ from tasks.engine.store import Workdir, url_to_fs
 from tasks.media.cache import local_copy
 from tasks.media.sources import SourceError, check_listing, list_sources, location_uri
 from tasks.pipeline import run_pipeline
+from tasks.preflight.findings import PreflightError
 from tests.support.videos import make_video
 
 EXTS = (".mp4",)
@@ -86,7 +87,7 @@ def test_an_emptied_or_shrunk_source_changes_nothing(tmp_path):
         run_pipeline(workdir, config, source=str(source), to_stage="caption")
     assert snapshot() == before
     shutil.rmtree(source)
-    with pytest.raises(StageError, match="does not exist"):
+    with pytest.raises(PreflightError, match="does not exist"):  # lvr check, before any stage
         run_pipeline(workdir, config, source=str(source), to_stage="clip")
     assert snapshot() == before
     allowed = load_config("tiny", ["caption.max_new_tokens=4", "execution.allow_shrink=true"])

@@ -260,3 +260,12 @@ def test_republishing_replaces_the_folders_and_drops_a_model_that_is_gone(workdi
     assert [m.stage for m in second.models] == ["sft"] and sorted(p.name for p in (out / "models").iterdir()) == ["sft"]
     assert not [p for p in out.iterdir() if p.name.startswith(".lvr-publish-")]
     assert set(SPLITS) >= set(second.data.files)
+
+
+def test_the_dataset_card_names_the_judge_that_graded_open_ended_answers():
+    from tasks.publish.cards import difficulty_note
+
+    thresholds = {"easy_min_pass_rate": 1.0, "hard_max_pass_rate": 0.0}
+    judged = difficulty_note({**thresholds, "judge": {"model": "deepseek-reasoner", "prompt": "0123abcd"}})
+    assert "hard at most 0.0, medium in between. Open-ended answers" in judged and "the LLM judge `deepseek-reasoner`" in judged
+    assert "judge" not in difficulty_note(thresholds)

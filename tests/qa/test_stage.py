@@ -348,7 +348,7 @@ def test_template_backend_offline_on_tiny_model_captions(tmp_path):
     # Deterministic: another workdir, same bytes of data.
     run_stage(QAStage(), make_ctx(tmp_path / "b", rows))
     pd.testing.assert_frame_equal(qa_table(tmp_path / "b"), table)
-    assert report.manifest["schema"] == {"name": "qa", "version": 2}
+    assert report.manifest["schema"] == {"name": "qa", "version": QA.version}
 
 
 def test_prompt_edits_change_the_fingerprint(tmp_path, monkeypatch):

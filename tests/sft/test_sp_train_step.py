@@ -22,7 +22,7 @@ def _sp_step(model_dir: str, batch: dict, zero_stage: int):
     from tasks.training.schedule import TrainSchedule
 
     torch.use_deterministic_algorithms(True)
-    cfg = SFTConfig(sp_degree=SP, nproc_per_node=SP, zero_stage=zero_stage, micro_batch_size=2, max_grad_norm=0.0)
+    cfg = SFTConfig(model="tiny", sp_degree=SP, nproc_per_node=SP, zero_stage=zero_stage, micro_batch_size=2, max_grad_norm=0.0)
     topo = init_topology(SP)
     engine = build_engine(model_dir, cfg, topo, TrainSchedule.plan(2, cfg, topo.dp_size))
     visual = engine.module.model.model.visual

@@ -240,7 +240,7 @@ def test_labels_score_only_the_assistant_turn(videos):
 
 
 def test_schedule_is_a_pure_function_of_the_step():
-    cfg = SFTConfig(micro_batch_size=2, grad_accum=2, epochs=3, warmup_ratio=0.25, nproc_per_node=4, sp_degree=2)
+    cfg = SFTConfig(model="tiny", micro_batch_size=2, grad_accum=2, epochs=3, warmup_ratio=0.25, nproc_per_node=4, sp_degree=2)
     schedule = TrainSchedule.plan(10, cfg, dp_size=2)
     assert schedule.total_steps == 3 * 2 and schedule.warmup_steps == 2  # ceil(10 / (2*2*2)) steps per epoch
     seen = [i for step in range(2) for dp in range(2) for mb in schedule.micro_batches(step, dp) for i in mb]
@@ -248,7 +248,7 @@ def test_schedule_is_a_pure_function_of_the_step():
     assert schedule.micro_batches(1, 1) == TrainSchedule.plan(10, cfg, dp_size=2).micro_batches(1, 1)
     factors = [schedule.lr_factor(s) for s in range(schedule.total_steps)]
     assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] < factors[3] < 1.0
-    assert TrainSchedule.plan(10, SFTConfig(max_steps=7), 1).total_steps == 7
+    assert TrainSchedule.plan(10, SFTConfig(model="tiny", max_steps=7), 1).total_steps == 7
 
 
 def test_sft_config_checks_the_topology():

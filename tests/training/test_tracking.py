@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from data_schemas import GRPO_SAMPLES
-from tasks.config import PipelineConfig, TrackingConfig, load_config
+from tasks.config import TrackingConfig, load_config
 from tasks.engine.run import run_stage
 from tasks.engine.stage import StageContext
 from tasks.engine.store import Workdir
@@ -131,7 +131,7 @@ def test_tracking_settings_never_change_a_training_fingerprint(trained):
 def test_the_job_file_carries_the_tracking_settings(tmp_path):
     tracking = TrackingConfig(backend="mlflow", tracking_uri="file:///tmp/x", project="p", samples_every=3)
     example = RLExample("q", "v", "file:///v.mp4", "open_ended", "Why?", None, "because", "Why?")
-    job = GRPOJob("key", "tiny", (example,), PipelineConfig().grpo, str(tmp_path), str(tmp_path), tracking=tracking)
+    job = GRPOJob("key", "tiny", (example,), load_config("tiny").grpo, str(tmp_path), str(tmp_path), tracking=tracking)
     job.save(tmp_path / "job.json")
     assert GRPOJob.load(tmp_path / "job.json") == job
     assert GRPOJob.load(tmp_path / "job.json").tracking == tracking

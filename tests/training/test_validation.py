@@ -11,7 +11,7 @@ import torch
 from data_schemas import EVAL_SPLIT, FILTER
 from models.video import FrameSampling
 from models.vlm import HFVideoLM, VideoPrompt, video_messages
-from tasks.config import PipelineConfig, load_config
+from tasks.config import load_config
 from tasks.engine.manifest import read_manifest
 from tasks.engine.run import run_stage
 from tasks.engine.stage import StageContext, read_stage_table
@@ -66,7 +66,7 @@ def test_the_job_file_carries_the_validation_questions(tmp_path):
     examples = validation_examples(Workdir(str(root)), 32)
     assert len(examples) == 3 and examples == tuple(sorted(examples, key=lambda e: e.qa_id))
     assert validation_examples(Workdir(str(root)), 2) == examples[:2]
-    job = TrainJob("key", "tiny", (), PipelineConfig().sft, str(tmp_path), str(tmp_path), validation=examples)
+    job = TrainJob("key", "tiny", (), load_config("tiny").sft, str(tmp_path), str(tmp_path), validation=examples)
     job.save(tmp_path / "job.json")
     assert TrainJob.load(tmp_path / "job.json") == job
 
