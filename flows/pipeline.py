@@ -36,6 +36,7 @@ from tasks.engine.settings import ExecutionConfig
 from tasks.engine.stage import StageContext, StageError, StageReport
 from tasks.engine.store import Workdir
 from tasks.pipeline import resolve_source, run_pipeline
+from tasks.preflight.checks import preflight
 from tasks.report import update_report
 from tasks.stages import STAGE_NAMES, get_stage
 
@@ -148,6 +149,8 @@ def _stage_flow(name: str):
     ) -> dict[str, Any]:
         cfg = load_config(config, overrides)
         ctx = StageContext(workdir=Workdir(workdir), config=cfg, source=resolve_source(source, cfg))
+        # Run alone from its deployment, a stage is checked as a pipeline is (its own container's keys too).
+        preflight(cfg, [name], workdir=workdir, source=ctx.source)
         report = execute_stage(name, ctx)
         return {"stage": name, "status": report.status, "rows": report.rows, "failures": report.failures}
 

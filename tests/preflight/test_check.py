@@ -135,3 +135,12 @@ def test_workdir_and_source_are_checked(tmp_path) -> None:
     report = check_config(load_config("tiny"), ["clip"], workdir=str(blocked / "wd"), source=str(tmp_path / "missing"))
     assert {f.key for f in report.errors} == {"--workdir", "--source"}
     assert not check_config(load_config("tiny"), ["clip"], workdir=str(tmp_path / "new" / "wd"), source=str(tmp_path)).errors
+
+
+def test_a_stage_flow_run_alone_is_checked_before_it_starts(tmp_path) -> None:
+    """A stage deployment run from the UI gets the same check as the pipeline (here: the flow's body)."""
+    from flows.pipeline import grpo_flow
+
+    with pytest.raises(PreflightError, match="grpo.model is 'sft'"):
+        grpo_flow.fn(workdir=str(tmp_path / "wd"), config="tiny", source=str(tmp_path))
+    assert not (tmp_path / "wd" / "grpo").exists()
