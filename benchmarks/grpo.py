@@ -6,19 +6,25 @@
 One step = every pass of a GRPO step with `updates_per_step: 2` (the setting in which all of them
 exist) on `--prompts` questions about different videos, G rollouts each: the rollouts, the
 old-policy log-probs, the reference log-probs and two policy updates (forward, backward, AdamW),
-with the trainer's own functions (`tasks.grpo`). Three ways to feed the video:
+with the trainer's own functions (`tasks.grpo`). Each question's video is an H.264 file of random
+frames, read every step as the trainer reads it (`tasks.grpo.data.video_requests`). Three ways to
+feed the video:
 
 - `pixels`: every pass takes pixels, as verl, TRL, OpenRLHF, EasyR1 and Video-R1 do: the vision
   tower encodes each video once per sequence per pass (generation expands the pixels per sample);
 - `mr-sp`: MR-SP stage 1, the tower runs once per video per step and every pass reuses it;
-- `disk`: the embeddings come from the warm on-disk cache (frozen tower): no tower call at all.
+- `disk`: the embeddings come from the warm on-disk cache (frozen tower): no tower call and, since
+  the cache is looked up before any frame is read, no video decode either (the `decodes` column).
 
 The same seed gives the same rollouts in every mode, so the text work is identical; each mode is
 timed over `--repeats` steps after a warm-up step (the minimum is reported: the machine is
 shared). The GPU sweep uses a random-weight model with Qwen2.5-VL-7B's shapes in bf16 with
 gradient checkpointing and plain SGD (no optimizer state), micro-batches of one sequence.
 
-The last line is machine-readable: `grpo_cache_speedup_64f=X` (pixels / mr-sp step time at 64 frames).
+The last lines are machine-readable, at 64 frames: `grpo_disk_speedup_64f=X` (mr-sp / disk step time:
+a cached step against an uncached one), `grpo_disk_video_speedup_64f=X` (the same for the step's video
+inputs alone: the `video s` column), `grpo_disk_decodes_64f=N` (video decodes per cached step) and,
+last, `grpo_cache_speedup_64f=X` (pixels / mr-sp step time).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import tasks.grpo.data as grpo_data  # noqa: E402
+from models.qwen_sp import generation_attention  # noqa: E402
 from models.video import SampledFrames, VideoPreprocessConfig, build_video_inputs  # noqa: E402
-from models.vlm import video_messages  # noqa: E402
 from parallel.embedding_cache import (
     EmbeddingCache,
     VideoRequest,
@@ -45,8 +52,10 @@ from parallel.embedding_cache import (
     vision_tower,
 )
 from parallel.topology import SPGroup  # noqa: E402
-from tasks.grading.prompts import user_prompt
+from tasks.config import VideoInputs  # noqa: E402
+from tasks.grading.prompts import user_prompt  # noqa: E402
 from tasks.grpo import core_algos  # noqa: E402
+from tasks.grpo.data import RLExample, video_requests  # noqa: E402
 from tasks.grpo.prefill import PolicyBatch, pack_sequences, response_logprobs  # noqa: E402
 from tasks.grpo.rollout import HFRolloutEngine, make_rollout, stop_token_ids  # noqa: E402
 
@@ -73,14 +82,49 @@ class Models:
         self.tower_calls += 1
 
 
-def random_video(frames: int, size: int, seed: int) -> SampledFrames:
-    pixels = np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
-    return SampledFrames(pixels, [float(i) for i in range(frames)], list(range(frames)), 1.0, "synthetic", 1.0, (0.0, float(frames)), frames)
+class Decodes:
+    """Counts the videos read through the trainer's data path (`tasks.grpo.data.read_video_frames`)."""
+
+    count = 0
+
+    def __init__(self) -> None:
+        self.read = grpo_data.read_video_frames
+        grpo_data.read_video_frames = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SampledFrames:
+        Decodes.count += 1
+        return self.read(*args, **kwargs)
 
 
-def requests_for(frames: int, size: int, prompts: int) -> list[VideoRequest]:
+def write_random_video(path: Path, frames: int, size: int, seed: int) -> None:
+    """`frames` frames of uniform noise at 8 fps, H.264."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"crf": "23", "preset": "ultrafast", "threads": "1"})
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def examples_for(frames: int, size: int, prompts: int, folder: Path) -> list[RLExample]:
+    """One question about each of `prompts` videos of `frames` frames."""
     question = user_prompt("Which colour is shown first?", "multiple_choice", ["red", "green", "blue", "yellow"])
-    return [VideoRequest(video_messages(question), random_video(frames, size, i), f"bench-{frames}-{size}-{i}") for i in range(prompts)]
+    examples = []
+    for i in range(prompts):
+        path = folder / f"bench-{frames}-{size}-{i}.mp4"
+        write_random_video(path, frames, size, seed=i)
+        examples.append(RLExample(f"q{i}", f"bench-{frames}-{size}-{i}", str(path), "multiple_choice", "Which colour is shown first?",
+                                  ("red", "green", "blue", "yellow"), "A", question))
+    return examples
+
+
+def frames_of(request: VideoRequest) -> SampledFrames:
+    return request.frames() if callable(request.frames) else request.frames
 
 
 def synchronize() -> None:
@@ -88,22 +132,30 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def grpo_step(m: Models, requests: list[VideoRequest], mode: str, group_size: int, max_new_tokens: int, cache: EmbeddingCache | None) -> float:
-    """One step's passes; returns its seconds."""
+def grpo_step(
+    m: Models, examples: list[RLExample], video: VideoInputs, mode: str, group_size: int, max_new_tokens: int, cache: EmbeddingCache | None
+) -> tuple[float, float]:
+    """One step's passes, from reading the videos on; returns its seconds and those of its video
+    inputs (reading, preprocessing and the tower or the cache, until the first pass can start)."""
     synchronize()
     started = time.perf_counter()
+    requests = video_requests(examples, video)
     messages = [r.messages for r in requests]
     if mode == "pixels":
+        requests = [VideoRequest(r.messages, frames_of(r), r.video_key) for r in requests]
         inputs = {k: v.to(m.policy.device) for k, v in build_video_inputs(m.tokenizer, messages, [r.frames for r in requests], m.preprocess).items()}
         torch.manual_seed(0)
-        with torch.inference_mode():
+        with torch.inference_mode(), generation_attention(m.policy):
             output = m.policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=group_size,
                                        pad_token_id=m.tokenizer.pad_token_id)
         stops = stop_token_ids(m.policy, m.tokenizer)
         new = output[:, inputs["input_ids"].shape[1] :].tolist()
         responses = [make_rollout(row, stops, m.tokenizer).token_ids for row in new]
+        encoded_s = 0.0  # the pixels go into every pass; see `tower calls`
     else:
         batch, _ = encode_requests(m.policy, m.tokenizer, m.preprocess, requests, SINGLE, cache if mode == "disk" else None)
+        synchronize()
+        encoded_s = time.perf_counter() - started
         engine = HFRolloutEngine(m.policy, m.tokenizer, max_new_tokens, temperature=1.0, top_p=1.0)
         responses = [r.token_ids for group in engine.generate(batch, messages, group_size, seed=0) for r in group]
     prompt_of = [i for i in range(len(requests)) for _ in range(group_size)]
@@ -137,26 +189,32 @@ def grpo_step(m: Models, requests: list[VideoRequest], mode: str, group_size: in
         m.optimizer.step()
         m.optimizer.zero_grad(set_to_none=True)
     synchronize()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, encoded_s
 
 
 def sweep(m: Models, frame_counts: list[int], size: int, args: argparse.Namespace, cache_root: Path) -> dict[int, dict[str, float]]:
     cache = EmbeddingCache(cache_root, m.policy, m.preprocess)
-    print(f"{'frames':>6} {'mode':>7} {'step s':>8} {'tower calls':>12}")
+    print(f"{'frames':>6} {'mode':>7} {'step s':>8} {'video s':>8} {'tower calls':>12} {'decodes':>8}")
     results: dict[int, dict[str, float]] = {}
     for frames in frame_counts:
-        requests = requests_for(frames, size, args.prompts)
-        encode_requests(m.policy, m.tokenizer, m.preprocess, requests, SINGLE, cache)  # warms the disk cache
+        video = VideoInputs(num_frames=frames)
+        (cache_root / "videos").mkdir(parents=True, exist_ok=True)
+        examples = examples_for(frames, size, args.prompts, cache_root / "videos")
+        encode_requests(m.policy, m.tokenizer, m.preprocess, video_requests(examples, video), SINGLE, cache)  # warms the disk cache
         results[frames] = {}
         for mode in MODES:
-            grpo_step(m, requests, mode, args.group_size, args.max_new_tokens, cache)  # warm-up
-            times, calls = [], m.tower_calls
+            grpo_step(m, examples, video, mode, args.group_size, args.max_new_tokens, cache)  # warm-up
+            times, calls, decodes = [], m.tower_calls, Decodes.count
             for _ in range(args.repeats):
-                times.append(grpo_step(m, requests, mode, args.group_size, args.max_new_tokens, cache))
-            results[frames][mode] = min(times)
-            print(f"{frames:>6} {mode:>7} {min(times):>8.2f} {(m.tower_calls - calls) / args.repeats:>12.0f}", flush=True)
-        print(f"{frames:>6} speedup: mr-sp {results[frames]['pixels'] / results[frames]['mr-sp']:.2f}x, "
-              f"disk {results[frames]['pixels'] / results[frames]['disk']:.2f}x over pixels")
+                times.append(grpo_step(m, examples, video, mode, args.group_size, args.max_new_tokens, cache))
+            r = results[frames]
+            r[mode], r[f"{mode}_video"] = min(t for t, _ in times), min(v for _, v in times)
+            r[f"{mode}_decodes"] = (Decodes.count - decodes) / args.repeats
+            print(f"{frames:>6} {mode:>7} {r[mode]:>8.2f} {r[f'{mode}_video']:>8.3f} {(m.tower_calls - calls) / args.repeats:>12.0f} "
+                  f"{r[f'{mode}_decodes']:>8.0f}", flush=True)
+        r = results[frames]
+        print(f"{frames:>6} speedup: mr-sp {r['pixels'] / r['mr-sp']:.2f}x, disk {r['pixels'] / r['disk']:.2f}x over pixels; "
+              f"cached vs uncached (disk vs mr-sp): step {r['mr-sp'] / r['disk']:.2f}x, video inputs {r['mr-sp_video'] / r['disk_video']:.2f}x")
     return results
 
 
@@ -204,6 +262,7 @@ def main() -> None:
     parser.add_argument("--gpu-frames", default="64,128,256,512")
     args = parser.parse_args()
     frame_counts = [int(f) for f in args.frames.split(",")]
+    Decodes()
 
     with tempfile.TemporaryDirectory(prefix="lvr-bench-grpo-") as tmp:
         print(f"CPU, tiny Qwen2.5-VL: {args.prompts} prompts x G={args.group_size}, {args.max_new_tokens} new tokens, "
@@ -217,6 +276,9 @@ def main() -> None:
             last = max(gpu)
             print(f"grpo_cache_speedup_gpu_{last}f={gpu[last]['pixels'] / gpu[last]['mr-sp']:.2f}")
     key = 64 if 64 in results else max(results)
+    print(f"grpo_disk_speedup_{key}f={results[key]['mr-sp'] / results[key]['disk']:.2f}")
+    print(f"grpo_disk_video_speedup_{key}f={results[key]['mr-sp_video'] / results[key]['disk_video']:.2f}")
+    print(f"grpo_disk_decodes_{key}f={results[key]['disk_decodes']:.0f}")
     print(f"grpo_cache_speedup_{key}f={results[key]['pixels'] / results[key]['mr-sp']:.2f}")
 
 

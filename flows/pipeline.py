@@ -7,6 +7,7 @@ All logic lives in `tasks/`; these functions only translate parameters and hand 
 from __future__ import annotations
 
 import enum
+import statistics
 import time
 from collections import deque
 from datetime import datetime
@@ -29,7 +30,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from tasks.config import StageName, load_config
 from tasks.engine.manifest import read_manifest
-from tasks.engine.progress import FanOut, TerminalProgress, engine_progress
+from tasks.engine.progress import FanOut, TerminalProgress, Throttled, engine_progress
 from tasks.engine.run import ShardOutcome, ShardWork, run_stage
 from tasks.engine.runs import StageRunner, check_stage_manifest
 from tasks.engine.settings import ExecutionConfig
@@ -41,9 +42,23 @@ from tasks.report import update_report
 from tasks.stages import STAGE_NAMES, get_stage
 
 
-@task(name="shard", task_run_name="{stage}-shard-{index}", cache_policy=NO_CACHE, persist_result=False)
-def shard_task(stage: str, index: int, work: Any) -> ShardOutcome:
-    return work(index)
+@task(name="shard", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
+def shard_task(label: str, indices: list[int], work: Any) -> list[ShardOutcome]:
+    """Some shards of a stage, one after the other; each is written and reused on its own, so a
+    retry of the task redoes only those not yet complete."""
+    return [work(i) for i in indices]
+
+
+def _task_label(stage: str, indices: list[int]) -> str:
+    return f"{stage}-shard-{indices[0]}" if len(indices) == 1 else f"{stage}-shards-{indices[0]}-{indices[-1]}"
+
+
+def shards_per_task(shard_s: float | None, target_s: float | None, pending: int, workers: int) -> int:
+    """How many shards the next task takes: one while a shard's time is unknown (or with no target),
+    then about `target_s` of work, but never so many that a worker would be left without shards."""
+    if not target_s or shard_s is None or pending <= 0:
+        return 1
+    return max(1, min(int(target_s / max(shard_s, 1e-3)), -(-pending // workers)))
 
 
 def shard_task_runner(execution: ExecutionConfig) -> TaskRunner:
@@ -60,7 +75,9 @@ def shard_task_runner(execution: ExecutionConfig) -> TaskRunner:
 
 
 def _prefect_mapper(stage: str, execution: ExecutionConfig):
-    """Shards as Prefect tasks with retries and an optional time limit, at most `shard_workers` in flight."""
+    """Shards as Prefect tasks with retries and an optional time limit, at most `shard_workers` in flight.
+    The engine hands over only the shards still to do: a reused shard is never a task run. Quick
+    shards share a task (`execution.task_target_s` of work each), so a task's fixed cost stays small."""
     shard = shard_task.with_options(
         retries=execution.shard_retries, retry_delay_seconds=execution.shard_retry_delay_s, timeout_seconds=execution.shard_timeout_s
     )
@@ -69,15 +86,24 @@ def _prefect_mapper(stage: str, execution: ExecutionConfig):
     def map_shards(work: ShardWork, indices: list[int]) -> list[ShardOutcome]:
         pending = deque(indices)
         running: deque = deque()
-        outcomes = []
+        outcomes: list[ShardOutcome] = []
+        computed: list[float] = []  # work time of the shards computed so far
         with shard_task_runner(execution) as runner:
             while pending or running:
                 while pending and len(running) < execution.shard_workers:
-                    running.append(runner.submit(shard, {"stage": stage, "index": pending.popleft(), "work": work}))
-                outcome = running.popleft().result()
-                if not in_process:
-                    work.record(outcome)  # the remote copy cannot report progress here
-                outcomes.append(outcome)
+                    shard_s = statistics.median(computed) if computed else None  # the first may include a model load
+                    n = shards_per_task(shard_s, execution.task_target_s, len(pending), execution.shard_workers)
+                    batch = [pending.popleft() for _ in range(n)]
+                    task_ = shard if execution.shard_timeout_s is None or n == 1 else shard.with_options(
+                        timeout_seconds=execution.shard_timeout_s * n
+                    )
+                    running.append(runner.submit(task_, {"label": _task_label(stage, batch), "indices": batch, "work": work}))
+                for outcome in running.popleft().result():
+                    if not in_process:
+                        work.record(outcome)  # the remote copy cannot report progress here
+                    if not outcome.reused:
+                        computed.append(outcome.work_s)
+                    outcomes.append(outcome)
         return outcomes
 
     return map_shards
@@ -125,7 +151,8 @@ def execute_stage(name: str, ctx: StageContext) -> StageReport:
     stage = get_stage(name)
     execution = ctx.config.execution
     logger = get_run_logger()
-    ctx.progress = engine_progress(FanOut([TerminalProgress(), PrefectProgress()]), name)
+    # Each artifact update is a request to the Prefect API: at most one a second per stage, plus the last.
+    ctx.progress = engine_progress(FanOut([TerminalProgress(), Throttled(PrefectProgress())]), name)
     report = run_stage(stage, ctx, map_shards=_prefect_mapper(name, execution))
     logger.info("%s: %s, %d rows, %d failures", name, report.status, report.rows, report.failures)
     markdown = _summary_markdown(report)

@@ -9,6 +9,9 @@ Every backend receives frames sampled by the one sampling function (`models.vide
 and returns one `CaptionResult` per clip, with an error instead of a caption when that clip failed.
 The video token budget (`CaptionSettings.budget`) applies where lvr preprocesses the frames (`hf`);
 `openai` and `vllm` servers resize frames by their own settings.
+
+`hf` reads and resizes frames in `prefetch_workers` worker processes, `prefetch_depth` clips ahead of
+the model (`models.prefetch`), so the model does not wait on the CPU; 0 workers reads them in line.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import base64
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from models.openai_client import ChatClient, ChatRequestError, read_api_key
+from models.prefetch import FrameJob, Prefetcher, read_resized_frames
 from models.video import (
     FrameSampling,
     SampledFrames,
@@ -67,7 +73,7 @@ class CaptionResult:
 class CaptionTiming:
     """Where a captioner's time went: decoding frames, preprocessing, the model."""
 
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # with prefetching: the time spent waiting for frames, not hidden behind the model
     generation: GenerationTiming = field(default_factory=GenerationTiming)
 
 
@@ -81,6 +87,8 @@ class CaptionSettings:
     batch_size: int
     seed: int = 0
     budget: VideoTokenBudget | None = None
+    prefetch_workers: int = 0  # hf: processes reading frames ahead of the model; 0 reads them in line
+    prefetch_depth: int = 8  # clips read ahead (at least one batch)
 
 
 def prompt_hash(prompt: str) -> str:
@@ -115,18 +123,58 @@ class HFCaptioner:
     ):
         self.model = model
         self.settings = settings
-        self.lm = HFVideoLM(model, device=device, trust_remote_code=trust_remote_code, revision=revision, budget=settings.budget)
+        self.prefetcher = (
+            Prefetcher(settings.prefetch_workers, max(settings.prefetch_depth, settings.batch_size)) if settings.prefetch_workers else None
+        )
+        if self.prefetcher is not None:
+            self.prefetcher.start()  # while the model loads
+        try:
+            self.lm = HFVideoLM(model, device=device, trust_remote_code=trust_remote_code, revision=revision, budget=settings.budget)
+        except BaseException:
+            self.close()
+            raise
         self.timing = CaptionTiming()
 
+    def _frames(self, clips: Sequence[ClipRequest]) -> Iterator[Callable[[], SampledFrames]]:
+        """Per clip, in order, a call that returns its frames or raises why they could not be read."""
+        s = self.settings
+        if self.prefetcher is None:
+            for clip in clips:
+                yield lambda clip=clip: _sample(clip, s.sampling, self.timing)
+            return
+        jobs = (FrameJob(c.path, s.sampling, self.lm.preprocess, s.budget) for c in clips)
+        for future in self.prefetcher.map(read_resized_frames, jobs):
+            yield lambda future=future: self._wait(future)
+
+    def _wait(self, future: Future) -> SampledFrames:
+        started = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self.timing.decode_s += time.perf_counter() - started
+
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]:
+        try:
+            return self._caption(clips)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): a fault of the machine, not of a clip. The next
+            # call starts a fresh pool.
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+            raise
+
+    def _caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]:
         results: list[CaptionResult] = []
         s = self.settings
+        frames_of = self._frames(clips)
         for start in range(0, len(clips), s.batch_size):
             batch = list(clips[start : start + s.batch_size])
             prompts, readable = [], []
-            for clip in batch:
+            for clip, read in zip(batch, frames_of):
                 try:
-                    frames = _sample(clip, s.sampling, self.timing)
+                    frames = read()
+                except BrokenProcessPool:
+                    raise
                 except Exception as exc:  # an unreadable clip fails alone, not its batch
                     results.append(CaptionResult(clip.clip_id, "", 0, 0, 0, 0.0, error_kind=UNREADABLE_CLIP, error=str(exc)))
                     continue
@@ -144,6 +192,11 @@ class HFCaptioner:
                 results.append(CaptionResult(clip.clip_id, gen.text, n_frames, gen.tokens_in, gen.tokens_out, latency, gen.distinct_tokens))
         order = {c.clip_id: i for i, c in enumerate(clips)}
         return sorted(results, key=lambda r: order[r.clip_id])
+
+    def close(self) -> None:
+        """Stop the frame workers (they also stop with the process)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
 
 def frames_to_jpeg_data_urls(frames: SampledFrames, quality: int = 90) -> list[str]:

@@ -733,6 +733,82 @@ def _is_conversation(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) for m in x)
 
 
+def _prompt_token_ids(tokenizer, messages_or_prompt, n_videos: int, add_generation_prompt: bool) -> list[list[int]]:
+    """Each sample rendered (chat template) and tokenized; ``ValueError`` unless they hold ``n_videos`` placeholders in all."""
+    if isinstance(messages_or_prompt, str) or _is_conversation(messages_or_prompt):
+        samples = [messages_or_prompt]
+    else:
+        samples = list(messages_or_prompt)
+    if not samples:
+        raise ValueError("no prompts")
+
+    texts = []
+    for s in samples:
+        if isinstance(s, str):
+            texts.append(s)
+        elif _is_conversation(s):
+            texts.append(tokenizer.apply_chat_template(s, tokenize=False, add_generation_prompt=add_generation_prompt))
+        else:
+            raise TypeError(f"a sample must be a prompt string or a list of message dicts, got {type(s).__name__}")
+
+    video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n_placeholders = sum(ids.count(video_id) for ids in encoded)
+    if n_placeholders != n_videos:
+        raise ValueError(f"the prompts hold {n_placeholders} {VIDEO_TOKEN} placeholders but {n_videos} videos were given")
+    if image_id is not None and any(image_id in ids for ids in encoded):
+        raise ValueError(f"{IMAGE_TOKEN} found: build_video_inputs handles videos only")
+    return encoded
+
+
+def _text_inputs(tokenizer, encoded: list[list[int]], counts: Sequence[int], padding_side: str) -> dict:
+    """``input_ids``, ``attention_mask``, ``mm_token_type_ids`` of tokenized samples, the i-th ``<|video_pad|>`` expanded to ``counts[i]`` copies."""
+    import torch
+
+    video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    rows: list[list[int]] = []
+    vi = 0
+    for ids in encoded:
+        row: list[int] = []
+        for tok in ids:
+            if tok == video_id:
+                row.extend([video_id] * counts[vi])
+                vi += 1
+            else:
+                row.append(tok)
+        rows.append(row)
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
+        input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
+        attention_mask[b, sl] = 1
+    mm_token_type_ids = torch.where(
+        (input_ids == video_id) & attention_mask.bool(), torch.tensor(VIDEO_TOKEN_TYPE), torch.tensor(0)
+    ).to(torch.long)
+
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+
+
+def video_text_inputs(
+    tokenizer, messages_or_prompt, video_tokens: Sequence[int], *, add_generation_prompt: bool = True, padding_side: str = "left"
+) -> dict:
+    """The text side of :func:`build_video_inputs` for videos whose token counts are known (embeddings
+    read from a cache): ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, the i-th ``<|video_pad|>``
+    expanded to ``video_tokens[i]`` copies, equal to what :func:`build_video_inputs` gives for videos of
+    those token counts. No frame is needed."""
+    encoded = _prompt_token_ids(tokenizer, messages_or_prompt, len(video_tokens), add_generation_prompt)
+    return _text_inputs(tokenizer, encoded, [int(n) for n in video_tokens], padding_side)
+
+
 def build_video_inputs(
     tokenizer,
     messages_or_prompt,
@@ -772,31 +848,8 @@ def build_video_inputs(
     import torch
 
     cfg = cfg or VideoPreprocessConfig()
-    if isinstance(messages_or_prompt, str) or _is_conversation(messages_or_prompt):
-        samples = [messages_or_prompt]
-    else:
-        samples = list(messages_or_prompt)
-    if not samples:
-        raise ValueError("no prompts")
     videos = list(videos)
-
-    texts = []
-    for s in samples:
-        if isinstance(s, str):
-            texts.append(s)
-        elif _is_conversation(s):
-            texts.append(tokenizer.apply_chat_template(s, tokenize=False, add_generation_prompt=add_generation_prompt))
-        else:
-            raise TypeError(f"a sample must be a prompt string or a list of message dicts, got {type(s).__name__}")
-
-    video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    n_placeholders = sum(ids.count(video_id) for ids in encoded)
-    if n_placeholders != len(videos):
-        raise ValueError(f"the prompts hold {n_placeholders} {VIDEO_TOKEN} placeholders but {len(videos)} videos were given")
-    if image_id is not None and any(image_id in ids for ids in encoded):
-        raise ValueError(f"{IMAGE_TOKEN} found: build_video_inputs handles videos only")
+    encoded = _prompt_token_ids(tokenizer, messages_or_prompt, len(videos), add_generation_prompt)
 
     if fps_per_video is None:
         fps_list = []
@@ -816,35 +869,7 @@ def build_video_inputs(
     processed = [preprocess_video(v, cfg, budget) for v in videos]
     counts = [num_video_tokens(pv["video_grid_thw"], cfg.merge_size) for pv in processed]
 
-    rows: list[list[int]] = []
-    vi = 0
-    for ids in encoded:
-        row: list[int] = []
-        for tok in ids:
-            if tok == video_id:
-                row.extend([video_id] * counts[vi])
-                vi += 1
-            else:
-                row.append(tok)
-        rows.append(row)
-
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has no pad token")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, r in enumerate(rows):
-        sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
-        input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
-        attention_mask[b, sl] = 1
-    mm_token_type_ids = torch.where(
-        (input_ids == video_id) & attention_mask.bool(), torch.tensor(VIDEO_TOKEN_TYPE), torch.tensor(0)
-    ).to(torch.long)
-
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+    out = _text_inputs(tokenizer, encoded, counts, padding_side)
     if processed:
         out["pixel_values_videos"] = torch.cat([pv["pixel_values_videos"] for pv in processed], dim=0)
         out["video_grid_thw"] = torch.cat([pv["video_grid_thw"] for pv in processed], dim=0)
@@ -875,5 +900,6 @@ __all__ = [
     "sample_frame_indices",
     "smart_resize",
     "video_grid_thw_for",
+    "video_text_inputs",
     "worst_case_frames",
 ]

@@ -162,7 +162,10 @@ class VideoInputs(Section):
 
 class CaptionConfig(VideoInputs):
     # How work is scheduled or authenticated, never what a caption says.
-    runtime_keys = ("shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env", "allow_unpinned_remote_code")
+    runtime_keys = (
+        "shard_size", "concurrency", "timeout_s", "max_retries", "api_key_env", "allow_unpinned_remote_code",
+        "prefetch_workers", "prefetch_depth",
+    )
 
     backend: Literal["hf", "openai", "vllm"] = "hf"
     model: str = Field(description="Required: a local checkpoint folder, a model id, or 'tiny' (the random-weight CPU model of the tiny profile).")
@@ -183,6 +186,10 @@ class CaptionConfig(VideoInputs):
     max_retries: int = Field(5, ge=0)
     send_video_url: bool = Field(False, description="openai backend: send the clip as one video_url instead of frames as images.")
     shard_size: int = Field(64, ge=1, description="Clips per shard.")
+    prefetch_workers: int = Field(
+        1, ge=0, description="hf backend: processes reading and resizing frames ahead of the model (0: read them in line, between batches)."
+    )
+    prefetch_depth: int = Field(8, ge=1, description="hf backend: clips read ahead of the model (at least one batch).")
 
     @model_validator(mode="after")
     def _remote_code_pinned(self) -> "CaptionConfig":

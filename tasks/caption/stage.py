@@ -43,6 +43,7 @@ def make_captioner(cfg: CaptionConfig) -> Captioner:
     settings = CaptionSettings(
         prompt=cfg.prompt, sampling=cfg.frame_sampling(), max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, budget=cfg.video_budget(),
+        prefetch_workers=cfg.prefetch_workers, prefetch_depth=cfg.prefetch_depth,
     )
     if cfg.backend == "hf":
         return HFCaptioner(cfg.model, settings, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)

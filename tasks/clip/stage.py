@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import traceback
@@ -21,7 +22,7 @@ from tasks.engine.stage import (
     WorkItem,
     is_environment_fault,
 )
-from tasks.engine.store import Failure, stable_hash
+from tasks.engine.store import Failure, stable_hash, sync_filesystem
 from tasks.media.cache import local_copy
 from tasks.media.ffmpeg import (
     ClipFile,
@@ -86,9 +87,10 @@ class ClipStage(Stage):
         video_rows: list[dict[str, Any]] = []
         clip_rows: list[dict[str, Any]] = []
         failures: list[Failure] = []
+        written: set[str] = set()  # local clip folders to flush before the shard is vouched for
         for item in items:
             try:
-                video, clips = self._clip_one(ctx, item.item_id)
+                video, clips = self._clip_one(ctx, item.item_id, written)
             except MediaError as exc:
                 log.warning("clip: %s: %s (%s)", item.item_id, exc.kind, exc.message)
                 failures.append(Failure(item.item_id, exc.kind, exc.message))
@@ -104,9 +106,10 @@ class ClipStage(Stage):
                 continue
             video_rows.append(video)
             clip_rows.extend(clips)
+        _flush(written)
         return ShardResult({VIDEOS.name: VIDEOS.from_rows(video_rows), CLIPS.name: CLIPS.from_rows(clip_rows)}, failures)
 
-    def _clip_one(self, ctx: StageContext, uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _clip_one(self, ctx: StageContext, uri: str, written: set[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         cfg = ctx.config.clip
         with local_copy(uri) as local:
             probe = probe_video(local, tool_timeout_s=cfg.tool_timeout_s)
@@ -115,14 +118,16 @@ class ClipStage(Stage):
             media = f"{self.media_dir(ctx)}/{video_id}"
             workdir = ctx.workdir
             if workdir.is_local:
+                written.add(media)
                 files = cut_video(local, media, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe,
-                                  tool_timeout_s=cfg.tool_timeout_s)
+                                  tool_timeout_s=cfg.tool_timeout_s, durable=False)
                 uris = [f.path for f in files]
             else:
                 scratch = Path(tempfile.mkdtemp(prefix="lvr-clip-"))
                 try:
+                    # Scratch is uploaded and deleted: nothing to flush.
                     files = cut_video(local, scratch, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe,
-                                  tool_timeout_s=cfg.tool_timeout_s)
+                                  tool_timeout_s=cfg.tool_timeout_s, durable=False)
                     uris = []
                     for f in files:
                         target = f"{media}/{Path(f.path).name}"
@@ -151,6 +156,20 @@ class ClipStage(Stage):
             return tables, failures
         clips = [r for r in tables[CLIPS.name].to_pylist() if r["source_uri"] not in duplicates]
         return {VIDEOS.name: VIDEOS.from_rows(keep_videos), CLIPS.name: CLIPS.from_rows(clips)}, failures
+
+
+def _flush(folders: set[str]) -> None:
+    """Make a shard's clips and their renames durable: one filesystem sync per device instead of
+    an fsync per clip and folder. It runs before process_shard returns, so before the engine writes
+    the tables and the marker that vouch for the clips."""
+    devices: dict[int, str] = {}
+    for folder in sorted(folders):
+        try:
+            devices.setdefault(os.stat(folder).st_dev, folder)
+        except FileNotFoundError:  # the video failed before its folder was made
+            continue
+    for folder in devices.values():
+        sync_filesystem(folder)
 
 
 def _video_row(uri: str, video_id: str, probe: VideoProbe, mode: str, deviation: float, n_clips: int) -> dict[str, Any]:

@@ -3,13 +3,15 @@
 `ProgressReporter` is what a front end implements (the terminal one is here; Prefect's progress
 artifact lives in `flows/`). The engine reports through `StageContext.progress(done, total)`;
 `engine_progress(reporter, stage)` turns those calls into `start` / `advance` / `finish`, so a
-stage never talks to a reporter itself.
+stage never talks to a reporter itself. `Throttled` bounds how often a costly front end (one HTTP
+call per update) hears of advances.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
@@ -88,6 +90,37 @@ class FanOut:
     def finish(self) -> None:
         for r in self.reporters:
             r.finish()
+
+
+class Throttled:
+    """A reporter that passes `start` and `finish` on at once and advances at most once per
+    `interval_s`, summed: a stage of 600 quick shards makes a handful of updates, not 600. What is
+    still held back when the stage finishes is covered by `finish` (everything done)."""
+
+    def __init__(self, reporter: ProgressReporter, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.reporter, self.interval_s, self.clock = reporter, interval_s, clock
+        self._held = 0
+        self._last = float("-inf")
+        self._lock = threading.Lock()
+
+    def start(self, stage: str, total: int, unit: str = "shards") -> None:
+        with self._lock:
+            self._held, self._last = 0, self.clock()
+        self.reporter.start(stage, total, unit)
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self._held += n
+            now = self.clock()
+            if now - self._last < self.interval_s:
+                return
+            n, self._held, self._last = self._held, 0, now
+        self.reporter.advance(n)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._held = 0
+        self.reporter.finish()
 
 
 def engine_progress(reporter: ProgressReporter, stage: str, unit: str = "shards") -> Callable[[int, int], None]:

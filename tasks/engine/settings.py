@@ -34,6 +34,11 @@ class ExecutionConfig(Section):
         "Ray node); empty starts a local Ray.",
     )
     shard_workers: int = Field(1, ge=1, description="Shards of one stage processed concurrently.")
+    task_target_s: float | None = Field(
+        5.0, gt=0,
+        description="Work per Prefect task: once a shard's time is known, each task runs as many shards as take about this "
+        "long (each still written and reused on its own), so quick shards do not pay a task run each; none: one task per shard.",
+    )
     shard_retries: int = Field(2, ge=0, description="Prefect retries per shard task.")
     shard_retry_delay_s: float = Field(5.0, ge=0)
     retry_failures: bool = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,12 +55,13 @@ class RLExample:
 
 
 def video_requests(examples: Sequence[RLExample], cfg: VideoInputs) -> list[VideoRequest]:
-    """The questions with their videos' frames as `cfg` samples them (each video read once), keyed by
-    the sampling and the budget the embeddings are made under (`cfg.video_budget()`, given to
-    `encode_requests` with them)."""
+    """The questions with readers of their videos' frames as `cfg` samples them, keyed by the sampling
+    and the budget the embeddings are made under (`cfg.video_budget()`, given to `encode_requests`
+    with them). Nothing is read here: `encode_requests` reads a video (once) only on a cache miss."""
     sampling, budget = cfg.frame_sampling(), cfg.video_budget()
-    frames = {uri: read_video_frames(uri, sampling) for uri in dict.fromkeys(e.video_uri for e in examples)}
-    return [VideoRequest(e.messages(), frames[e.video_uri], e.video_key(sampling, budget)) for e in examples]
+    uris = dict.fromkeys(e.video_uri for e in examples)
+    readers = {uri: functools.cache(functools.partial(read_video_frames, uri, sampling)) for uri in uris}
+    return [VideoRequest(e.messages(), readers[e.video_uri], e.video_key(sampling, budget)) for e in examples]
 
 
 def load_rl_examples(workdir: Workdir) -> list[RLExample]:

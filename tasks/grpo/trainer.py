@@ -3,8 +3,9 @@
 World = data-parallel replicas x `grpo.sp_degree` sequence-parallel ranks. Each step, every
 replica takes `prompts_per_step` RL questions (`TrainSchedule`, seeded per step) and:
 
-1. reads each question's video (THE frame sampling) and encodes every distinct video once, frames
-   split over the SP group, or reads it from the embedding cache (MR-SP stage 1, `embeddings`);
+1. looks each question's video up in the embedding cache first (by its key alone) and reads and
+   encodes only the misses (THE frame sampling), each distinct video once, frames split over the SP
+   group (MR-SP stage 1, `embeddings`): a step whose videos are all cached opens no video file;
 2. draws G rollouts per question from those embeddings (`rollout`; the SP ranks share the samples);
 3. grades them with `tasks.grading.answers` (format, accuracy, the configured weights; open-ended
    misses by the `judge:` section's LLM judge when set; a group the judge failed on is left out) and

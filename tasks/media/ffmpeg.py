@@ -10,12 +10,14 @@ import bisect
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from tasks.engine.store import fsync_path
+
+log = logging.getLogger("lvr.media")
 
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
@@ -285,29 +289,45 @@ def _first_video_stream(file: Path, streams: list[dict]) -> dict:
 
 
 def _read_video_packets(file: Path, stream_index: int, start_s: float, timeout_s: float | None) -> list[_Packet]:
-    result = run_tool(
-        [
-            FFPROBE, "-v", "error", "-select_streams", str(stream_index),
-            "-show_entries", "packet=pts_time,dts_time,duration_time,flags",
-            "-of", "csv=p=0", str(file),
-        ],
-        timeout_s=timeout_s,
-    )
-    if result.returncode != 0:
-        raise MediaError("corrupt", f"{file}: video packets cannot be read: {stderr_tail(result.stderr)}")
+    """The stream's packets, demuxed in-process with PyAV (the libav demuxer ffprobe uses).
+
+    A second ffprobe process per video cost more than the demux itself. Times are those ffprobe
+    prints (`ts * av_q2d(time_base)` rounded to the microsecond), so probes match the ffprobe ones
+    exactly. Like ffprobe, a read error mid-file ends the packets (the duration check then calls
+    the file truncated). `timeout_s` is checked between packets: a read blocked in the kernel is not cut short.
+    """
+    import av
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     packets = []
-    for line in result.stdout.splitlines():
-        fields = line.split(",")
-        if len(fields) != 4:
-            continue
-        pts, dts, duration, flags = fields
-        time_s = _float_or_none(pts)
-        if time_s is None:
-            time_s = _float_or_none(dts)
-        if time_s is None:
-            continue
-        # The ffmpeg CLI shifts inputs so the file starts at 0; cut times must use that timeline.
-        packets.append(_Packet(time_s - start_s, _float_or_none(duration) or 0.0, "K" in flags))
+    try:
+        container = av.open(str(file))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise MediaError("corrupt", f"{file}: video packets cannot be read: {exc}") from exc
+    with container:
+        stream = container.streams[stream_index]
+        tb = stream.time_base
+        seconds_per_tick = tb.numerator / tb.denominator
+        try:
+            for packet in container.demux(stream):
+                if deadline is not None and len(packets) % 1024 == 0 and time.monotonic() > deadline:
+                    raise MediaError(
+                        "timeout",
+                        f"{file}: reading its video packets took longer than the limit of {timeout_s:g} s (clip.tool_timeout_s)",
+                    )
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is None:  # also demux()'s closing flush packet
+                    continue
+                # The ffmpeg CLI shifts inputs so the file starts at 0; cut times must use that timeline.
+                packets.append(
+                    _Packet(
+                        round(ts * seconds_per_tick, 6) - start_s,
+                        round(packet.duration * seconds_per_tick, 6) if packet.duration else 0.0,
+                        packet.is_keyframe,
+                    )
+                )
+        except av.error.FFmpegError as exc:
+            log.debug("%s: packets end early at a read error: %s", file, exc)
     return packets
 
 
@@ -460,12 +480,15 @@ def cut_video(
     threads: int = 0,
     source: VideoProbe | None = None,
     tool_timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S,
+    durable: bool = True,
 ) -> list[ClipFile]:
     """Cut `src` by `plan` in one ffmpeg pass (limited to `tool_timeout_s`); return the clips with their true times.
 
-    Times come from what ffmpeg actually wrote (its segment list plus a probe of
-    each file), not from the plan, so a cut that lands elsewhere is still recorded
-    truthfully.  Clips appear under their final names only once all are complete.
+    Times come from what ffmpeg actually wrote (its segment list plus one in-process header
+    read of each file), not from the plan, so a cut that lands elsewhere is still recorded
+    truthfully.  Clips appear under their final names only once all are complete.  With
+    `durable` each clip and then `out_dir` are flushed before this returns; without, the caller
+    flushes them (`sync_filesystem`, once for many videos) before anything vouches for them.
     """
     if not stem or Path(stem).name != stem:
         raise ValueError(f"stem must be a bare file name prefix, got {stem!r}")
@@ -480,9 +503,11 @@ def cut_video(
             raise MediaError("ffmpeg_failed", f"cutting {src} failed: {stderr_tail(result.stderr)}")
         clips = _measure_segments(work, out, plan.mode, 1.0 / source.fps)
         for clip in clips:  # durable before the shard's marker vouches for them
-            fsync_path(work / Path(clip.path).name)
+            if durable:
+                fsync_path(work / Path(clip.path).name)
             os.replace(work / Path(clip.path).name, clip.path)
-        fsync_path(out)
+        if durable:
+            fsync_path(out)
         return clips
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -50,3 +50,35 @@ def test_a_checkpoint_tree_is_flushed_whole(tmp_path, flushed):
     fsync_tree(folder)
     assert set(flushed) == {str(p) for p in folder.rglob("*")} | {str(folder)}
     assert flushed[-1] == str(folder)
+
+
+def test_a_clip_shard_is_synced_once_before_its_marker(tmp_path, flushed, monkeypatch):
+    """The clip stage flushes a shard's clips with one filesystem sync instead of an fsync per clip;
+    that sync must follow every clip's rename and precede the shard's marker."""
+    import tasks.clip.stage as clip_stage
+    from tasks.clip.stage import ClipStage
+    from tasks.config import load_config
+    from tasks.engine.run import SHARD_DONE, run_stage
+    from tasks.engine.stage import StageContext
+    from tasks.engine.store import Workdir
+
+    make_video(tmp_path / "videos" / "a.mp4", 22, gop=25, audio=False)
+    make_video(tmp_path / "videos" / "b.mp4", 12, gop=25, audio=False)
+    real_sync = clip_stage.sync_filesystem
+    clips_at_sync: list[int] = []
+
+    def recording(path):
+        flushed.append(f"syncfs:{path}")
+        clips_at_sync.append(len(list((tmp_path / "wd").rglob("*-0000[0-9].mp4"))))
+        return real_sync(path)
+
+    monkeypatch.setattr(clip_stage, "sync_filesystem", recording)
+    ctx = StageContext(workdir=Workdir(str(tmp_path / "wd")), config=load_config("tiny"), source=str(tmp_path / "videos"))
+    report = run_stage(ClipStage(), ctx)
+
+    events = ["sync" if p.startswith("syncfs:") else "marker" for p in flushed
+              if p.startswith("syncfs:") or os.path.basename(p).startswith(f".{SHARD_DONE}.tmp-")]
+    n_shards = events.count("marker")
+    assert n_shards >= 1 and events == ["sync", "marker"] * n_shards  # each shard synced once, then marked
+    assert clips_at_sync[-1] == report.manifest["rows"] == 3  # each sync follows its shard's renames
+    assert not any(p.endswith(".mp4") for p in flushed)  # no fsync per clip any more

@@ -86,7 +86,8 @@ def test_run_publishes_table_failures_and_manifest(tmp_path):
     assert manifest["config"] == {"offset": 0} and manifest["schema"] == {"name": "squares", "version": 1}
     # Work time is the shards' own processing time plus publishing: at least what the shards
     # recorded, and never more than the wall time the stage took.
-    shard_work = sum(json.loads(p.read_text())["work_s"] for p in (tmp_path / "wd" / "clip" / "_work" / "shards").glob("*/_done.json"))
+    index = json.loads((tmp_path / "wd" / "clip" / "_work" / "compact.json").read_text())
+    shard_work = sum(entry["done"]["work_s"] for entry in index["shards"].values())
     assert 0 < shard_work <= manifest["work_time_s"] <= manifest["wall_time_s"] + 1e-3
 
 
@@ -182,8 +183,11 @@ def test_rerun_after_crash_withdraws_old_manifest(tmp_path):
 def test_stale_shards_are_collected(tmp_path):
     run_stage(SquareStage(10), _ctx(tmp_path))
     run_stage(SquareStage(4), _ctx(tmp_path))
-    shards = list((tmp_path / "wd" / "clip" / "_work" / "shards").iterdir())
-    assert len(shards) == 2
+    work = tmp_path / "wd" / "clip" / "_work"
+    # Completed shards are compacted: one generation, indexing only the current plan's shards.
+    assert len(json.loads((work / "compact.json").read_text())["shards"]) == 2
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith("compact-")) == ["compact.json"]
+    assert len(list(work.glob("compact-*"))) == 1
 
 
 def test_empty_stage_still_has_schema_and_failures(tmp_path):
