@@ -247,8 +247,8 @@ Difficulty = Literal["easy", "medium", "hard"]
 
 
 class FilterConfig(VideoInputs):
-    # How work is grouped, not what is answered or judged.
-    runtime_keys = ("shard_size", "allow_unpinned_remote_code")
+    # How work is grouped or scheduled, not what is answered or judged.
+    runtime_keys = ("shard_size", "allow_unpinned_remote_code", "prefetch_workers", "prefetch_depth")
 
     backend: Literal["hf", "vllm"] = "hf"
     model: str = Field(description="Required: the base model: a local checkpoint folder, a model id, or 'tiny' (the random-weight CPU model).")
@@ -262,6 +262,11 @@ class FilterConfig(VideoInputs):
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(4, ge=1, description="hf backend: questions per generation call, each with `runs` sequences.")
     shard_size: int = Field(32, ge=1, description="Questions per shard.")
+    prefetch_workers: int = Field(
+        1, ge=0, description="hf backend: processes reading and resizing a shard's videos ahead of the model (0: read them all "
+        "in line before the model runs)."
+    )
+    prefetch_depth: int = Field(8, ge=1, description="hf backend: videos read ahead of the model (at least one batch).")
     easy_min_pass_rate: float = Field(1.0, ge=0, le=1, description="An item with pass_rate >= this is easy.")
     hard_max_pass_rate: float = Field(0.0, ge=0, le=1, description="An item with pass_rate <= this is hard; in between, medium.")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each category held out for evaluation.")
@@ -408,8 +413,8 @@ class GRPOConfig(VideoInputs):
 
 
 class EvalConfig(VideoInputs):
-    # How work is grouped and what models may run, not what they answer.
-    runtime_keys = ("shard_size", "trust_remote_code", "allow_unpinned_remote_code")
+    # How work is grouped or scheduled and what models may run, not what they answer.
+    runtime_keys = ("shard_size", "trust_remote_code", "allow_unpinned_remote_code", "prefetch_workers", "prefetch_depth")
 
     models: list[str] = Field(
         default_factory=lambda: ["base", "sft", "grpo"],
@@ -430,6 +435,11 @@ class EvalConfig(VideoInputs):
     revision: str | None = Field(None, description=f"{REVISION_DOC} For the model ids in `models`; base uses filter.revision.")
     allow_unpinned_remote_code: bool = Field(False, description=ALLOW_UNPINNED_DOC)
     shard_size: int = Field(32, ge=1, description="Questions per shard (of one model at one frame count).")
+    prefetch_workers: int = Field(
+        1, ge=0, description="Processes reading and resizing a shard's videos ahead of the model (0: read them all in line "
+        "before the model runs)."
+    )
+    prefetch_depth: int = Field(8, ge=1, description="Videos read ahead of the model (at least one batch).")
 
     @model_validator(mode="after")
     def _distinct_models(self) -> "EvalConfig":

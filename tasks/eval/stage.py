@@ -4,7 +4,8 @@ Items are (model, frame count, eval question) triples, id `<model>::<frames>::<q
 hold one model at one frame count (ids sort that way) and a model loads once per stage run.
 A shard reads each video once per frame count (the one frame-sampling function, across the whole
 source video as in training: `eval.num_frames`, or `eval.fps` labelled `eval.max_frames`, and each
-`eval.frames_sweep` count; every one under the video token budget), puts each question to the model with the prompt the filter stage
+`eval.frames_sweep` count; every one under the video token budget; `eval.prefetch_workers` processes
+read and resize the next videos while the model answers a batch), puts each question to the model with the prompt the filter stage
 stored for it (the training prompt, `tasks.grading.prompts`), draws `eval.samples` answers from one
 encoding of the video (greedy for one sample), grades the answers with `tasks.grading.answers.grade`
 (open-ended misses decided by the `judge:` section's LLM judge when set, `tasks.grading.judge`, as in
@@ -32,14 +33,17 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
-from itertools import groupby
+from itertools import groupby, islice
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from data_schemas import EVAL_ITEMS, EVAL_SPLIT, EVAL_SUMMARY, FILTER, TableSchema
+from models.prefetch import Prefetcher
+from models.video import SampledFrames
 from models.vlm import Generation, HFVideoLM, VideoPrompt, video_messages
 from tasks.config import EvalConfig
 from tasks.engine.manifest import output_identity, read_manifest
@@ -65,7 +69,7 @@ from tasks.grading.prompts import (
     posable_items,
     sampling_seed,
 )
-from tasks.media.frames import frames_by_video
+from tasks.media.frames import frames_by_video, iter_frames_by_video
 from tasks.report.accuracy import OVERALL, accuracy_table
 from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
 from tasks.report.markdown import (
@@ -331,6 +335,7 @@ class EvalStage(Stage):
 
     def __init__(self) -> None:
         self._answerers: OrderedDict[str, Answerer] = OrderedDict()
+        self._prefetcher: Prefetcher | None = None
         self._lock = threading.Lock()
 
     def models(self, ctx: StageContext) -> tuple[list[EvalModel], list[str]]:
@@ -401,19 +406,63 @@ class EvalStage(Stage):
             self._answerers.move_to_end(model.path)
             return self._answerers[model.path]
 
+    def prefetcher(self, ctx: StageContext) -> Prefetcher | None:
+        """The frame readers shared by the shards of a run, closed by `finalize`; None with
+        `eval.prefetch_workers` 0."""
+        cfg = ctx.config.eval
+        if not cfg.prefetch_workers:
+            return None
+        with self._lock:
+            if self._prefetcher is None:
+                self._prefetcher = Prefetcher(cfg.prefetch_workers, max(cfg.prefetch_depth, cfg.batch_size))
+                self._prefetcher.start()
+            return self._prefetcher
+
+    def _answers(
+        self, ctx: StageContext, model: EvalModel, num_frames: int, posable: list[WorkItem], failures: list[Failure]
+    ) -> tuple[list[tuple[WorkItem, SampledFrames]], list[list[Generation]]]:
+        """The items whose video was read, with its frames and their answers by `model`; failure rows
+        for the others appended to `failures`."""
+        cfg = ctx.config.eval
+        sampling = cfg.sampling_at(num_frames)
+        prefetcher = self.prefetcher(ctx)
+        if prefetcher is None or not any(it.payload["video_uri"] for it in posable):  # read the whole shard, then answer it
+            ready, unreadable = frames_by_video(posable, sampling)
+            failures += unreadable
+            return ready, (self.answerer(ctx, model).answer([self._request(it, f) for it, f in ready]) if ready else [])
+        answerer = self.answerer(ctx, model)
+        # Resized in the workers only for the model they are resized for.
+        preprocess, budget = (answerer.lm.preprocess, cfg.video_budget()) if isinstance(answerer, HFAnswerer) else (None, None)
+        pairs = iter_frames_by_video(posable, sampling, failures, prefetcher, preprocess, budget)
+        ready: list[tuple[WorkItem, SampledFrames]] = []
+        generations: list[list[Generation]] = []
+        try:
+            # `batch_size` questions per call, the batches HFAnswerer would make of the whole group: the same seeds.
+            while batch := list(islice(pairs, cfg.batch_size)):
+                ready += batch
+                generations += answerer.answer([self._request(it, frames) for it, frames in batch])
+        except BrokenProcessPool:  # a worker died: the machine's fault; the next shard starts a fresh pool
+            prefetcher.close()
+            raise
+        finally:
+            pairs.close()
+        return ready, generations
+
+    @staticmethod
+    def _request(item: WorkItem, frames: SampledFrames) -> EvalRequest:
+        return EvalRequest(item.payload["qa_id"], VideoPrompt(video_messages(item.payload["prompt"]), frames))
+
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         models = {m.label: m for m in self.models(ctx)[0]}
         rows: list[dict[str, Any]] = []
         failures: list[Failure] = []
         for (label, num_frames), group in groupby(items, key=lambda it: (it.payload["model"], it.payload["num_frames"])):
             posable, bad = posable_items(list(group))
-            ready, unreadable = frames_by_video(posable, ctx.config.eval.sampling_at(num_frames))
-            failures += bad + unreadable
+            failures += bad
+            model = models[label]
+            ready, generations = self._answers(ctx, model, num_frames, posable, failures)
             if not ready:
                 continue
-            model = models[label]
-            requests = [EvalRequest(it.payload["qa_id"], VideoPrompt(video_messages(it.payload["prompt"]), frames)) for it, frames in ready]
-            generations = self.answerer(ctx, model).answer(requests)
             keys = [AnswerKey.from_row(it.payload) for it, _ in ready]
             plain = [[grade(g.text, key) for g in gens] for key, gens in zip(keys, generations)]
             judge = ctx.config.judge
@@ -435,6 +484,9 @@ class EvalStage(Stage):
         write_eval_charts(ctx.workdir, summary, cfg.main_frames)
         write_report_file(ctx.workdir, REPORT_FILE, eval_markdown(summary, cfg, notes, failures, ctx.config.judge.model).encode())
         self._answerers.clear()  # the models are not needed any more: free their memory now
+        with self._lock:
+            if self._prefetcher is not None:
+                self._prefetcher.close()
         return {EVAL_ITEMS.name: tables[EVAL_ITEMS.name], EVAL_SUMMARY.name: EVAL_SUMMARY.from_rows(summary)}, failures
 
     def report_markdown(self, ctx: StageContext, manifest: dict[str, Any]) -> str | None:

@@ -2,7 +2,9 @@
 
 Items are QA rows (item id = qa id). A shard reads each of its videos once (the frames `filter.num_frames`
 or `filter.fps` take across the whole source video, with the one frame-sampling function; sized under the
-video token budget, `filter.tokens_per_frame` / `max_video_tokens`), puts every question
+video token budget, `filter.tokens_per_frame` / `max_video_tokens`; with the `hf` backend
+`filter.prefetch_workers` processes read and resize the next videos while the model answers a batch,
+`tasks.media.frames.iter_frames_by_video`), puts every question
 to the base model in the training prompt format (`tasks.grading.prompts`) and draws all of its answers
 in one batched generation (`tasks.filter.rollouts`), grades them (`tasks.grading.answers`; open-ended
 misses by the `judge:` section's LLM judge when set, `tasks.grading.judge`) and writes one row per question (`filter/`) and one per answer
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 from typing import Any
 
 import pyarrow as pa
@@ -36,6 +40,7 @@ from data_schemas import (
     VIDEOS,
     TableSchema,
 )
+from models.prefetch import Prefetcher
 from models.video import SampledFrames
 from models.vlm import Generation
 from tasks.config import FilterConfig
@@ -50,7 +55,7 @@ from tasks.engine.store import Failure, stable_hash
 from tasks.filter.exports import EXPORTS_DIR, write_exports
 from tasks.filter.labels import label_rows, reasoning_words
 from tasks.filter.report import REPORT_FILE, write_filter_report
-from tasks.filter.rollouts import RolloutRequest, Sampler, make_sampler
+from tasks.filter.rollouts import HFSampler, RolloutRequest, Sampler, make_sampler
 from tasks.grading.answers import AnswerKey, Grade, grade
 from tasks.grading.judge import (
     check_judge_reached,
@@ -64,7 +69,7 @@ from tasks.grading.prompts import (
     prompt_messages,
     user_prompt,
 )
-from tasks.media.frames import frames_by_video
+from tasks.media.frames import frames_by_video, iter_frames_by_video
 from tasks.report.markdown import inline_images, read_report_file
 
 log = logging.getLogger("lvr.filter")
@@ -89,6 +94,7 @@ class FilterStage(Stage):
 
     def __init__(self) -> None:
         self._sampler: Sampler | None = None
+        self._prefetcher: Prefetcher | None = None
         self._lock = threading.Lock()
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
@@ -119,19 +125,65 @@ class FilterStage(Stage):
         # Loaded once per stage run and shared by its shards: loading a model dwarfs a shard.
         with self._lock:
             if self._sampler is None:
+                prefetcher = self._prefetcher_locked(ctx)
+                if prefetcher is not None:
+                    prefetcher.start()  # while the model loads
                 self._sampler = make_sampler(ctx.config.filter)
             return self._sampler
+
+    def prefetcher(self, ctx: StageContext) -> Prefetcher | None:
+        """The frame readers shared by the shards of a run (`hf` backend; vLLM takes a shard in one
+        call), closed by `finalize`; None with `filter.prefetch_workers` 0."""
+        with self._lock:
+            return self._prefetcher_locked(ctx)
+
+    def _prefetcher_locked(self, ctx: StageContext) -> Prefetcher | None:
+        cfg = ctx.config.filter
+        if cfg.backend != "hf" or not cfg.prefetch_workers:
+            return None
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(cfg.prefetch_workers, max(cfg.prefetch_depth, cfg.batch_size))
+        return self._prefetcher
+
+    def _answers(
+        self, ctx: StageContext, posable: list[WorkItem], failures: list[Failure]
+    ) -> tuple[list[tuple[WorkItem, SampledFrames]], list[list[Generation]]]:
+        """The items whose video was read, with its frames and their answers; failure rows for the
+        others appended to `failures`."""
+        cfg = ctx.config.filter
+        prefetcher = self.prefetcher(ctx)
+        if prefetcher is None or not any(it.payload["video_uri"] for it in posable):  # read the whole shard, then answer it
+            ready, unreadable = frames_by_video(posable, cfg.frame_sampling())
+            failures += unreadable
+            requests = [self._request(it, frames) for it, frames in ready]
+            return ready, (self.sampler(ctx).sample(requests) if requests else [])
+        sampler = self.sampler(ctx)
+        # Resized in the workers only for the model they are resized for.
+        preprocess, budget = (sampler.lm.preprocess, cfg.video_budget()) if isinstance(sampler, HFSampler) else (None, None)
+        pairs = iter_frames_by_video(posable, cfg.frame_sampling(), failures, prefetcher, preprocess, budget)
+        ready: list[tuple[WorkItem, SampledFrames]] = []
+        generations: list[list[Generation]] = []
+        try:
+            # `batch_size` questions per call, the batches HFSampler would make of the whole shard: the same seeds.
+            while batch := list(islice(pairs, cfg.batch_size)):
+                ready += batch
+                generations += sampler.sample([self._request(it, frames) for it, frames in batch])
+        except BrokenProcessPool:  # a worker died: the machine's fault; the next shard starts a fresh pool
+            prefetcher.close()
+            raise
+        finally:
+            pairs.close()
+        return ready, generations
+
+    @staticmethod
+    def _request(item: WorkItem, frames: SampledFrames) -> RolloutRequest:
+        p = item.payload
+        return RolloutRequest(item.item_id, prompt_messages(p["question"], p["question_type"], p["options"]), frames)
 
     def process_shard(self, ctx: StageContext, items: list[WorkItem]) -> ShardResult:
         cfg = ctx.config.filter
         posable, failures = posable_items(items)
-        ready, unreadable = frames_by_video(posable, cfg.frame_sampling())
-        failures += unreadable
-        requests = [
-            RolloutRequest(it.item_id, prompt_messages(it.payload["question"], it.payload["question_type"], it.payload["options"]), frames)
-            for it, frames in ready
-        ]
-        generations = self.sampler(ctx).sample(requests) if requests else []
+        ready, generations = self._answers(ctx, posable, failures)
         keys = [AnswerKey.from_row(it.payload) for it, _ in ready]
         plain = [[grade(g.text, key) for g in gens] for key, gens in zip(keys, generations)]
         judge = ctx.config.judge
@@ -178,6 +230,9 @@ class FilterStage(Stage):
         self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]
     ) -> tuple[dict[str, pa.Table], list[Failure]]:
         cfg = ctx.config.filter
+        with self._lock:  # every shard is answered
+            if self._prefetcher is not None:
+                self._prefetcher.close()
         check_judge_reached(self.name, failures, "judge" in set(tables[FILTER_ROLLOUTS.name]["grader"].to_pylist()))
         rows = label_rows(tables[FILTER.name].to_pylist(), cfg)
         rollouts = tables[FILTER_ROLLOUTS.name].sort_by([("qa_id", "ascending"), ("run", "ascending")])

@@ -1,14 +1,28 @@
 """The one way to read a video's frames by URI: the frame sampling of `models.video.read_frames`
-over the whole video, local or remote (through the media cache)."""
+over the whole video, local or remote (through the media cache).
+
+`iter_frames_by_video` reads the videos of a shard lazily, optionally in a `models.prefetch.Prefetcher`'s
+worker processes ahead of the caller (resized as the model's preprocessing would, `tasks.media.frame_jobs`), so
+filter and eval run the model on one batch while the next ones are read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 
-from models.video import FrameSampling, SampledFrames, read_frames
+from models.prefetch import Prefetcher
+from models.video import (
+    FrameSampling,
+    SampledFrames,
+    VideoPreprocessConfig,
+    VideoTokenBudget,
+    read_frames,
+)
 from tasks.engine.stage import WorkItem, is_environment_fault
 from tasks.engine.store import Failure
 from tasks.media.cache import local_copy
+from tasks.media.frame_jobs import VideoFrameJob, read_video_job
 
 
 def read_video_frames(uri: str, sampling: FrameSampling) -> SampledFrames:
@@ -17,25 +31,47 @@ def read_video_frames(uri: str, sampling: FrameSampling) -> SampledFrames:
         return read_frames(str(path), sampling)
 
 
-def frames_by_video(items: Sequence[WorkItem], sampling: FrameSampling) -> tuple[list[tuple[WorkItem, SampledFrames]], list[Failure]]:
+def iter_frames_by_video(
+    items: Sequence[WorkItem],
+    sampling: FrameSampling,
+    failures: list[Failure],
+    prefetcher: Prefetcher | None = None,
+    preprocess: VideoPreprocessConfig | None = None,
+    budget: VideoTokenBudget | None = None,
+) -> Iterator[tuple[WorkItem, SampledFrames]]:
     """Each item (payload `video_uri`, `video_id`) with the frames `sampling` takes from its video, read once per video (items
-    of one video kept together, so a batch of them shares one encoding), and failure rows for items
-    whose video is unknown or unreadable."""
-    failures: list[Failure] = []
+    of one video kept together, so a batch of them shares one encoding), lazily, video after video;
+    failure rows for items whose video is unknown or unreadable are appended to `failures` as their
+    video comes up. With a `prefetcher`, its workers read the next videos while the caller uses these
+    (`preprocess` and `budget`: resize them as that model would); without, each is read when reached."""
     by_video: dict[str | None, list[WorkItem]] = {}
     for item in items:
         by_video.setdefault(item.payload["video_uri"], []).append(item)
-    ready: list[tuple[WorkItem, SampledFrames]] = []
+    readable = [uri for uri in by_video if uri is not None]
+    if prefetcher is None:
+        reads = (lambda uri=uri: read_video_frames(uri, sampling) for uri in readable)
+    else:
+        jobs = (VideoFrameJob(uri, sampling, preprocess, budget) for uri in readable)
+        reads = (future.result for future in prefetcher.map(read_video_job, jobs))
     for uri, group in by_video.items():
         if uri is None:
             failures += [Failure(it.item_id, "unknown_video", f"video {it.payload['video_id']} is not in clip/_videos") for it in group]
             continue
+        read = next(reads)
         try:
-            frames = read_video_frames(uri, sampling)
+            frames = read()
+        except BrokenProcessPool:  # a worker died (killed, out of memory): the machine's fault, not the video's
+            raise
         except Exception as exc:  # a missing or corrupt video fails its questions, not the shard
             if is_environment_fault(exc):
                 raise
             failures += [Failure(it.item_id, "unreadable_video", f"{uri}: {type(exc).__name__}: {exc}") for it in group]
             continue
-        ready += [(it, frames) for it in group]
+        yield from ((it, frames) for it in group)
+
+
+def frames_by_video(items: Sequence[WorkItem], sampling: FrameSampling) -> tuple[list[tuple[WorkItem, SampledFrames]], list[Failure]]:
+    """`iter_frames_by_video` read in line, whole: the items with their frames, and the failure rows."""
+    failures: list[Failure] = []
+    ready = list(iter_frames_by_video(items, sampling, failures))
     return ready, failures

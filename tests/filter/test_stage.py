@@ -388,3 +388,26 @@ def test_tiny_model_answers_every_question_ten_times_with_one_encoding_per_batch
     table = pd.read_parquet(tmp_path / "wd" / "filter")
     assert set(table["difficulty"]) <= {"easy", "medium", "hard"} and set(table["split"]) <= {"sft", "rl", "eval", "unused"}
     assert (table["pass_rate"] == table["n_correct"] / 10).all()
+
+
+def test_frames_read_ahead_of_the_model_give_the_same_rows_as_frames_read_in_line(tmp_path, videos):
+    # Two batches over two readable videos and a corrupt one: the prefetch workers read and resize what
+    # the model would, so answers, seeds (per batch of questions) and failure rows are those of reading in line.
+    items = [
+        qa_item("p0", "va", "Temporal", "multiple_choice", "A"),
+        qa_item("p1", "vbad", "Spatial", "multiple_choice", "B"),
+        qa_item("p2", "vb", "Goal and Purpose", "open_ended", "a red ball"),
+        qa_item("p3", "va", "Spatial", "multiple_choice", "C"),
+    ]
+    outputs = []
+    for workers in (0, 1):
+        wd = tmp_path / f"wd{workers}"
+        ctx = make_workdir(wd, videos, items, **{"filter.batch_size": 2, "filter.runs": 3, "filter.prefetch_workers": workers})
+        stage = FilterStage()
+        report = run_stage(stage, ctx)
+        assert report.status == "done" and report.rows == 3 and report.failures == 1
+        assert stage._sampler.lm.encoder_calls == 2 and (stage._prefetcher is None) == (workers == 0)
+        outputs.append([pd.read_parquet(path).sort_index(axis=1) for path in (wd / "filter", wd / "filter" / "_rollouts")])
+        outputs[-1].append(pd.read_parquet(wd / "filter" / "_failures.parquet")[["item_id", "error_kind"]])
+    for in_line, ahead in zip(*outputs):
+        pd.testing.assert_frame_equal(in_line, ahead)
