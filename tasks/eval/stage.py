@@ -33,9 +33,8 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
-from itertools import groupby, islice
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,7 +68,7 @@ from tasks.grading.prompts import (
     posable_items,
     sampling_seed,
 )
-from tasks.media.frames import frames_by_video, iter_frames_by_video
+from tasks.media.frames import answer_in_batches, frames_by_video, iter_frames_by_video
 from tasks.report.accuracy import OVERALL, accuracy_table
 from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
 from tasks.report.markdown import (
@@ -434,19 +433,10 @@ class EvalStage(Stage):
         # Resized in the workers only for the model they are resized for.
         preprocess, budget = (answerer.lm.preprocess, cfg.video_budget()) if isinstance(answerer, HFAnswerer) else (None, None)
         pairs = iter_frames_by_video(posable, sampling, failures, prefetcher, preprocess, budget)
-        ready: list[tuple[WorkItem, SampledFrames]] = []
-        generations: list[list[Generation]] = []
-        try:
-            # `batch_size` questions per call, the batches HFAnswerer would make of the whole group: the same seeds.
-            while batch := list(islice(pairs, cfg.batch_size)):
-                ready += batch
-                generations += answerer.answer([self._request(it, frames) for it, frames in batch])
-        except BrokenProcessPool:  # a worker died: the machine's fault; the next shard starts a fresh pool
-            prefetcher.close()
-            raise
-        finally:
-            pairs.close()
-        return ready, generations
+        # `batch_size` questions per call, the batches HFAnswerer would make of the whole group: the same seeds.
+        return answer_in_batches(
+            pairs, cfg.batch_size, lambda batch: answerer.answer([self._request(it, frames) for it, frames in batch]), prefetcher,
+        )
 
     @staticmethod
     def _request(item: WorkItem, frames: SampledFrames) -> EvalRequest:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures.process import BrokenProcessPool
-from itertools import islice
 from typing import Any
 
 import pyarrow as pa
@@ -69,7 +67,7 @@ from tasks.grading.prompts import (
     prompt_messages,
     user_prompt,
 )
-from tasks.media.frames import frames_by_video, iter_frames_by_video
+from tasks.media.frames import answer_in_batches, frames_by_video, iter_frames_by_video
 from tasks.report.markdown import inline_images, read_report_file
 
 log = logging.getLogger("lvr.filter")
@@ -161,19 +159,10 @@ class FilterStage(Stage):
         # Resized in the workers only for the model they are resized for.
         preprocess, budget = (sampler.lm.preprocess, cfg.video_budget()) if isinstance(sampler, HFSampler) else (None, None)
         pairs = iter_frames_by_video(posable, cfg.frame_sampling(), failures, prefetcher, preprocess, budget)
-        ready: list[tuple[WorkItem, SampledFrames]] = []
-        generations: list[list[Generation]] = []
-        try:
-            # `batch_size` questions per call, the batches HFSampler would make of the whole shard: the same seeds.
-            while batch := list(islice(pairs, cfg.batch_size)):
-                ready += batch
-                generations += sampler.sample([self._request(it, frames) for it, frames in batch])
-        except BrokenProcessPool:  # a worker died: the machine's fault; the next shard starts a fresh pool
-            prefetcher.close()
-            raise
-        finally:
-            pairs.close()
-        return ready, generations
+        # `batch_size` questions per call, the batches HFSampler would make of the whole shard: the same seeds.
+        return answer_in_batches(
+            pairs, cfg.batch_size, lambda batch: sampler.sample([self._request(it, frames) for it, frames in batch]), prefetcher,
+        )
 
     @staticmethod
     def _request(item: WorkItem, frames: SampledFrames) -> RolloutRequest:

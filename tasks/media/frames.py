@@ -8,8 +8,10 @@ filter and eval run the model on one batch while the next ones are read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
+from typing import TypeVar
 
 from models.prefetch import Prefetcher
 from models.video import (
@@ -23,6 +25,8 @@ from tasks.engine.stage import WorkItem, is_environment_fault
 from tasks.engine.store import Failure
 from tasks.media.cache import local_copy
 from tasks.media.frame_jobs import VideoFrameJob, read_video_job
+
+A = TypeVar("A")
 
 
 def read_video_frames(uri: str, sampling: FrameSampling) -> SampledFrames:
@@ -75,3 +79,28 @@ def frames_by_video(items: Sequence[WorkItem], sampling: FrameSampling) -> tuple
     failures: list[Failure] = []
     ready = list(iter_frames_by_video(items, sampling, failures))
     return ready, failures
+
+
+def answer_in_batches(
+    pairs: Iterator[tuple[WorkItem, SampledFrames]],
+    batch_size: int,
+    answer: Callable[[list[tuple[WorkItem, SampledFrames]]], list[A]],
+    prefetcher: Prefetcher,
+) -> tuple[list[tuple[WorkItem, SampledFrames]], list[A]]:
+    """`answer` over `batch_size` items at a time as their frames arrive from `iter_frames_by_video`:
+    the same batches a model would make of the whole list (so the same sampling seeds), while the
+    prefetcher's workers read the next videos. A dead worker closes the pool (the next shard starts a
+    fresh one) and fails the shard: the machine's fault, not the items'."""
+    ready: list[tuple[WorkItem, SampledFrames]] = []
+    answers: list[A] = []
+    try:
+        while batch := list(islice(pairs, batch_size)):
+            ready += batch
+            answers += answer(batch)
+    except BrokenProcessPool:
+        prefetcher.close()
+        raise
+    finally:
+        pairs.close()
+    return ready, answers
+
