@@ -147,20 +147,26 @@ def test_retry_failures_maps_only_shards_with_failures_from_the_compacted_genera
     assert report.failures == 0 and report.rows == 20
 
 
+class Recorder:
+    """A progress display that records what it is told."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def start(self, stage, total, unit="shards"):
+        self.calls.append(("start", total))
+
+    def advance(self, n=1):
+        self.calls.append(("advance", n))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
 def test_progress_starts_with_reused_shards_done():
     calls = []
 
-    class Recorder:
-        def start(self, stage, total, unit="shards"):
-            calls.append(("start", total))
-
-        def advance(self, n=1):
-            calls.append(("advance", n))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    callback = engine_progress(Recorder(), "clip")
+    callback = engine_progress(Recorder(calls), "clip")
     callback(4, 5)  # what the engine reports first on a refresh: 4 of 5 shards reused
     callback(5, 5)
     assert calls == [("start", 5), ("advance", 4), ("advance", 1), ("finish",)]
@@ -169,17 +175,7 @@ def test_progress_starts_with_reused_shards_done():
 def test_throttled_progress_passes_at_most_one_advance_per_interval_and_the_finish():
     calls, now = [], [0.0]
 
-    class Recorder:
-        def start(self, stage, total, unit="shards"):
-            calls.append(("start", total))
-
-        def advance(self, n=1):
-            calls.append(("advance", n))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    throttled = Throttled(Recorder(), interval_s=1.0, clock=lambda: now[0])
+    throttled = Throttled(Recorder(calls), interval_s=1.0, clock=lambda: now[0])
     callback = engine_progress(throttled, "clip")
     callback(0, 600)
     for done in range(1, 601):
