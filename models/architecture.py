@@ -198,14 +198,6 @@ def load_architecture(ref: str) -> Architecture:
     return parse_architecture(config, source)
 
 
-def shipped_video_preprocessor(ref: str) -> dict[str, Any] | None:
-    """The video preprocessing (Qwen's per-frame pixel limits) shipped with a model's architecture file, if any."""
-    shipped = shipped_architectures()
-    if ref not in shipped:
-        return None
-    return _read_json(shipped[ref].read_text(encoding="utf-8"), ref).get("video_preprocessor")
-
-
 def architecture_record(model_id: str, config: dict[str, Any], file: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON lvr ships for a model: its config.json (checked to parse) with where it came from."""
     parse_architecture(config, model_id)  # refuse a file lvr check could not read

@@ -44,9 +44,9 @@ def endpoints_of(config: PipelineConfig, stages: list[str]) -> list[Endpoint]:
                 "qa.refine_base_url" if q.refine_base_url else "qa.base_url", refine_key,
                 "qa.refine_api_key_env" if q.refine_api_key_env else "qa.api_key_env",
             ))
-    judge = getattr(config, "judge", None)
+    judge = config.judge
     judged = [s for s in ("filter", "grpo", "eval") if s in stages]
-    if judge is not None and judge.model and judged:
+    if judge.model and judged:
         found.append(Endpoint(judged[0], "judge", judge.model, judge.base_url, "judge.base_url", judge.api_key_env, "judge.api_key_env"))
     return found
 

@@ -9,10 +9,8 @@ W words is at most 2 W tokens (reasoning text averages ~1.3 tokens per word in Q
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from models.architecture import Architecture, shipped_video_preprocessor
-from models.tiny import tiny_model_dir
+from models.architecture import Architecture
 from models.video import VideoPreprocessConfig, max_video_tokens_for, worst_case_frames
 from tasks.config import PipelineConfig
 from tasks.grading.prompts import user_prompt
@@ -52,17 +50,11 @@ def text_tokens(text: str) -> int:
 
 
 def preprocess_for(ref: str) -> VideoPreprocessConfig:
-    """The video preprocessing a model gets: its checkpoint's (tiny, local folders), the settings shipped
-    with its architecture file, else Qwen's defaults."""
-    from models.vlm import load_preprocess_config
+    """The video preprocessing a model gets, found the way the stages find it: its checkpoint's
+    settings (tiny models, local folders), else Qwen's defaults (a hub id without local files)."""
+    from models.vlm import load_preprocess_config, resolve_model_ref
 
-    built = tiny_model_dir(ref)
-    if built is not None:
-        return load_preprocess_config(str(built))
-    if Path(ref).expanduser().is_dir():
-        return load_preprocess_config(str(Path(ref).expanduser()))
-    shipped = shipped_video_preprocessor(ref)
-    return VideoPreprocessConfig(**shipped) if shipped else VideoPreprocessConfig()
+    return load_preprocess_config(resolve_model_ref(ref))
 
 
 def _question_prompt_tokens() -> int:
