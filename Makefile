@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # and the S3 run are built once). 2 suits the 2-core CI machine: 6 min instead of 11.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup run test bench clean system-deps
+.PHONY: setup run test bench clean system-deps docker-deps images test-images
 
 setup: system-deps $(STAMP)
 
@@ -33,9 +33,33 @@ system-deps:
 
 $(STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev,ray]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,ray,docker]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
+
+# Docker's engine and debootstrap from Debian (the images are built without a registry), and a
+# running daemon: started here when none answers.
+docker-deps:
+	@SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then \
+		echo "installing docker.io and debootstrap from Debian"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker.io debootstrap >/dev/null; \
+	fi; \
+	if ! $$SUDO docker info >/dev/null 2>&1; then \
+		echo "starting dockerd (log: /var/log/lvr-dockerd.log)"; \
+		$$SUDO nohup dockerd >/var/log/lvr-dockerd.log 2>&1 & \
+		for _ in $$(seq 60); do $$SUDO docker info >/dev/null 2>&1 && break; sleep 1; done; \
+		$$SUDO docker info >/dev/null 2>&1 || { echo "dockerd did not start: /var/log/lvr-dockerd.log"; exit 1; }; \
+	fi
+
+# The base image (debootstrap), a wheelhouse and the CPU image; each step cached (deploy/build-images.sh).
+images: setup docker-deps
+	deploy/build-images.sh $(PY)
+
+# The images' tests (tests/images/): a stage in a container, a pipeline across containers of a
+# Docker work pool. They stop every container, worker and server they start.
+test-images: images
+	$(PY) -m pytest -q -m images tests/images $(PYTEST_ARGS)
 
 run: setup
 	$(LVR) run

@@ -63,10 +63,14 @@ def _parser() -> argparse.ArgumentParser:
 
     deploy = sub.add_parser(
         "deploy",
-        help="register prefect.yaml's deployments on the server at PREFECT_API_URL, all on one process work pool "
-        "running this checkout (single machine; production: prefect deploy --all)",
+        help="register prefect.yaml's deployments on the server at PREFECT_API_URL, all on one work pool: a process "
+        "pool running this checkout, or a Docker pool running an image (single machine; production: prefect deploy --all)",
     )
-    deploy.add_argument("--pool", default="lvr-local", help="the process work pool to create or update (default: lvr-local)")
+    deploy.add_argument("--pool", default="lvr-local",
+                        help="the work pool: a process pool to create or update, or with --image a Docker pool that exists (default: lvr-local)")
+    deploy.add_argument("--image", default=None,
+                        help="run every flow run as a container of this image (e.g. lvr-cpu:0.1.0) on the Docker pool --pool; "
+                        "local --workdir/--source paths must be mounted at the same path by the pool's volumes")
     deploy.add_argument("--workdir", default="runs/deployed", help="default workdir of every deployment (default: runs/deployed)")
     deploy.add_argument("--source", default=None, help="default source of the deployments that take one (default: the built-in sample)")
     deploy.add_argument("--config", default=DEFAULT_CONFIG, help="default config (default: tiny)")
@@ -98,8 +102,16 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    tiny = models_sub.add_parser("build-tiny", help="build the tiny random-weight Qwen2.5-VL used by the CPU profile")
-    tiny.add_argument("--out", default=None, help="target folder (default: $LVR_CACHE_DIR/tiny-qwen2.5-vl)")
+    from models.tiny import TINY, TINY_CAPTIONER, TINY_SHAPES
+
+    tiny = models_sub.add_parser(
+        "build-tiny",
+        help=f"build the tiny Qwen2.5-VL models the CPU profile uses: {TINY!r} (random weights) and {TINY_CAPTIONER!r} "
+        "(pretrained to caption the sample's kinds of scene, a few CPU minutes); cached, so a second call returns at once",
+    )
+    tiny.add_argument("--name", choices=sorted(TINY_SHAPES), default=None,
+                      help=f"build only this model (default: {TINY} and {TINY_CAPTIONER}; with --out, {TINY})")
+    tiny.add_argument("--out", default=None, help="target folder of one model (default: its folder under $LVR_CACHE_DIR)")
     tiny.add_argument("--seed", type=int, default=None, help="a different random init (default: the standard tiny seed)")
     tiny.add_argument("--overwrite", action="store_true")
 
@@ -189,11 +201,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             from flows.pipeline import lvr_pipeline
 
-            result = lvr_pipeline(
-                source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
-                from_stage=args.from_stage or STAGE_NAMES[0], to_stage=args.to_stage or STAGE_NAMES[-1],
-                execution=args.execution,
-            )
+            try:
+                result = lvr_pipeline(
+                    source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
+                    from_stage=args.from_stage or STAGE_NAMES[0], to_stage=args.to_stage or STAGE_NAMES[-1],
+                    execution=args.execution,
+                )
+            finally:
+                _prune_ephemeral_history(load_config(args.config, args.overrides).execution.history_retention_days)
             results = result["results"]
     except ConfigError as exc:
         print(f"lvr: config error: {exc}", file=sys.stderr)
@@ -209,6 +224,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = [s for s, r in results.items()]
     print(f"\nlvr: finished {', '.join(done)} in {args.workdir}")
     return 0
+
+
+def _prune_ephemeral_history(retention_days: float | None) -> None:
+    """Keep the ephemeral API's database from growing forever (flows/history.py); never fails a run."""
+    from datetime import timedelta
+
+    from flows.history import prune_local_history, uses_ephemeral_api
+
+    if retention_days is None or not uses_ephemeral_api():
+        return
+    try:
+        pruned = prune_local_history(timedelta(days=retention_days))
+    except Exception as exc:  # housekeeping: the run's outcome stands whatever happens here
+        print(f"lvr: could not prune Prefect's run history: {exc}", file=sys.stderr)
+        return
+    if pruned.deleted:
+        print(f"lvr: pruned Prefect's run history: {pruned.deleted} flow runs that ended over {retention_days:g} days ago "
+              f"(execution.history_retention_days); {pruned.flow_runs_after} kept")
 
 
 def _print_summary(workdir: str) -> None:
@@ -315,13 +348,20 @@ def cmd_sample_videos(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     if args.models_command == "architecture":
         return cmd_models_architecture(args)
-    from models.tiny import build_tiny_qwen2_5_vl, default_tiny_dir, ensure_tiny_model
+    from models.tiny import (
+        TINY,
+        TINY_CAPTIONER,
+        build_tiny_qwen2_5_vl,
+        default_tiny_dir,
+        ensure_tiny_model,
+    )
 
-    out = args.out or default_tiny_dir()
-    if args.seed is None and not args.overwrite:
-        print(ensure_tiny_model(out))  # already built: nothing to do
-    else:
-        print(build_tiny_qwen2_5_vl(out, seed=args.seed or 0, overwrite=args.overwrite))
+    for name in [args.name or TINY] if args.name or args.out else [TINY, TINY_CAPTIONER]:
+        out = args.out or default_tiny_dir(name)
+        if args.seed is None and not args.overwrite:
+            print(ensure_tiny_model(out, name=name))  # already built: nothing to do
+        else:
+            print(build_tiny_qwen2_5_vl(out, seed=args.seed or 0, overwrite=args.overwrite, name=name))
     return 0
 
 
@@ -386,7 +426,7 @@ def node_zero_argv(args: argparse.Namespace) -> list[str]:
 def cmd_deploy(args: argparse.Namespace) -> int:
     import subprocess
 
-    from flows.deploy import deploy_single_machine
+    from flows.deploy import DeployError, deploy_single_machine
 
     try:
         load_config(args.config, args.overrides)  # a typo fails here, not at 02:00 in the nightly run
@@ -400,12 +440,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "source": _absolute(args.source) if args.source else None,
     }
     try:
-        names = deploy_single_machine(args.pool, parameters)
+        names = deploy_single_machine(args.pool, parameters, image=args.image)
+    except DeployError as exc:
+        print(f"lvr: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except subprocess.CalledProcessError as exc:
         print(f"lvr: {' '.join(exc.cmd[1:4])} failed (exit {exc.returncode}); is PREFECT_API_URL a running server?", file=sys.stderr)
         return EXIT_FAILED
     print(f"lvr: {len(names)} deployments on work pool {args.pool!r}: {', '.join(names)}")
-    print(f"lvr: start a worker for them: prefect worker start --pool {args.pool}")
+    kind = " --type docker" if args.image else ""
+    print(f"lvr: start a worker for them: prefect worker start --pool {args.pool}{kind}")
     return 0
 
 

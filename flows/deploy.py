@@ -1,10 +1,11 @@
-"""`lvr deploy`: prefect.yaml's deployments on one machine, without Docker or Kubernetes.
+"""`lvr deploy`: prefect.yaml's deployments on one machine: a process pool, or one Docker pool.
 
 Production registers prefect.yaml as shipped (`prefect deploy --all`: Docker or Kubernetes pools,
 images with lvr installed and flow runs starting in /opt/lvr). A single machine gets the same
-deployments, schedules and forms with every deployment on one `process` work pool whose flow runs
-start in the directory `lvr deploy` ran in, so a worker started here serves them all. Entrypoints
-are module paths (`flows.pipeline.clip_flow`): flow runs import the installed lvr, checkout or not.
+deployments, schedules and forms with every deployment on one work pool, so one worker serves them
+all: a `process` pool whose flow runs start in the directory `lvr deploy` ran in, or (`--image`) a
+Docker pool whose flow runs are containers of lvr's CPU image. Entrypoints are module paths
+(`flows.pipeline.clip_flow`): flow runs import the installed lvr, checkout or not.
 """
 
 from __future__ import annotations
@@ -25,20 +26,37 @@ PREFECT_YAML = files("flows") / "prefect.yaml"
 RUN_PARAMETERS = ("workdir", "source", "config", "overrides")
 
 
-def single_machine_spec(spec: dict[str, Any], pool: str, project_dir: Path, parameters: dict[str, Any]) -> dict[str, Any]:
-    """prefect.yaml's content for a process pool: every deployment on `pool`, flow runs started in
-    `project_dir`, and `parameters` (workdir, source, config, overrides) as the defaults of every
-    deployment that takes them (a stage deployment has no `source` but clip's)."""
+class DeployError(RuntimeError):
+    """What `lvr deploy` needs is missing (say, the Docker pool); the message says how to make it."""
+
+
+def single_machine_spec(
+    spec: dict[str, Any], pool: str, parameters: dict[str, Any], project_dir: Path | None = None, image: str | None = None,
+) -> dict[str, Any]:
+    """prefect.yaml's content for one machine's pool: every deployment on `pool`, and `parameters`
+    (workdir, source, config, overrides) as the defaults of every deployment that takes them (a
+    stage deployment has no `source` but clip's).
+
+    A process pool (`project_dir`): flow runs start in `project_dir` and import the lvr installed
+    there. A Docker pool (`image`): every flow run is a container of `image` (lvr's CPU image on a
+    machine without GPUs), starting in the image's working directory as prefect.yaml's pull step says."""
+    if (project_dir is None) == (image is None):
+        raise ValueError("give exactly one of project_dir (a process pool) or image (a Docker pool)")
     unknown = set(parameters) - set(RUN_PARAMETERS)
     if unknown:
         raise ValueError(f"not deployment parameters: {sorted(unknown)}; expected some of {list(RUN_PARAMETERS)}")
-    out = {**spec, "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": str(project_dir)}}]}
+    out = dict(spec)
+    if project_dir is not None:
+        out["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(project_dir)}}]
+    # The pool's template decides everything else (network, volumes, env); a GPU request of the
+    # shipped spec has no meaning on a one-machine pool.
+    job_variables = {"image": image} if image else {}
     deployments = []
     for deployment in spec.get("deployments", []):
         own = deployment.get("parameters", {})
         deployments.append({
             **deployment,
-            "work_pool": {"name": pool, "job_variables": {}},
+            "work_pool": {"name": pool, "job_variables": dict(job_variables)},
             "parameters": {**own, **{k: v for k, v in parameters.items() if k in own}},
         })
     out["deployments"] = deployments
@@ -47,20 +65,32 @@ def single_machine_spec(spec: dict[str, Any], pool: str, project_dir: Path, para
 
 def deploy_single_machine(
     pool: str, parameters: dict[str, Any], prefect_yaml: Path | Traversable = PREFECT_YAML, project_dir: Path | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, image: str | None = None,
 ) -> list[str]:
-    """Create (or update) the process pool and register every deployment on the server at
-    PREFECT_API_URL; flow runs start in `project_dir` (default: the current directory). Returns the
-    deployment names."""
-    project_dir = (project_dir or Path.cwd()).resolve()
-    spec = single_machine_spec(yaml.safe_load(prefect_yaml.read_text()), pool, project_dir, parameters)
+    """Register every deployment on the server at PREFECT_API_URL, all on `pool`; returns their names.
+
+    Without `image`: the process pool is created (or updated) and flow runs start in `project_dir`
+    (default: the current directory). With `image`: `pool` must be a Docker pool that exists (a
+    site's template: network, volumes) and flow runs are containers of `image`."""
     prefect = [sys.executable, "-m", "prefect"]
-    subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    if image is None:
+        project_dir = (project_dir or Path.cwd()).resolve()
+        subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    else:
+        project_dir = None
+        found = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True, text=True)
+        if found.returncode != 0:
+            raise DeployError(
+                f"no work pool {pool!r}: create it first, e.g. prefect work-pool create {pool} --type docker "
+                "--base-job-template deploy/work-pools/docker-cpu.json"
+            )
+    spec = single_machine_spec(yaml.safe_load(prefect_yaml.read_text()), pool, parameters, project_dir=project_dir, image=image)
     with tempfile.TemporaryDirectory(prefix="lvr-deploy-") as tmp:
         path = Path(tmp) / "prefect.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], check=True, cwd=project_dir, env=env)
+        subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], check=True,
+                       cwd=project_dir or tmp, env=env)
     return [d["name"] for d in spec["deployments"]]
 
 

@@ -1,4 +1,6 @@
-"""A tiny, random-weight Qwen2.5-VL built entirely offline, for tests and CPU smoke runs.
+"""A tiny Qwen2.5-VL built entirely offline, for tests and CPU runs: random weights (`tiny`,
+`tiny-7b-layout`), or pretrained for a few CPU minutes to caption the built-in sample's kinds of
+scene (`tiny-captioner`, see `models.pretrain`).
 
 Nothing here touches the network or a model hub.  :func:`build_tiny_qwen2_5_vl` writes a
 self-contained model folder that loads back with the ordinary transformers entry points::
@@ -27,17 +29,25 @@ What the folder holds:
   ``AutoProcessor`` would try to build Qwen's video processor, which needs torchvision.
 * ``.lvr_complete`` - marker, written last; a folder without it is an interrupted build.
 
-The build is deterministic: the same ``seed`` gives byte-identical files.
+The build is deterministic: the same ``seed`` (and, for `tiny-captioner`, the same pretraining
+recipe) gives byte-identical files.  A pretrained model is cached under its recipe's key.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pretrain import PretrainRecipe
+
+log = logging.getLogger("lvr.models")
 
 TINY_SEED = 0
 
@@ -111,10 +121,19 @@ TINY = "tiny"
 # Qwen2.5-VL-7B's head layout (28 query heads, 4 KV heads, mRoPE sections 16:24:24) at head_dim 16:
 # what the production profile's sequence-parallel rules meet, at a width a CPU trains in seconds.
 TINY_7B_LAYOUT = "tiny-7b-layout"
+# The tiny shape pretrained to caption the built-in sample's kinds of scene (`models.pretrain`).
+TINY_CAPTIONER = "tiny-captioner"
+_TINY_TEXT = TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=(2, 3, 3))
+# Every locally built model by name: its text model's geometry.
 TINY_SHAPES = {
-    TINY: TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=(2, 3, 3)),
+    TINY: _TINY_TEXT,
     TINY_7B_LAYOUT: TextShape(hidden=448, layers=2, heads=28, kv_heads=4, intermediate=256, mrope_section=(2, 3, 3)),
+    TINY_CAPTIONER: _TINY_TEXT,
 }
+# The test suite sets it to 0 (tests/conftest.py) so that a fresh machine does not pay the full
+# pretraining; the steps are part of the recipe, hence of the cache key, so a short build is never
+# taken for the real one.
+PRETRAIN_STEPS_ENV = "LVR_TINY_CAPTIONER_STEPS"
 VISION_DEPTH = 2
 VISION_HIDDEN = 32
 VISION_HEADS = 2
@@ -341,15 +360,41 @@ def _video_preprocessor_dict() -> dict:
     return cfg.to_dict()
 
 
+def pretrain_recipe(name: str) -> PretrainRecipe | None:
+    """The caption pretraining a model name gets, None for the random-weight ones;
+    `$LVR_TINY_CAPTIONER_STEPS` sets its step count."""
+    if name != TINY_CAPTIONER:
+        return None
+    from .pretrain import PretrainRecipe
+
+    steps = os.environ.get(PRETRAIN_STEPS_ENV)
+    return PretrainRecipe() if not steps else replace(PretrainRecipe(), steps=int(steps))
+
+
+def _recipe_key(name: str, seed: int) -> str | None:
+    recipe = pretrain_recipe(name)
+    return None if recipe is None else recipe.key(f"{name}:v{TINY_FORMAT_VERSION}:seed{seed}")
+
+
 def _write_into(folder: Path, seed: int, name: str) -> None:
     tokenizer = build_tiny_tokenizer()
     model = _build_model(tokenizer, seed, TINY_SHAPES[name])
+    recipe = pretrain_recipe(name)
+    if recipe is not None:
+        from .pretrain import pretrain_captioner
+        from .video import VideoPreprocessConfig
+
+        def progress(step: int, loss: float) -> None:
+            if step % 50 == 0 or step == recipe.steps - 1:
+                log.info("pretraining %s: step %d/%d, loss %.3f", name, step + 1, recipe.steps, loss)
+
+        pretrain_captioner(model, tokenizer, VideoPreprocessConfig.from_dict(_video_preprocessor_dict()), recipe, progress)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / VIDEO_PREPROCESSOR_FILE).write_text(
         json.dumps(_video_preprocessor_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
-    marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed, "kind": _cache_subdir(name)}
+    marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed, "kind": _cache_subdir(name), "recipe": _recipe_key(name, seed)}
     (folder / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -376,12 +421,12 @@ def _remove(path: Path) -> None:
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, overwrite: bool = False, name: str = TINY) -> Path:
-    """Build the tiny random Qwen2.5-VL into ``out_dir``; return it as an absolute Path.
+    """Build the tiny Qwen2.5-VL ``name`` into ``out_dir``; return it as an absolute Path.
 
     Files are written into a temporary sibling folder, the completion marker last, and that
     folder is renamed into place, so ``out_dir`` is never seen half-written.  If ``out_dir``
     exists and is not empty, raises ``FileExistsError`` unless ``overwrite=True`` (then it is
-    replaced).  ``name``: the text model's shape (`TINY_SHAPES`).
+    replaced).  ``name``: one of `TINY_SHAPES`; `TINY_CAPTIONER` is also pretrained (`pretrain_recipe`).
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
@@ -398,12 +443,15 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, 
 
 
 def _cache_subdir(name: str) -> str:
-    return DEFAULT_CACHE_SUBDIR if name == TINY else f"{name}-qwen2.5-vl"
+    if name == TINY:
+        return DEFAULT_CACHE_SUBDIR
+    key = _recipe_key(name, TINY_SEED)
+    return f"{name}-qwen2.5-vl" if key is None else f"{name}-{key}-qwen2.5-vl"
 
 
 def default_tiny_dir(name: str = TINY) -> Path:
-    """``$LVR_CACHE_DIR/tiny-qwen2.5-vl`` (other shapes: ``<name>-qwen2.5-vl``); ``LVR_CACHE_DIR``
-    defaults to ``~/.cache/lvr``."""
+    """``$LVR_CACHE_DIR/tiny-qwen2.5-vl`` (other shapes: ``<name>-qwen2.5-vl``, pretrained ones
+    ``<name>-<recipe key>-qwen2.5-vl``); ``LVR_CACHE_DIR`` defaults to ``~/.cache/lvr``."""
     root = os.environ.get("LVR_CACHE_DIR") or os.path.join("~", ".cache", "lvr")
     return Path(root).expanduser().resolve() / _cache_subdir(name)
 
@@ -412,22 +460,22 @@ def ensure_tiny_model(out_dir: str | os.PathLike | None = None, name: str = TINY
     """Return a complete tiny-model folder (``TINY_SEED``), building it first if needed.
 
     ``out_dir`` defaults to :func:`default_tiny_dir`.  A folder without the marker (an
-    interrupted build), or whose marker names another seed or format version, is rebuilt.  Safe
-    with concurrent callers: the first to rename a finished build into place wins, the others
-    use it.
+    interrupted build), or whose marker names another seed, format version or pretraining recipe,
+    is rebuilt.  Safe with concurrent callers: the first to rename a finished build into place
+    wins, the others use it.
     """
     out = Path(out_dir).expanduser().resolve() if out_dir is not None else default_tiny_dir(name)
-    if _marker_ok(out, TINY_SEED):
+    if _marker_ok(out, TINY_SEED, name):
         return out
     tmp = _build_to_tmp(out, TINY_SEED, name)
     try:
-        if _marker_ok(out, TINY_SEED):  # someone else finished meanwhile
+        if _marker_ok(out, TINY_SEED, name):  # someone else finished meanwhile
             return out
         if out.exists() or out.is_symlink():
             _remove(out)
         os.replace(tmp, out)
     except OSError:
-        if _marker_ok(out, TINY_SEED):  # lost a race to another builder
+        if _marker_ok(out, TINY_SEED, name):  # lost a race to another builder
             return out
         raise
     finally:
@@ -436,12 +484,12 @@ def ensure_tiny_model(out_dir: str | os.PathLike | None = None, name: str = TINY
 
 
 def tiny_model_dir(ref: str) -> Path | None:
-    """The locally built model a reference names (`tiny`, `tiny-7b-layout`), built on first use; None
-    for any other reference."""
+    """The locally built model a reference names (`tiny`, `tiny-7b-layout`, `tiny-captioner`), built
+    on first use; None for any other reference."""
     return ensure_tiny_model(name=ref) if ref in TINY_SHAPES else None
 
 
-def _marker_ok(out: Path, seed: int) -> bool:
+def _marker_ok(out: Path, seed: int, name: str) -> bool:
     marker = out / MARKER_FILE
     if not marker.is_file():
         return False
@@ -449,7 +497,8 @@ def _marker_ok(out: Path, seed: int) -> bool:
         data = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return data.get("format_version") == TINY_FORMAT_VERSION and data.get("seed") == seed
+    return (data.get("format_version") == TINY_FORMAT_VERSION and data.get("seed") == seed
+            and data.get("recipe") == _recipe_key(name, seed))
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:
@@ -459,6 +508,7 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 
 __all__ = [
     "TINY_SEED",
+    "TINY_CAPTIONER",
     "SPECIAL_TOKENS",
     "REASONING_TOKENS",
     "CHAT_TEMPLATE",
@@ -469,5 +519,6 @@ __all__ = [
     "default_tiny_dir",
     "ensure_tiny_model",
     "is_complete",
+    "pretrain_recipe",
     "tiny_corpus",
 ]

@@ -15,6 +15,9 @@ _SESSION_HOME = Path(os.environ.get("LVR_TEST_HOME") or tempfile.mkdtemp(prefix=
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
 os.environ.setdefault("LVR_CACHE_DIR", str(_SESSION_HOME / "cache"))
+# The tiny profile captions with `tiny-captioner`, whose pretraining takes minutes: tests get one of
+# zero steps (the random `tiny` weights, cached under their own recipe key), built in a second.
+os.environ.setdefault("LVR_TINY_CAPTIONER_STEPS", "0")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lvr")
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 
@@ -39,9 +42,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: on CPU machines they are reported as skipped, never as passed."""
+    """`images` tests (a Docker engine and the built images) run only when asked for with `-m images`
+    (`make test-images`); `gpu` tests need CUDA: on CPU machines they are reported as skipped, never
+    as passed."""
     import torch
 
+    if "images" not in (config.getoption("markexpr") or ""):
+        images = [item for item in items if "images" in item.keywords]
+        if images:
+            config.hook.pytest_deselected(items=images)
+            items[:] = [item for item in items if "images" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -8,7 +8,7 @@ from tasks.config import ConfigError, load_config, normalise_overrides
 def test_builtin_configs_validate():
     tiny = load_config("tiny")
     prod = load_config("longvila-r1")
-    assert tiny.profile == "tiny" and tiny.caption.model == "tiny" and tiny.qa.backend == "template"
+    assert tiny.profile == "tiny" and tiny.caption.model == "tiny-captioner" and tiny.qa.backend == "template"
     assert prod.caption.trust_remote_code and "NVILA" in prod.caption.model
     assert prod.qa.backend == "openai" and prod.qa.api_key_env == "DEEPSEEK_API_KEY"
     assert prod.filter.backend == "vllm" and prod.grpo.rollout_engine == "vllm"

@@ -68,6 +68,13 @@ class ExecutionConfig(Section):
     lock_stale_s: float = Field(
         120.0, gt=0, description="A stage lock whose owner has not renewed it for this long is taken over (its owner died)."
     )
+    history_retention_days: float | None = Field(
+        14.0, gt=1 / 24,
+        description="`lvr run` on Prefect's ephemeral API (no PREFECT_API_URL): after the run, delete from the local Prefect "
+        "database the flow runs that ended more than this many days ago (over an hour: Prefect's minimum), with their task "
+        "runs, logs, artifacts and events (Prefect's own vacuum; a Prefect server does this with its vacuum service). "
+        "none: keep everything.",
+    )
     allow_shrink: bool = Field(
         False,
         description="Accept a source that lists fewer videos than `clip.max_shrink` of the last complete clip run "

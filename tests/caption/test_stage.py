@@ -48,7 +48,7 @@ def test_hf_captions_every_clip(clipped, tmp_path):
     assert (merged["start_s"] == merged["start_s_clip"]).all() and (merged["video_id"] == merged["video_id_clip"]).all()
     assert (captions["caption"].str.len() > 0).all()
     assert (captions["frames_used"] == 8).all() and (captions["tokens_out"] > 0).all() and (captions["tokens_in"] > 100).all()
-    assert set(captions["backend"]) == {"hf"} and set(captions["model"]) == {"tiny"}
+    assert set(captions["backend"]) == {"hf"} and set(captions["model"]) == {"tiny-captioner"}
     assert captions["prompt_hash"].nunique() == 1 and (captions["latency_s"] > 0).all()
     # Seeded sampling: a second workdir gives the same captions.
     wd2 = tmp_path / "wd2"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -44,22 +46,42 @@ def test_bad_override_exits_2_with_valid_keys(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+def _backdate_flow_runs(prefect_db: Path, days: int) -> set[str]:
+    """Make every flow run of a Prefect database have ended `days` earlier; their ids."""
+    with sqlite3.connect(prefect_db) as db:
+        runs = db.execute("select id, end_time from flow_run").fetchall()
+        for run_id, end in runs:
+            then = datetime.strptime(end, "%Y-%m-%d %H:%M:%S.%f") - timedelta(days=days)
+            db.execute("update flow_run set end_time = ? where id = ?", (then.strftime("%Y-%m-%d %H:%M:%S.%f"), run_id))
+    return {run_id for run_id, _ in runs}
+
+
 def test_run_to_clip_twice_second_is_cached(tmp_path, small_source):
     wd = tmp_path / "wd"
-    first = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip")
+    # Its own Prefect database (ephemeral API), to check the history retention of `lvr run`.
+    prefect = {"PREFECT_HOME": str(tmp_path / "prefect")}
+    first = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip", env=prefect)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (wd / "clip" / "_manifest.json").exists()
+    assert "pruned" not in first.stdout  # nothing is older than execution.history_retention_days (14)
     status = run_cli("status", str(wd))
     clip_line = next(ln for ln in status.stdout.splitlines() if ln.startswith("clip"))
     assert clip_line.split()[1:4] == ["done", str(len(pd.read_parquet(wd / "clip"))), "1"]
     assert next(ln for ln in status.stdout.splitlines() if ln.startswith("caption")).split()[1] == "missing"
     manifest_before = (wd / "clip" / "_manifest.json").read_text()
 
-    second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip", "--engine", "local")
+    first_runs = _backdate_flow_runs(tmp_path / "prefect" / "prefect.db", days=30)
+    second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip", env=prefect)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (wd / "clip" / "_manifest.json").read_text() == manifest_before  # nothing was redone
     status = run_cli("status", str(wd))
     assert next(ln for ln in status.stdout.splitlines() if ln.startswith("clip")).split()[1] == "cached"
+    # The first run's history (30 days old now) went with its task runs and logs; the second's stayed.
+    assert f"pruned Prefect's run history: {len(first_runs)} flow runs" in second.stdout
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        left = {row[0] for row in db.execute("select id from flow_run")}
+        logged = {row[0] for row in db.execute("select distinct flow_run_id from log")}
+    assert left and not left & first_runs and logged <= left
 
 
 def test_from_caption_without_clip_fails_clearly(tmp_path, small_source):

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,12 @@ def test_dockerfile_passes_hadolint(dockerfile):
     assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
 
 
+def _stages(dockerfile: Path) -> tuple[str, str]:
+    """(the wheel stage after its FROM, the stages after it: the image and what it is made of)."""
+    build, *image = re.split(r"^FROM\s", dockerfile.read_text(), flags=re.M)[1:]
+    return build.split("\n", 1)[1], "FROM ".join(image)
+
+
 def test_both_images_install_the_wheel_of_every_package_and_start_flow_runs_where_prefect_yaml_says():
     """Each image builds lvr's wheel in a first stage from every package pyproject.toml ships (and
     the root files the wheel holds), and the image itself gets only that wheel: no source folder,
@@ -139,17 +146,52 @@ def test_both_images_install_the_wheel_of_every_package_and_start_flow_runs_wher
     packages = {name.strip().strip('"').rstrip("*") for name in includes.group(1).split(",") if name.strip()}
     assert {"flows", "tasks", "configs"} <= packages
     for dockerfile in DOCKERFILES:
-        build, image = re.split(r"^FROM\s", dockerfile.read_text(), flags=re.M)[1:]
-        assert re.match(r"\S+ AS wheel\n", build) and re.search(r"^RUN pip wheel .*--no-deps -w /wheels \.$", build, re.M)
+        assert re.search(r"^FROM \S+ AS wheel$", dockerfile.read_text(), re.M)
+        build, image = _stages(dockerfile)
+        assert re.search(r"pip wheel .*--no-deps -w /wheels \.$", build, re.M)
         copied = set(re.findall(r"^COPY\s+(\S+)\s+\./\1\s*$", build, re.M))
         assert packages <= copied, f"{dockerfile.name} builds its wheel without {sorted(packages - copied)}"
-        assert {"pyproject.toml", "LICENSE", "prefect.yaml"} <= set(re.search(r"^COPY ([^\n]*) \./$", build, re.M).group(1).split())
-        sources = re.findall(r"^COPY\s+(?!--from=wheel\s)(\S+)", image, re.M)
-        assert all(source.endswith(".txt") for source in sources), f"{dockerfile.name} copies sources into the image: {sources}"
-        assert "COPY --from=wheel /wheels /tmp/wheels" in image and "pip install" in image
+        roots = {name for line in re.findall(r"^COPY ([^\n]*) \./$", build, re.M) for name in line.split()}
+        assert {"pyproject.toml", "README.md", "LICENSE", "prefect.yaml"} <= roots
+        # Into the image: the install script, constraints and the wheelhouse; never a source folder.
+        sources = {s for line in re.findall(r"^COPY\s+(?!--from=)([^\n]+)", image, re.M) for s in line.split()[:-1]}
+        assert sources <= {"deploy/install-lvr.sh", "constraints.txt", "deploy/constraints-gpu.txt", "deploy/wheelhouse"}, sources
+        assert "COPY --from=wheel /wheels /tmp/lvr/wheels" in image
         assert re.findall(r"^WORKDIR\s+(\S+)", image, re.M) == [workdir], f"{dockerfile.name}: flow runs start in {workdir}"
     # Flow runs find their flows in the installed package, not in files of the working directory.
     assert all(re.fullmatch(r"flows\.pipeline\.\w+", d["entrypoint"]) for d in prefect_yaml()["deployments"])
+
+
+def test_cpu_and_gpu_images_get_the_same_python_layer():
+    """The GPU image cannot be built here (a CUDA base from a registry; vLLM does not resolve on this
+    mirror), so it must not drift from the CPU image that `make test-images` builds and runs: the
+    same wheel stage (only the extras differ) and the same install steps in the same order."""
+    (cpu_build, cpu_image), (gpu_build, gpu_image) = (_stages(DEPLOY / name) for name in ("Dockerfile.cpu", "Dockerfile.gpu"))
+
+    def instructions(stage: str) -> list[str]:
+        return [line for line in stage.splitlines() if line.strip() and not line.startswith(("#", "ARG LVR_EXTRAS="))]
+
+    assert instructions(cpu_build) == instructions(gpu_build)
+    assert 'ARG LVR_EXTRAS=""' in cpu_build and 'ARG LVR_EXTRAS="gpu"' in gpu_build
+    for image in (cpu_image, gpu_image):
+        steps = re.findall(r"/tmp/lvr/install-lvr\.sh (\w+)", image)
+        assert steps == ["dependencies", "wheel"], steps
+        assert "COPY --from=wheel /requirements.txt /tmp/lvr/requirements.txt" in image
+        # Nothing else installs Python packages after lvr's wheel: `pip check` is its last word.
+        after_wheel = image.split("install-lvr.sh wheel", 1)[1]
+        assert "pip install" not in after_wheel
+
+
+def test_install_script_lists_lvrs_dependencies_and_refuses_an_unknown_extra(tmp_path):
+    script = DEPLOY / "install-lvr.sh"
+    listed = subprocess.run(["sh", str(script), "requirements", str(REPO / "pyproject.toml"), "docker"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert listed.stdout.split("\n")[:-1] == project["dependencies"] + project["optional-dependencies"]["docker"]
+    unknown = subprocess.run(["sh", str(script), "requirements", str(REPO / "pyproject.toml"), "nope"],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode != 0 and "no such extra: ['nope']" in unknown.stderr
 
 
 # ---- work-pool base job templates ----------------------------------------------------------------
@@ -362,3 +404,36 @@ def test_multinode_template_commands_are_what_the_code_runs():
         argv = torchrun_argv(spec, node_rank=rank)
         assert {f"--nnodes={nnodes}", f"--node-rank={rank}", f"--master-addr={master}", f"--master-port={port}",
                 f"--nproc-per-node={cfg.nproc_per_node}"} <= set(argv)
+
+
+# ---- the wheelhouse of the air-gapped image build --------------------------------------------------
+
+
+def _fake_wheel(folder: Path, name: str, requires: list[str]) -> None:
+    """A wheel holding only its METADATA: what fill_wheelhouse reads."""
+    import zipfile
+
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0", *(f"Requires-Dist: {r}" for r in requires)]
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as archive:
+        archive.writestr(f"{name}-1.0.dist-info/METADATA", "\n".join(lines) + "\n")
+
+
+def test_wheelhouse_is_completed_for_the_images_python_not_this_machines(tmp_path):
+    """Bookworm's Python is 3.11.2: redis then also needs async-timeout, which pip running on a newer
+    3.11 leaves out. Markers are evaluated for the image (extras followed, other platforms ignored)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fill_wheelhouse", DEPLOY / "fill_wheelhouse.py")
+    fill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fill)
+    _fake_wheel(tmp_path, "redis", ['async-timeout>=4.0.3; python_full_version < "3.11.3"'])
+    _fake_wheel(tmp_path, "uvicorn", ['httptools>=0.6; extra == "standard"', 'colorama; sys_platform == "win32"'])
+    environment = {
+        "implementation_name": "cpython", "implementation_version": "3.11.2", "os_name": "posix", "platform_machine": "x86_64",
+        "platform_release": "", "platform_system": "Linux", "platform_version": "", "python_full_version": "3.11.2",
+        "platform_python_implementation": "CPython", "python_version": "3.11", "sys_platform": "linux",
+    }
+    roots = ["redis==1.0", "uvicorn[standard]"]
+    assert sorted(fill.missing_requirements(tmp_path, roots, environment)) == ["async-timeout>=4.0.3", "httptools>=0.6"]
+    newer = {**environment, "python_full_version": "3.11.7"}
+    assert fill.missing_requirements(tmp_path, ["redis==1.0", "uvicorn"], newer) == []

@@ -18,7 +18,7 @@ import yaml
 
 from flows.deploy import single_machine_spec
 from tests.support.openai_server import Fault, OpenAITestServer, r1_responder
-from tests.support.paths import REPO
+from tests.support.paths import REPO, run_cli
 from tests.support.prefect_server import PrefectServer
 from tests.support.videos import make_video
 
@@ -83,7 +83,7 @@ def run_deployment(server: PrefectServer, name: str, parameters: dict | None = N
 
 def test_single_machine_spec_moves_every_deployment_to_the_pool_and_keeps_the_rest():
     shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    spec = single_machine_spec(shipped, "here", Path("/src/lvr"), {"workdir": "/w", "source": "/videos", "overrides": ["a.b=1"]})
+    spec = single_machine_spec(shipped, "here", {"workdir": "/w", "source": "/videos", "overrides": ["a.b=1"]}, project_dir=Path("/src/lvr"))
     assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/src/lvr"}}]
     by_name = {d["name"]: d for d in spec["deployments"]}
     assert set(by_name) == {d["name"] for d in shipped["deployments"]}
@@ -94,7 +94,20 @@ def test_single_machine_spec_moves_every_deployment_to_the_pool_and_keeps_the_re
     assert by_name["lvr-dataset-refresh"]["schedules"] == refresh["schedules"]
     assert by_name["lvr-dataset-refresh"]["parameters"]["to_stage"] == "filter"
     with pytest.raises(ValueError, match="from_stage"):
-        single_machine_spec(shipped, "here", Path("/src"), {"from_stage": "qa"})
+        single_machine_spec(shipped, "here", {"from_stage": "qa"}, project_dir=Path("/src"))
+
+
+def test_single_machine_spec_for_a_docker_pool_runs_every_deployment_in_the_image():
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec = single_machine_spec(shipped, "dock", {"workdir": "/srv/w"}, image="lvr-cpu:0.1.0")
+    # Flow runs start where the image's WORKDIR is (prefect.yaml's pull step), not in a checkout.
+    assert spec["pull"] == shipped["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/lvr"}}]
+    # The GPU stages' `gpus` request goes: the one pool's template decides.
+    assert all(d["work_pool"] == {"name": "dock", "job_variables": {"image": "lvr-cpu:0.1.0"}} for d in spec["deployments"])
+    assert {d["parameters"]["workdir"] for d in spec["deployments"]} == {"/srv/w"}
+    for both_or_neither in ({"project_dir": Path("/src"), "image": "x"}, {}):
+        with pytest.raises(ValueError, match="exactly one"):
+            single_machine_spec(shipped, "dock", {}, **both_or_neither)
 
 
 def test_prefect_yaml_deploys_every_flow_with_its_form_and_schedule(site):
@@ -125,6 +138,12 @@ def test_prefect_yaml_deploys_every_flow_with_its_form_and_schedule(site):
 
     ui = server.http.get(server.url + "/")
     assert ui.status_code == 200 and "<html" in ui.text.lower()
+
+    # Onto a Docker pool (`--image`) the pool must exist: a site makes it from its template.
+    refused = run_cli("deploy", "--pool", "no-such-docker-pool", "--image", "lvr-cpu:0.1.0", env=server.env, timeout=120)
+    assert refused.returncode == 1
+    assert "no work pool 'no-such-docker-pool': create it first" in refused.stderr
+    assert "--base-job-template deploy/work-pools/docker-cpu.json" in refused.stderr
 
 
 def test_partial_run_fails_at_qa_and_retry_keeps_finished_stages(site):

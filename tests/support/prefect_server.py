@@ -103,8 +103,9 @@ class PrefectServer:
         return [p.pid for p in self.processes if p.poll() is None]
 
     @contextlib.contextmanager
-    def worker(self, pool: str, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-        proc = self._spawn(f"worker-{pool}", [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"], cwd=cwd)
+    def worker(self, pool: str, cwd: Path | None = None, kind: str = "process") -> Iterator[subprocess.Popen]:
+        """A worker of `pool`; `kind` docker needs prefect-docker (lvr's `docker` extra)."""
+        proc = self._spawn(f"worker-{pool}", [*PREFECT, "worker", "start", "--pool", pool, "--type", kind], cwd=cwd)
         try:
             yield proc
         finally:
