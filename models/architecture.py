@@ -109,9 +109,9 @@ def _read_json(text: str, where: str) -> dict[str, Any]:
 
 def load_config_json(ref: str) -> tuple[dict[str, Any], str]:
     """The `config.json` of a model reference (see the module docstring) and where it was read."""
-    from models.tiny import tiny_model_dir
+    from models.tiny import tiny_architecture_dir
 
-    built = tiny_model_dir(ref)
+    built = tiny_architecture_dir(ref)
     if built is not None:
         path = built / "config.json"
         return _read_json(path.read_text(encoding="utf-8"), str(path)), str(path)

@@ -489,6 +489,19 @@ def tiny_model_dir(ref: str) -> Path | None:
     return ensure_tiny_model(name=ref) if ref in TINY_SHAPES else None
 
 
+def untrained_name(name: str) -> str:
+    """The random-weight model a locally built one starts from: itself unless it is pretrained."""
+    return TINY if name == TINY_CAPTIONER else name
+
+
+def tiny_architecture_dir(ref: str) -> Path | None:
+    """The files that describe a locally built model (config.json, tokenizer, video preprocessing),
+    without building its weights: pretraining changes the weights only, so a pretrained model is
+    described by the random-weight build it starts from (seconds, not minutes of pretraining, for
+    `lvr check`). None for any other reference."""
+    return ensure_tiny_model(name=untrained_name(ref)) if ref in TINY_SHAPES else None
+
+
 def _marker_ok(out: Path, seed: int, name: str) -> bool:
     marker = out / MARKER_FILE
     if not marker.is_file():
@@ -509,6 +522,8 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 __all__ = [
     "TINY_SEED",
     "TINY_CAPTIONER",
+    "tiny_architecture_dir",
+    "untrained_name",
     "SPECIAL_TOKENS",
     "REASONING_TOKENS",
     "CHAT_TEMPLATE",

@@ -52,9 +52,11 @@ def text_tokens(text: str) -> int:
 def preprocess_for(ref: str) -> VideoPreprocessConfig:
     """The video preprocessing a model gets, found the way the stages find it: its checkpoint's
     settings (tiny models, local folders), else Qwen's defaults (a hub id without local files)."""
+    from models.tiny import tiny_architecture_dir
     from models.vlm import load_preprocess_config, resolve_model_ref
 
-    return load_preprocess_config(resolve_model_ref(ref))
+    built = tiny_architecture_dir(ref)  # a pretrained tiny model is not trained for a check
+    return load_preprocess_config(str(built) if built is not None else resolve_model_ref(ref))
 
 
 def _question_prompt_tokens() -> int:

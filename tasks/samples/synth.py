@@ -1,10 +1,24 @@
 """A synthetic, verifiable video QA set for checking that training learns (`lvr synth`).
 
-Each video is a row of solid-colour segments (distinct colours from `PALETTE`, each lasting whole
-one-second slots, one segment strictly longest); each video gets one question per kind in `KINDS`
-(which colour comes first, last, or lasts longest), multiple choice over the whole palette in a
-fixed order, with the exact answer known by construction. The SFT target names the colour, then
-the letter: `<think>The first colour is red.</think><answer>A</answer>`.
+Each video is a row of solid-colour segments (colours from `PALETTE`, each segment lasting whole
+one-second slots); each video gets one question per kind in `SynthSpec.kinds`, with the exact answer
+known by construction. Two families of kinds (`KINDS`):
+
+- perception, multiple choice over the whole palette in a fixed order: which colour comes first,
+  last, or is shown longest;
+- composition of several observations across the video: which colour comes right after the
+  longest segment (multiple choice), how many separate times the first colour is shown (open-ended,
+  a number) and whether the last colour is the first one again (open-ended, yes or no). The last two
+  need colours that come back (`SynthSpec.repeats`: adjacent segments still differ).
+
+A video is planned so that every kind asked about it has one answer: a unique longest segment, a
+unique colour shown longest in total, a longest segment that is not the last one; with repeats,
+half the videos (by a seeded coin) end on their first colour.
+
+The SFT target (`SynthSpec.reasoning`) is either the answer in a sentence,
+`<think>The first colour is red.</think><answer>A</answer>`, or a chain that names the colour of
+every slot in order and then derives the answer from them (the shape of the paper's CoT-SFT data),
+`<think>Colours: red red blue blue blue red green green. Longest blue, then red.</think><answer>A</answer>`.
 
 Sampling `2 * slots` frames across a video (`SynthSpec.num_frames`) takes two frames per slot, so
 each of Qwen's temporal patches (two frames) sees exactly one slot's colour.
@@ -19,10 +33,11 @@ placeholder ("medium").
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -31,28 +46,98 @@ from tasks.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from tasks.engine.run import run_stage
 from tasks.engine.stage import ShardResult, Stage, StageContext, StageReport, WorkItem
 from tasks.engine.store import Workdir, stable_hash
-from tasks.grading.prompts import LETTERS, MULTIPLE_CHOICE, user_prompt
+from tasks.grading.prompts import LETTERS, MULTIPLE_CHOICE, OPEN_ENDED, user_prompt
 
 PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("red", (230, 25, 25)), ("green", (25, 170, 50)), ("blue", (30, 60, 230)), ("yellow", (240, 220, 30)),
 )
-KINDS = {
-    "first": ("Which colour is shown first in the video?", "first"),
-    "last": ("Which colour is shown last in the video?", "last"),
-    "longest": ("Which colour is shown for the longest time in the video?", "longest"),
-}
 CATEGORY = "Temporal"
 VIDEOS_DIR = "_synth"
 
 Segment = tuple[str, int]  # (colour name, slots)
 
 
+def slot_colours(segments: list[Segment]) -> list[str]:
+    """The colour of every one-second slot, in order."""
+    return [colour for colour, slots in segments for _ in range(slots)]
+
+
+def longest_segment(segments: list[Segment]) -> int:
+    return max(range(len(segments)), key=lambda i: segments[i][1])
+
+
+def longest_shown(segments: list[Segment]) -> str:
+    """The colour shown for the most slots in total (the longest segment's when colours are distinct)."""
+    colours = slot_colours(segments)
+    return max(dict.fromkeys(colours), key=colours.count)
+
+
+def times_shown(segments: list[Segment], colour: str) -> int:
+    return sum(c == colour for c, _ in segments)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of question: its text, its type (multiple choice over `PALETTE`, or open-ended), its
+    answer (a colour for multiple choice, the answer text otherwise) and the sentences that state
+    (`says`) or derive from the observed colours (`derives`) that answer."""
+
+    question: str
+    question_type: str
+    answer: Callable[[list[Segment]], str]
+    says: Callable[[list[Segment]], str]
+    derives: Callable[[list[Segment]], str]
+    needs_repeats: bool = False
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+KINDS: dict[str, Kind] = {
+    "first": Kind(
+        "Which colour is shown first in the video?", MULTIPLE_CHOICE, lambda s: s[0][0],
+        lambda s: f"The first colour is {s[0][0]}.", lambda s: f"First {s[0][0]}.",
+    ),
+    "last": Kind(
+        "Which colour is shown last in the video?", MULTIPLE_CHOICE, lambda s: s[-1][0],
+        lambda s: f"The last colour is {s[-1][0]}.", lambda s: f"Last {s[-1][0]}.",
+    ),
+    "longest": Kind(
+        "Which colour is shown for the longest time in the video?", MULTIPLE_CHOICE, longest_shown,
+        lambda s: f"The longest colour is {longest_shown(s)}.", lambda s: f"Longest {longest_shown(s)}.",
+    ),
+    "after_longest": Kind(
+        "Which colour comes right after the longest segment of the video?", MULTIPLE_CHOICE,
+        lambda s: s[longest_segment(s) + 1][0],
+        lambda s: f"After the longest segment comes {s[longest_segment(s) + 1][0]}.",
+        lambda s: f"Longest {s[longest_segment(s)][0]}, then {s[longest_segment(s) + 1][0]}.",
+    ),
+    "returns": Kind(
+        "How many separate times is the first colour of the video shown?", OPEN_ENDED,
+        lambda s: str(times_shown(s, s[0][0])),
+        lambda s: f"The first colour is shown {times_shown(s, s[0][0])} times.",
+        lambda s: f"First {s[0][0]}, shown {times_shown(s, s[0][0])} times.",
+        needs_repeats=True,
+    ),
+    "same_ends": Kind(
+        "Is the last colour of the video the same as the first one? Answer yes or no.", OPEN_ENDED,
+        lambda s: _yes_no(s[0][0] == s[-1][0]),
+        lambda s: f"The first and last colours are {'the same' if s[0][0] == s[-1][0] else 'different'}.",
+        lambda s: f"First {s[0][0]}, last {s[-1][0]}: {_yes_no(s[0][0] == s[-1][0])}.",
+        needs_repeats=True,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     videos: int = 600
     slots: int = 8  # seconds per video; every segment lasts a whole number of them
-    segments: int = 3  # colours per video (distinct, at most len(PALETTE))
+    segments: int = 3  # colour segments per video (distinct colours unless `repeats`)
     kinds: tuple[str, ...] = ("first", "last", "longest")
+    repeats: bool = False  # a colour may come back after another one (adjacent segments always differ)
+    reasoning: Literal["answer", "chain"] = "answer"  # the SFT target's <think>: the answer, or every slot's colour then a derivation
     fps: int = 4
     size: int = 56  # pixels per side: one 2 x 2 token grid per temporal patch with the tiny model
     eval_fraction: float = 0.2  # of the videos
@@ -60,11 +145,17 @@ class SynthSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 2 <= self.segments <= min(len(PALETTE), self.slots - 1):
-            raise ValueError(f"segments must be in [2, min({len(PALETTE)}, slots - 1)], got {self.segments}")
+        most = self.slots - 1 if self.repeats else min(len(PALETTE), self.slots - 1)
+        if not 2 <= self.segments <= most:
+            raise ValueError(f"segments must be in [2, {most}] (slots - 1{'' if self.repeats else ', palette size'}), got {self.segments}")
         unknown = set(self.kinds) - set(KINDS)
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be among {sorted(KINDS)}, got {list(self.kinds)}")
+        needing = [k for k in self.kinds if KINDS[k].needs_repeats]
+        if needing and not (self.repeats and self.segments >= 3):
+            raise ValueError(f"kinds {needing} ask about colours that come back: they need repeats=True and segments >= 3")
+        if self.reasoning not in ("answer", "chain"):
+            raise ValueError(f"reasoning must be 'answer' or 'chain', got {self.reasoning!r}")
         if self.eval_fraction + self.sft_fraction > 1:
             raise ValueError("eval_fraction + sft_fraction must not exceed 1")
 
@@ -74,23 +165,45 @@ class SynthSpec:
         return 2 * self.slots
 
 
+def answerable(segments: list[Segment], kinds: tuple[str, ...]) -> bool:
+    """Whether every kind has exactly one answer about these segments."""
+    lengths = [n for _, n in segments]
+    if lengths.count(max(lengths)) != 1:
+        return False
+    colours = slot_colours(segments)
+    totals = sorted((colours.count(c) for c in set(colours)), reverse=True)
+    if "longest" in kinds and len(totals) > 1 and totals[0] == totals[1]:
+        return False
+    return not ("after_longest" in kinds and longest_segment(segments) == len(segments) - 1)
+
+
 def plan_segments(rng: random.Random, spec: SynthSpec) -> list[Segment]:
-    """Distinct colours with lengths summing to `slots`, one length strictly the longest."""
+    """Colours with lengths summing to `slots`, answerable for every kind of the spec; distinct
+    colours, or (with `repeats`) adjacent ones differing, ending on the first colour as a seeded coin says."""
+    names = [name for name, _ in PALETTE]
+    same_ends = rng.random() < 0.5 if spec.repeats else False
     while True:
         cuts = sorted(rng.sample(range(1, spec.slots), spec.segments - 1))
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, spec.slots])]
-        if lengths.count(max(lengths)) == 1:
-            break
-    colours = rng.sample([name for name, _ in PALETTE], spec.segments)
-    return list(zip(colours, lengths))
+        if lengths.count(max(lengths)) != 1:
+            continue
+        if spec.repeats:
+            colours = [rng.choice(names)]
+            for _ in range(spec.segments - 1):
+                colours.append(rng.choice([c for c in names if c != colours[-1]]))
+        else:
+            colours = rng.sample(names, spec.segments)
+        segments = list(zip(colours, lengths))
+        if answerable(segments, spec.kinds) and (colours[0] == colours[-1]) == same_ends:
+            return segments
 
 
-def answer_colour(segments: list[Segment], kind: str) -> str:
-    if kind == "first":
-        return segments[0][0]
-    if kind == "last":
-        return segments[-1][0]
-    return max(segments, key=lambda s: s[1])[0]
+def reasoning_text(segments: list[Segment], kind: str, style: str) -> str:
+    """The SFT target's thinking: the answer in a sentence, or every slot's colour then the derivation."""
+    if style == "answer":
+        return KINDS[kind].says(segments)
+    # "Colours:" first, so that every colour name is the same token (" red"), the first one included.
+    return f"Colours: {' '.join(slot_colours(segments))}. {KINDS[kind].derives(segments)}"
 
 
 def write_video(path: Path, segments: list[Segment], spec: SynthSpec) -> None:
@@ -124,18 +237,19 @@ def video_splits(spec: SynthSpec) -> tuple[str, ...]:
 
 def item_rows(index: int, segments: list[Segment], uri: str, split: str, spec: SynthSpec) -> list[dict[str, Any]]:
     """FILTER rows of one video's questions."""
-    options = [name for name, _ in PALETTE]
+    palette = [name for name, _ in PALETTE]
     video_id = f"synth-{spec.seed}-{index:05d}"
     rows = []
     for kind in spec.kinds:
-        question, phrase = KINDS[kind]
-        colour = answer_colour(segments, kind)
-        letter = LETTERS[options.index(colour)]
-        reasoning = f"The {phrase} colour is {colour}."
+        question, question_type = KINDS[kind].question, KINDS[kind].question_type
+        answer = KINDS[kind].answer(segments)  # a colour for multiple choice
+        options = palette if question_type == MULTIPLE_CHOICE else None
+        key = LETTERS[palette.index(answer)] if options else answer
+        reasoning = reasoning_text(segments, kind, spec.reasoning)
         rows.append({
             "qa_id": stable_hash({"video_id": video_id, "kind": kind}), "video_id": video_id, "video_uri": uri, "category": CATEGORY,
-            "question_type": MULTIPLE_CHOICE, "question": question, "options": options, "answer": letter,
-            "prompt": user_prompt(question, MULTIPLE_CHOICE, options), "target": f"<think>{reasoning}</think><answer>{letter}</answer>",
+            "question_type": question_type, "question": question, "options": options, "answer": key,
+            "prompt": user_prompt(question, question_type, options), "target": f"<think>{reasoning}</think><answer>{key}</answer>",
             "n_runs": 0, "n_correct": 0, "n_format_ok": 0, "pass_rate": 0.0, "difficulty": "medium",
             "reasoning_words": len(reasoning.split()), "quality": 1.0, "split": split, "model": "synth", "num_frames": spec.num_frames,
         })

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main
+from models.tiny import PRETRAIN_STEPS_ENV, TINY, TINY_CAPTIONER, default_tiny_dir, is_complete
 from tasks.config import load_config
 from tasks.pipeline import run_pipeline
 from tasks.preflight.checks import check_config
@@ -103,10 +104,19 @@ def test_unknown_model_architecture_names_the_key_and_the_remedy() -> None:
     assert finding.key == "sft.model" and "lvr models architecture someone/unknown-model" in finding.message
 
 
-def test_tiny_profile_passes() -> None:
-    report = check_config(load_config("tiny"), STAGE_NAMES)
+def test_tiny_profile_passes_without_pretraining_its_captioner(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # The full recipe: a check that built the captioner would pretrain for minutes here.
+    monkeypatch.setenv("LVR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(PRETRAIN_STEPS_ENV, raising=False)
+    config = load_config("tiny")
+    assert config.caption.model == TINY_CAPTIONER
+    report = check_config(config, STAGE_NAMES)
     assert not report.errors, report.render()
     assert report.memory["sft"].total_bytes > 0
+    # Described by the random-weight build it starts from, which is all a check needs.
+    assert is_complete(default_tiny_dir(TINY)) and not default_tiny_dir(TINY_CAPTIONER).exists()
+    [caption] = [m for m in report.models if m.stage == "caption"]
+    assert caption.ref == TINY_CAPTIONER and caption.architecture.num_heads > 0
 
 
 def test_probe_sends_one_tiny_request_to_each_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
