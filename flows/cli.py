@@ -184,15 +184,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tasks.pipeline import select_stages
         from tasks.preflight.checks import preflight
 
-        preflight(load_config(args.config, args.overrides), select_stages(args.from_stage, args.to_stage),
-                  workdir=args.workdir, source=args.source)
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, select_stages(args.from_stage, args.to_stage), workdir=args.workdir, source=args.source)
         if args.engine == "local" and args.execution != "local":
             raise ConfigError("--execution deployments needs --engine prefect (stages run as Prefect deployments)")
         if args.engine == "local":
             from tasks.pipeline import resolve_source, run_pipeline
             from tasks.report import update_report
 
-            cfg = load_config(args.config, args.overrides)
             record = run_pipeline(
                 Workdir(args.workdir), cfg, source=resolve_source(args.source, cfg),
                 from_stage=args.from_stage, to_stage=args.to_stage, on_stage_done=update_report,
@@ -208,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     execution=args.execution,
                 )
             finally:
-                _prune_ephemeral_history(load_config(args.config, args.overrides).execution.history_retention_days)
+                _prune_ephemeral_history(cfg.execution.history_retention_days)
             results = result["results"]
     except ConfigError as exc:
         print(f"lvr: config error: {exc}", file=sys.stderr)

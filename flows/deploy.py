@@ -48,15 +48,14 @@ def single_machine_spec(
     out = dict(spec)
     if project_dir is not None:
         out["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(project_dir)}}]
-    # The pool's template decides everything else (network, volumes, env); a GPU request of the
-    # shipped spec has no meaning on a one-machine pool.
-    job_variables = {"image": image} if image else {}
     deployments = []
     for deployment in spec.get("deployments", []):
         own = deployment.get("parameters", {})
         deployments.append({
             **deployment,
-            "work_pool": {"name": pool, "job_variables": dict(job_variables)},
+            # The pool's template decides everything else (network, volumes, env); a GPU request of
+            # the shipped spec has no meaning on a one-machine pool.
+            "work_pool": {"name": pool, "job_variables": {"image": image} if image else {}},
             "parameters": {**own, **{k: v for k, v in parameters.items() if k in own}},
         })
     out["deployments"] = deployments
