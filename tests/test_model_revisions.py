@@ -43,7 +43,7 @@ def test_remote_code_from_local_folders_and_tiny_needs_no_revision(tmp_path):
         "caption.model": str(folder), "caption.trust_remote_code": True, "filter.trust_remote_code": True,
         "eval.models": ["base", "grpo", str(folder)], "eval.trust_remote_code": True,
     })
-    assert cfg.caption.revision is None and cfg.filter.model == "tiny"
+    assert cfg.caption.revision is None and cfg.filter.model == "tiny-captioner"
     # Without remote code an unpinned id is accepted (transformers refuses to run code it was not allowed to).
     assert load_config("tiny", {"filter.model": HUB_ID}).filter.revision is None
 

@@ -69,7 +69,7 @@ from tasks.grading.prompts import (
     sampling_seed,
 )
 from tasks.media.frames import answer_in_batches, frames_by_video, iter_frames_by_video
-from tasks.report.accuracy import OVERALL, accuracy_table
+from tasks.report.accuracy import CELL_FORMAT, OVERALL, accuracy_table
 from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
 from tasks.report.markdown import (
     inline_images,
@@ -299,7 +299,7 @@ def eval_markdown(
         "# Evaluation",
         f"Eval split answered {answering} with at most {cfg.max_new_tokens} new tokens; frames per video: "
         f"{', '.join(map(str, cfg.frame_counts))} ({cfg.main_frames}: {cfg.video_inputs_text()}). Open-ended answers {grading}. "
-        f"Failures: {kinds}.",
+        f"Failures: {kinds}. Cells: {CELL_FORMAT}.",
         *(["\n".join(f"- {note}" for note in notes)] if notes else []),
         markdown_table(columns, [[r.get(c, "-") for c in columns] for r in rows]) if rows else "No eval items were answered.",
     ]

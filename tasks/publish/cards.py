@@ -16,7 +16,7 @@ from tasks.grading.prompts import category_order
 from tasks.publish.dataset import PUBLISHED_SPLITS, DatasetCounts, DatasetFiles
 from tasks.publish.models import EvalResults, TrainedModel
 from tasks.publish.provenance import StageProvenance
-from tasks.report.accuracy import OVERALL, accuracy_table
+from tasks.report.accuracy import CELL_FORMAT, OVERALL, accuracy_table
 from tasks.report.markdown import markdown_table, md_text
 
 SPLIT_USES = {"sft": "chain-of-thought SFT", "rl": "GRPO (reinforcement learning)", "eval": "held-out evaluation"}
@@ -169,7 +169,7 @@ def eval_section(model: TrainedModel, results: EvalResults) -> str:
     categories = category_order(r["category"] for r in results.rows if r["category"] != OVERALL) + [OVERALL]
     rows = [[md_text(r["model"]), r["frames"], *(r.get(c, "") for c in categories)] for r in table]
     return (
-        "Accuracy on the eval split per reasoning category, `accuracy% (correct/n)` (eval/_summary):\n\n"
+        f"Accuracy on the eval split per reasoning category, {CELL_FORMAT} (eval/_summary):\n\n"
         + markdown_table(["model", "frames", *categories], rows) + "\n\n" + note
     )
 

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.media.timecode import mmss, time_range
+
 _SPACE = re.compile(r"\s+")
 
 
@@ -29,16 +31,6 @@ class VideoCaptions:
     @property
     def duration_s(self) -> float:
         return max((c.end_s for c in self.clips), default=0.0)
-
-
-def mmss(seconds: float) -> str:
-    """MM:SS as in the paper's prompts; minutes keep counting past 59 (long videos: 75:10)."""
-    total = int(round(seconds))
-    return f"{total // 60:02d}:{total % 60:02d}"
-
-
-def time_range(start_s: float, end_s: float) -> str:
-    return f"{mmss(start_s)}-{mmss(end_s)}"
 
 
 def one_line(text: str) -> str:

@@ -17,7 +17,8 @@ from string import Template
 from typing import Any
 
 from tasks.engine.store import stable_hash
-from tasks.qa.captions import VideoCaptions, Window, caption_lines, mmss
+from tasks.media.timecode import mmss
+from tasks.qa.captions import VideoCaptions, Window, caption_lines
 
 # Package data of tasks.qa: read through importlib.resources, so an installed wheel has them too.
 PROMPTS_DIR = files("tasks.qa") / "prompts"

@@ -58,9 +58,10 @@ from tasks.engine.stage import (
 )
 from tasks.engine.store import FAILURES_FILE, Failure, read_table_file, stable_hash
 from tasks.grading.prompts import count_neutralised, neutralise_special_tokens
+from tasks.media.timecode import time_range
 from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
 from tasks.qa.cache import CACHE_DIR, AnswerCache
-from tasks.qa.captions import VideoCaptions, Window, time_range, videos_from_rows
+from tasks.qa.captions import VideoCaptions, Window, videos_from_rows
 from tasks.qa.parser import ParsedItem, ParseFailure, parse_generation, parse_refinement
 from tasks.qa.prompts import WINDOW_FILE, PromptError, PromptSet
 from tasks.qa.refine import build_target

@@ -17,10 +17,17 @@ token soup included. The categories are framed honestly within that limit:
   moments two clips apart (options: the middle moment and other moments). Open-ended: what happens
   right after a quoted moment.
 
+Consecutive clips with the same caption are one moment (`segments`): a scene longer than a clip is
+described alike clip after clip, and "which comes first" between two halves of one scene has no
+answer. A caption is quoted whole when it is short (after the words every caption of the video
+starts with, e.g. "The video shows"), else by its shortest distinctive run of words.
+
 A window of a long video (`tasks.qa.windows`) is asked about its own clips, quoting snippets that are
 distinctive in the whole video. A question that a video cannot support (too few clips with distinctive snippets, e.g. a one- or
 two-clip video, or duplicate captions) is simply not drafted. The raw reasoning is written the way
-an LLM that read the captions writes it ("The caption for 00:10-00:20 describes ...") and
+an LLM that read the captions writes it ("The caption for 00:10-00:20 describes moment (1)"),
+short and naming moments by their role in the question (moment (1), the quoted moment, option B)
+rather than quoting them again, so that the CPU profile's tiny model can learn to write it; and
 `rewrite_reasoning` is the template refinement: a deterministic rewrite into steps about the video.
 Drafts are rendered as the JSON answer an LLM would give and go through the same parser and row
 building as LLM answers. Everything is seeded from the video id, so reruns are byte-identical.
@@ -39,12 +46,13 @@ from tasks.engine.store import stable_hash
 from tasks.qa.captions import Clip, VideoCaptions
 from tasks.qa.prompts import LETTERS
 
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 GENERATOR_MODEL = f"lvr-template-v{TEMPLATE_VERSION}"
 REFINER_MODEL = f"lvr-template-rewrite-v{TEMPLATE_VERSION}"
 PROMPT_VERSION = f"template-v{TEMPLATE_VERSION}"
 
 SNIPPET_WORDS = (6, 10, 14)  # window sizes tried in turn: short quotes first
+WHOLE_CAPTION_WORDS = 10  # a caption this short (after the video's common opening) is quoted whole
 MAX_SNIPPET_CHARS = 100
 _EDGE = " ,.;:!?\"'\u201c\u201d\u2018\u2019()[]"
 _UNQUOTABLE = re.compile(r"caption|</?\s*(?:think|answer)\s*>", re.IGNORECASE)
@@ -68,15 +76,47 @@ def _windows(words: list[str]) -> Iterator[str]:
                 yield text
 
 
+def _segment_starts(clips: tuple[Clip, ...]) -> list[int]:
+    return [i for i, c in enumerate(clips) if i == 0 or _normal(c.caption) != _normal(clips[i - 1].caption)]
+
+
+def segments(clips: tuple[Clip, ...]) -> tuple[Clip, ...]:
+    """Runs of consecutive clips with the same caption, each as one clip spanning the run."""
+    starts = _segment_starts(clips)
+    ends = [*starts[1:], len(clips)]
+    return tuple(Clip(clips[a].clip_id, clips[a].start_s, clips[b - 1].end_s, clips[a].caption) for a, b in zip(starts, ends))
+
+
+def _common_opening(captions: list[str]) -> int:
+    """How many leading words every caption shares (0 for fewer than two captions), leaving each at
+    least one word of its own."""
+    if len(captions) < 2:
+        return 0
+    words = [[w.casefold() for w in c.split()] for c in captions]
+    shared = 0
+    while all(len(w) > shared + 1 for w in words) and len({w[shared] for w in words}) == 1:
+        shared += 1
+    return shared
+
+
+def _candidates(caption: str, opening: int) -> Iterator[str]:
+    words = caption.split()[opening:]
+    whole = " ".join(words).strip(_EDGE)
+    if whole and len(words) <= WHOLE_CAPTION_WORDS and len(whole) <= MAX_SNIPPET_CHARS:
+        yield whole
+    yield from _windows(words)
+
+
 def distinctive_snippets(video: VideoCaptions) -> dict[int, str]:
     """Clip index -> a quote from its caption that occurs in no other clip's caption."""
     normals = [_normal(c.caption) for c in video.clips]
+    opening = _common_opening([c.caption for c in video.clips])
     snippets: dict[int, str] = {}
     for i, clip in enumerate(video.clips):
         others = [n for j, n in enumerate(normals) if j != i]
         if normals[i] in others:
             continue  # a duplicate caption: nothing in it can single this clip out
-        for candidate in _windows(clip.caption.split()):
+        for candidate in _candidates(clip.caption, opening):
             if _UNQUOTABLE.search(candidate):
                 continue
             key = _normal(candidate)
@@ -98,14 +138,8 @@ def _q(text: str) -> str:
     return f"\u201c{text}\u201d"
 
 
-def _seen(clip: Clip, text: str) -> str:
-    return f"The caption for {clip.span} describes {_q(text)}"
-
-
-def _excerpt(clip: Clip, words: int = 8) -> str:
-    """The start of a clip's caption, to say what a wrong segment shows instead."""
-    parts = [w for w in clip.caption.split() if not _UNQUOTABLE.search(w)]
-    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+def _seen(clip: Clip, what: str) -> str:
+    return f"The caption for {clip.span} describes {what}"
 
 
 def _choice(correct: str, wrong: list[str], rng: random.Random) -> tuple[tuple[str, ...], str]:
@@ -126,17 +160,17 @@ def _temporal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: rando
         perms = [", then ".join(f"({k + 1})" for k in p) for p in itertools.permutations(range(3))]
         options, letter = _choice(correct, rng.sample([p for p in perms if p != correct], 3), rng)
         listed = "; ".join(f"({k + 1}) {_q(snip[i])}" for k, i in enumerate(shown))
-        steps = [f"{_seen(clips[shown[k]], snip[shown[k]])}, which is moment ({k + 1})." for k in range(3)]
-        steps.append(f"Sorting these moments by time gives {correct}, which is option {letter}.")
+        steps = [f"{_seen(clips[shown[k]], f'moment ({k + 1})')}." for k in range(3)]
+        steps.append(f"In time order: {correct}, option {letter}.")
         return Draft(f"In what order do these moments happen in the video: {listed}?", options, letter, tuple(steps))
     if len(usable) < 2:
         return None
     a, b = rng.sample(usable, 2)
     first = min(a, b)
     steps = (
-        f"{_seen(clips[a], snip[a])}.",
-        f"{_seen(clips[b], snip[b])}.",
-        f"{clips[first].span} comes before {clips[max(a, b)].span}, so {_q(snip[first])} happens first.",
+        f"{_seen(clips[a], 'the first quoted moment')}.",
+        f"{_seen(clips[b], 'the second quoted moment')}.",
+        f"{clips[first].span} comes first, so the {'first' if first == a else 'second'} quoted moment happens first.",
     )
     return Draft(f"Which happens first in the video: {_q(snip[a])} or {_q(snip[b])}?", None, snip[first], steps)
 
@@ -153,17 +187,16 @@ def _goal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
         pool = usable[1:-1] if len(usable) >= 5 else usable[:-1]
         picked = sorted([end, *rng.sample(pool, 3)])
         options, letter = _choice(snip[end], [snip[i] for i in picked if i != end], rng)
-        steps = [f"{_seen(clips[start], snip[start])}, where the sequence starts."]
-        steps += [f"{_seen(clips[i], snip[i])}." for i in picked if i != start]
-        steps.append(f"The latest of these is {clips[end].span}, so the sequence arrives at {_q(snip[end])}, option {letter}.")
+        steps = [f"{_seen(clips[start], 'the start')}."]
+        steps += [f"{_seen(clips[i], f'option {LETTERS[options.index(snip[i])]}')}." for i in picked]
+        steps.append(f"The latest is {clips[end].span}, option {letter}.")
         question = f"Starting from {_q(snip[start])}, which of these moments does the video arrive at last, as the outcome of the sequence?"
         return Draft(question, options, letter, tuple(steps))
     if end != len(clips) - 1:
         return None  # "at the end" is only true of the final clip
     steps = (
-        f"{_seen(clips[start], snip[start])}, where the sequence starts.",
-        f"{_seen(clips[end], snip[end])}.",
-        f"{clips[end].span} is the final segment of the video, so the sequence ends with {_q(snip[end])}.",
+        f"{_seen(clips[start], 'the start')}.",
+        f"{clips[end].span} is the final segment of the video; it shows {_q(snip[end])}.",
     )
     return Draft(f"Starting from {_q(snip[start])}, what does the video show at the end of the sequence?", None, snip[end], steps)
 
@@ -177,16 +210,9 @@ def _spatial(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random
     if qtype == "multiple_choice":
         others = sorted(rng.sample([i for i in range(len(clips)) if i != subject], 3))
         options, letter = _choice(clips[subject].span, [clips[i].span for i in others], rng)
-        steps = [f"{_seen(clips[subject], snip[subject])}."]
-        steps += [f"{_seen(clips[i], _excerpt(clips[i]))}, something else." for i in others]
-        steps.append(f"So it is shown in {clips[subject].span}, option {letter}.")
+        steps = [f"{_seen(clips[subject], 'the quoted moment')}.", f"So it is shown in {clips[subject].span}, option {letter}."]
         return Draft(question, options, letter, tuple(steps))
-    neighbour = subject + 1 if subject + 1 < len(clips) else subject - 1
-    steps = (
-        f"{_seen(clips[subject], snip[subject])}.",
-        f"{_seen(clips[neighbour], _excerpt(clips[neighbour]))}, something else.",
-        f"So it is shown in {clips[subject].span}.",
-    )
+    steps = (f"{_seen(clips[subject], 'the quoted moment')}.", f"So it is shown in {clips[subject].span}.")
     return Draft(question, None, clips[subject].span, steps)
 
 
@@ -201,10 +227,10 @@ def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
         wrong = rng.sample(sorted(i for i in snip if i != b), 3)
         options, letter = _choice(snip[b], [snip[i] for i in wrong], rng)
         steps = (
-            f"{_seen(clips[a], snip[a])}.",
-            f"{_seen(clips[c], snip[c])}.",
-            f"{_seen(clips[b], snip[b])}.",
-            f"{clips[b].span} is the only segment between them, so {_q(snip[b])} is what happens in between, option {letter}.",
+            f"{_seen(clips[a], 'the first quoted moment')}.",
+            f"{_seen(clips[c], 'the second quoted moment')}.",
+            f"{_seen(clips[b], f'option {letter}')}, the only segment between them.",
+            f"So the answer is option {letter}.",
         )
         return Draft(f"What happens in the video between {_q(snip[a])} and {_q(snip[c])}?", options, letter, steps)
     pairs = [i for i in snip if i + 1 in snip]
@@ -212,9 +238,8 @@ def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
         return None
     a = rng.choice(sorted(pairs))
     steps = (
-        f"{_seen(clips[a], snip[a])}.",
-        f"{_seen(clips[a + 1], snip[a + 1])}, the very next segment.",
-        f"So right after {_q(snip[a])} comes {_q(snip[a + 1])}.",
+        f"{_seen(clips[a], 'the quoted moment')}.",
+        f"The very next segment, {clips[a + 1].span}, shows {_q(snip[a + 1])}.",
     )
     return Draft(f"What happens right after {_q(snip[a])} in the video?", None, snip[a + 1], steps)
 
@@ -228,12 +253,19 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
     `clips`: a window of consecutive clips to ask about (default: all). Quotes stay distinctive in
     the whole video, since the questions are put to someone watching all of it, and "what the video
     shows at the end" is asked only of a window that reaches the video's end."""
-    snip = distinctive_snippets(video)
+    whole = VideoCaptions(video.video_id, segments(video.clips))
+    snip = distinctive_snippets(whole)
     if clips is not None and (clips.start, clips.stop) != (0, len(video.clips)):
         if clips.stop < len(video.clips) and (category, question_type) == ("Goal and Purpose", "open_ended"):
             return []
-        snip = {i - clips.start: text for i, text in snip.items() if i in clips}
-        video = VideoCaptions(video.video_id, video.clips[clips.start : clips.stop])
+        # The window's moments: the segments that start among its clips.
+        inside = [k for k, start in enumerate(_segment_starts(video.clips)) if start in clips]
+        if not inside:
+            return []
+        first, stop = inside[0], inside[-1] + 1
+        snip = {k - first: text for k, text in snip.items() if first <= k < stop}
+        whole = VideoCaptions(video.video_id, whole.clips[first:stop])
+    video = whole
     drafts: dict[str, Draft] = {}
     for attempt in range(4 * n_questions):
         seed = int(stable_hash([video.video_id, category, question_type, attempt]), 16)
@@ -261,5 +293,5 @@ def render_answer(drafts: list[Draft]) -> str:
 
 def rewrite_reasoning(raw: str) -> str:
     """Template refinement: numbered steps that speak of watching the video, not of captions."""
-    lines = [_RAW_SEEN.sub(r"Checking the video at \1, I see ", _RAW_STEP.sub("", ln.strip())) for ln in raw.splitlines() if ln.strip()]
+    lines = [_RAW_SEEN.sub(r"At \1 I see ", _RAW_STEP.sub("", ln.strip())) for ln in raw.splitlines() if ln.strip()]
     return "\n".join(f"{k}. {ln}" for k, ln in enumerate(lines, 1))

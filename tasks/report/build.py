@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from data_schemas import (
+    CAPTIONS,
     CLIPS,
     EVAL_ITEMS,
     EVAL_SPLIT,
@@ -52,6 +53,7 @@ from tasks.engine.store import (
 from tasks.grading.difficulty import difficulty
 from tasks.grading.prompts import category_order
 from tasks.media.frames import read_video_frames
+from tasks.media.timecode import time_range
 from tasks.report.accuracy import OVERALL, accuracy_table
 from tasks.report.charts import (
     ACCURACY_PNG,
@@ -72,6 +74,7 @@ from tasks.report.html import (
     ReportData,
     SampleView,
     StageView,
+    Thumbnail,
     render,
 )
 from tasks.report.markdown import REPORT_DIR, read_report_file, write_report_file
@@ -261,12 +264,20 @@ def collect_samples(workdir: Workdir, manifests: dict[str, dict[str, Any] | None
     answers = _answers(workdir, manifests.get("eval"), [r["qa_id"] for r in picked])
     clips: dict[str, list[dict[str, Any]]] = {}
     if manifests.get("clip") is not None:
-        for clip in read_published(workdir, manifests["clip"], CLIPS).select(["clip_id", "video_id", "clip_uri", "start_s"]).to_pylist():
+        for clip in read_published(workdir, manifests["clip"], CLIPS).select(["clip_id", "video_id", "clip_uri", "start_s", "end_s"]).to_pylist():
             clips.setdefault(clip["video_id"], []).append(clip)
+    captions: dict[str, str] = {}
+    if manifests.get("caption") is not None:
+        table = read_published(workdir, manifests["caption"], CAPTIONS).select(["clip_id", "caption"])
+        captions = dict(zip(table["clip_id"].to_pylist(), table["caption"].to_pylist()))
     samples = []
     for r in picked:
         video_clips = _spread(sorted(clips.get(r["video_id"], []), key=lambda c: c["start_s"]), THUMBS_PER_SAMPLE)
-        thumbs = [t for t in (thumbnail(workdir, c) for c in video_clips) if t is not None]
+        thumbs = [
+            Thumbnail(image, time_range(c["start_s"], c["end_s"]), captions.get(c["clip_id"]))
+            for c, image in ((c, thumbnail(workdir, c)) for c in video_clips)
+            if image is not None
+        ]
         samples.append(
             SampleView(
                 r["qa_id"], r["video_id"], r["category"], r["question_type"], r["question"], list(r["options"] or []),

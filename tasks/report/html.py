@@ -29,7 +29,10 @@ th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: ta
 .chart { display: inline-block; margin: 8px 16px 8px 0; vertical-align: top; }
 .chart img { max-width: 560px; border: 1px solid #eee; }
 .sample { border: 1px solid #ddd; border-radius: 6px; padding: 8px 16px; margin: 12px 0; }
-.thumbs img { height: 108px; margin-right: 6px; border: 1px solid #ccc; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 6px; }
+.thumbs figure { margin: 0; width: 150px; }
+.thumbs img { height: 108px; max-width: 150px; border: 1px solid #ccc; }
+.thumbs figcaption { font-size: 12px; }
 .reasoning { background: #fafafa; border-left: 3px solid #90caf9; padding: 6px 10px; white-space: pre-wrap; font-size: 13px; }
 .right { color: #2e7d32; font-weight: bold; } .wrong { color: #c62828; font-weight: bold; }
 .muted { color: #757575; }
@@ -62,6 +65,15 @@ class AnswerView:
 
 
 @dataclass(frozen=True)
+class Thumbnail:
+    """A frame of one clip, with what the caption stage said the clip shows."""
+
+    image: bytes
+    span: str  # MM:SS-MM:SS of the clip in its video
+    caption: str | None  # None before the caption stage has run
+
+
+@dataclass(frozen=True)
 class SampleView:
     qa_id: str
     video_id: str
@@ -72,7 +84,7 @@ class SampleView:
     answer: str
     reasoning: str
     labels: list[str]
-    thumbnails: list[bytes]
+    thumbnails: list[Thumbnail]
     answers: list[AnswerView]
 
 
@@ -187,7 +199,11 @@ def _charts_section(charts: Sequence[ChartView]) -> str:
 
 
 def _sample(s: SampleView) -> str:
-    thumbs = "".join(f"<img alt='clip of {escape(s.video_id)}' src='{data_uri(t, 'image/jpeg')}'>" for t in s.thumbnails)
+    thumbs = "".join(
+        f"<figure><img alt='clip of {escape(s.video_id)}' src='{data_uri(t.image, 'image/jpeg')}'>"
+        f"<figcaption><b>{escape(t.span)}</b>{'' if t.caption is None else ' ' + _text(t.caption, 160)}</figcaption></figure>"
+        for t in s.thumbnails
+    )
     options = "".join(f"<li>{LETTERS[i]}. {_text(o)}</li>" for i, o in enumerate(s.options))
     answers = ""
     if s.answers:

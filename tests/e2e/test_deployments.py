@@ -51,6 +51,7 @@ def site(tmp_path_factory):
         overrides = [
             "qa.backend=openai", f"qa.base_url={llm.base_url}", f"qa.api_key_env={KEY_ENV}", "qa.model=deepseek-r1",
             "qa.max_retries=0", "qa.backoff_s=0.01", "execution.shard_retries=0", "execution.deployment_poll_s=1", "filter.runs=4",
+            "qa.questions_per_request=1",
         ]
         env = {KEY_ENV: "sk-deploy", "OMP_NUM_THREADS": "1"}
         with PrefectServer(root / "prefect", env=env) as server:

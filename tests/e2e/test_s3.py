@@ -53,7 +53,7 @@ from tests.support.videos import make_video
 
 SFT_STEPS = 30  # enough steps for the kill to land mid-training even on a slow, shared machine
 OVERRIDES = {
-    "clip.seconds": 3, "clip.min_seconds": 1, "caption.max_new_tokens": 8, "filter.runs": 2,
+    "clip.seconds": 3, "clip.min_seconds": 1, "caption.max_new_tokens": 8, "qa.questions_per_request": 1, "filter.runs": 2,
     "sft.sp_degree": 1, "sft.nproc_per_node": 1, "sft.max_steps": SFT_STEPS, "sft.save_every": 2,
     "grpo.steps": 2, "grpo.save_every": 1, "grpo.max_new_tokens": 16, "eval.max_new_tokens": 16,
 }

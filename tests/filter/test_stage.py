@@ -153,8 +153,8 @@ EXPECTED_DIFFICULTY = {"0": "easy", "1": "medium", "2": "hard", "3": "hard"}
 
 
 def test_scripted_rollouts_give_labels_splits_exports_and_report(tmp_path, videos):
-    # The paper's split rule (RL takes medium items), not the tiny profile's.
-    ctx = make_workdir(tmp_path / "wd", videos, GOOD + BAD, **{"filter.shard_size": 5, "filter.rl_difficulties": ["medium"]})
+    # The paper's split rules (RL takes medium items, eval 20 %), not the tiny profile's.
+    ctx = make_workdir(tmp_path / "wd", videos, GOOD + BAD, **{"filter.shard_size": 5, "filter.rl_difficulties": ["medium"], "filter.eval_fraction": 0.2})
     stage = ScriptedFilterStage(SCRIPT)
     report = run_stage(stage, ctx)
     wd = tmp_path / "wd"
@@ -168,7 +168,7 @@ def test_scripted_rollouts_give_labels_splits_exports_and_report(tmp_path, video
         assert (row.n_runs, row.n_correct, row.pass_rate, row.n_format_ok) == (10, n_right, n_right / 10, 10)
         assert row.difficulty == EXPECTED_DIFFICULTY[qa_id[2]]
         assert row.prompt == user_prompt(row.question, row.question_type, None if row.options is None else list(row.options))
-        assert row.video_uri == videos["va" if int(qa_id[1]) % 2 else "vb"] and row.num_frames == 4 and row.model == "tiny"
+        assert row.video_uri == videos["va" if int(qa_id[1]) % 2 else "vb"] and row.num_frames == 4 and row.model == "tiny-captioner"
     assert len(stage._sampler.requests) == 16  # bad items never reach the model
 
     failures = pd.read_parquet(wd / "filter" / "_failures.parquet").set_index("item_id")

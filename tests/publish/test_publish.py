@@ -179,7 +179,7 @@ def test_model_cards_hold_the_eval_table_of_the_current_models_only(published, w
     rows = {r["model"]: r for r in accuracy_table(summary)}
     meta, sft_card = card_parts(published / "models" / "sft" / "README.md")
     assert "base_model" not in meta  # 'tiny' is no hub id
-    assert "| base | 4 | 0.0% (0/2) | 100.0% (1/1) | 33.3% (1/3) |" in sft_card
+    assert "| base | 4 | 0.0% (0/2) [0.0, 65.8] | 100.0% (1/1) [20.7, 100.0] | 33.3% (1/3) [6.1, 79.2] |" in sft_card
     assert f"| sft | 4 | {rows['sft']['Temporal']} | {rows['sft']['Spatial']} | {rows['sft']['Overall']} |" in sft_card
     assert "| grpo |" not in sft_card  # eval answered with an older grpo model
     sft_manifest = read_manifest(wd, "sft")

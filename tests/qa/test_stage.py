@@ -23,6 +23,7 @@ from tasks.engine.stage import StageContext, StageError
 from tasks.engine.store import Workdir
 from tasks.grading.answers import FORMAT_PATTERN
 from tasks.qa import parser as P
+from tasks.qa import template
 from tasks.qa.stage import QAStage, qa_id
 from tests.support.openai_server import (
     KITCHEN_CAPTIONS,
@@ -322,6 +323,9 @@ def test_missing_key_variable_is_a_clear_error(tmp_path, monkeypatch):
         assert server.total_requests == 0
 
 
+ONE_PER_REQUEST = {"qa.questions_per_request": 1}
+
+
 def test_template_backend_offline_on_tiny_model_captions(tmp_path):
     gibberish = [(i * 10.0, (i + 1) * 10.0, text) for i, text in enumerate([
         "slow ly the bowl Ġx red ing <think> tom ato", "qu ick she pan steam caption zz 1 2", "green table of es ! sl ow a the",
@@ -331,22 +335,23 @@ def test_template_backend_offline_on_tiny_model_captions(tmp_path):
         *caption_rows("kitchen", KITCHEN_CAPTIONS), *caption_rows("gibberish", gibberish),
         *caption_rows("pair", GARDEN[:2]), *caption_rows("single", GARDEN[:1]),
     ]
-    report = run_stage(QAStage(), make_ctx(tmp_path / "a", rows))
+    report = run_stage(QAStage(), make_ctx(tmp_path / "a", rows, **ONE_PER_REQUEST))
     table = qa_table(tmp_path / "a")
     assert set(table["category"]) == {"Temporal", "Goal and Purpose", "Spatial", "Plot and Narrative"}
     assert set(table["question_type"]) == {"multiple_choice", "open_ended"}
+    # One question per category and type on the kitchen video; the two-clip video supports the open-ended kinds only.
     assert (table[table["video_id"] == "kitchen"].shape[0], table[table["video_id"] == "pair"].shape[0]) == (8, 4)
     assert (table["video_id"] == "gibberish").sum() >= 6
     assert all(FORMAT_PATTERN.match(t) for t in table["target"]) and table["qa_id"].is_unique
-    assert set(table["generator_model"]) == {"lvr-template-v1"} and set(table["prompt_version"]) == {"template-v1"}
+    assert set(table["generator_model"]) == {template.GENERATOR_MODEL} and set(table["prompt_version"]) == {template.PROMPT_VERSION}
     assert table["prompt_tokens"].isna().all() and table["generation_key"].isna().all()
     assert list(failures(tmp_path / "a")["error_kind"]) == ["too_few_clips"]
-    summary = QAStage().report_markdown(make_ctx(tmp_path / "a", rows), report.manifest)
+    summary = QAStage().report_markdown(make_ctx(tmp_path / "a", rows, **ONE_PER_REQUEST), report.manifest)
     assert "| Temporal | multiple_choice | 2 |" in summary  # kitchen, gibberish; two clips cannot order three moments
     assert "| `too_few_clips` | 1 |" in summary
     assert not (tmp_path / "a" / "qa" / "_llm_cache").exists()
     # Deterministic: another workdir, same bytes of data.
-    run_stage(QAStage(), make_ctx(tmp_path / "b", rows))
+    run_stage(QAStage(), make_ctx(tmp_path / "b", rows, **ONE_PER_REQUEST))
     pd.testing.assert_frame_equal(qa_table(tmp_path / "b"), table)
     assert report.manifest["schema"] == {"name": "qa", "version": QA.version}
 

@@ -18,7 +18,8 @@ import pytest
 from data_schemas import QA, validate_table
 from tasks.engine.run import run_stage
 from tasks.engine.stage import StageError
-from tasks.qa.captions import Clip, VideoCaptions, Window, caption_line, mmss
+from tasks.media.timecode import mmss
+from tasks.qa.captions import Clip, VideoCaptions, Window, caption_line
 from tasks.qa.prompts import PromptSet, generation_prompt
 from tasks.qa.stage import QAStage
 from tasks.qa.windows import (

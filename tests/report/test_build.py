@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_schemas import FILTER
+from data_schemas import CAPTIONS, CLIPS, FILTER
 from tasks.config import load_config
 from tasks.engine.run import run_stage
 from tasks.engine.runs import RunRecord
-from tasks.engine.stage import StageContext
+from tasks.engine.stage import StageContext, read_stage_table
 from tasks.engine.store import Workdir
+from tasks.media.timecode import time_range
 from tasks.report import build_report, update_report
 from tasks.stages import STAGE_NAMES
 from tests.support.eval_workdir import eval_workdir
@@ -124,3 +125,24 @@ def test_update_report_degrades_and_never_raises(tmp_path, built, caplog):
     with caplog.at_level(logging.WARNING, logger="lvr.report"):
         assert update_report(str(tmp_path / "wd")) is None
     assert "could not update the run report" in caplog.text
+
+
+def test_sample_thumbnails_show_their_clips_time_and_caption(built, tmp_path):
+    root = tmp_path / "wd"
+    shutil.copytree(built.root, root)
+    wd = Workdir(str(root))
+    clips = read_stage_table(wd, "clip", CLIPS).to_pylist()
+    captions = [
+        {
+            "clip_id": c["clip_id"], "video_id": c["video_id"], "start_s": c["start_s"], "end_s": c["end_s"],
+            "caption": f"The video shows scene {i} of {c['video_id'][:6]}.", "model": "tiny-captioner", "backend": "hf",
+            "prompt_hash": "p", "frames_used": 4, "tokens_in": 10, "tokens_out": 8, "latency_s": 0.1,
+        }
+        for i, c in enumerate(clips)
+    ]
+    run_stage(Published("caption", CAPTIONS, captions), StageContext(wd, built.ctx.config))
+    text = visible_text(Path(build_report(str(root))).read_text())
+    shown = [c for c in captions if c["caption"] in text]
+    assert shown  # the thumbnails of sample questions carry their clips' captions...
+    for c in shown:  # ...each right after its clip's time range
+        assert f"{time_range(c['start_s'], c['end_s'])} {c['caption']}" in text
