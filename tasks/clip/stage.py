@@ -120,14 +120,14 @@ class ClipStage(Stage):
             if workdir.is_local:
                 written.add(media)
                 files = cut_video(local, media, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe,
-                                  tool_timeout_s=cfg.tool_timeout_s, durable=False)
+                                  tool_timeout_s=cfg.tool_timeout_s, flush="later")
                 uris = [f.path for f in files]
             else:
                 scratch = Path(tempfile.mkdtemp(prefix="lvr-clip-"))
                 try:
                     # Scratch is uploaded and deleted: nothing to flush.
                     files = cut_video(local, scratch, plan, stem=video_id, video_codec=cfg.video_codec, crf=cfg.crf, preset=cfg.preset, source=probe,
-                                  tool_timeout_s=cfg.tool_timeout_s, durable=False)
+                                  tool_timeout_s=cfg.tool_timeout_s, flush="never")
                     uris = []
                     for f in files:
                         target = f"{media}/{Path(f.path).name}"

@@ -137,6 +137,31 @@ def sync_filesystem(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing dirty pages back, do not wait
+
+
+def start_writeback(path: str | os.PathLike[str]) -> None:
+    """Ask the kernel to start writing a finished file to disk without waiting (Linux
+    `sync_file_range`; elsewhere nothing), so that a later `sync_filesystem` finds little left to
+    wait for. A hint only: durability still comes from that flush."""
+    sync_file_range = _sync_file_range()
+    if sync_file_range is None:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    function = getattr(_libc(), "sync_file_range", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:

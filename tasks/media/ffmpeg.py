@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -18,13 +19,13 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import IO, Literal, get_args
 
-from tasks.engine.store import fsync_path
+from tasks.engine.store import fsync_path, start_writeback
 
 log = logging.getLogger("lvr.media")
 
@@ -45,6 +46,7 @@ MediaErrorKind = Literal[
     "timeout",
 ]
 CutMode = Literal["copy", "exact"]
+Flush = Literal["now", "later", "never"]
 
 _MIB = 1 << 20
 _FULL_HASH_MAX_BYTES = 64 * _MIB
@@ -52,10 +54,22 @@ _HASH_SAMPLES = 32
 _SAMPLE_BYTES = 64 << 10
 _HASH_CHUNK_BYTES = 1 << 20
 _STDERR_TAIL_CHARS = 2000
+_SEGMENT_LIST = "segments.csv"
+# How often a running tool is checked on while the caller works beside it.
+_TOOL_POLL_S = 0.01
 # A video whose packets stop well before its declared duration was cut short
 # (e.g. an interrupted download of a file with its index at the front).
 _TRUNCATION_TOLERANCE_S = 1.0
 _TRUNCATION_TOLERANCE_FRACTION = 0.02
+# Opening a file makes libavformat decode a frame or two of each stream to complete what it knows of
+# them, unless no decoder may be used: the facts read here (sample tables, durations, timestamps)
+# need none, and that decoding cost several times the rest of reading a clip's header.
+_HEADER_ONLY = {"codec_whitelist": "none"}
+# Video codecs whose MP4/MOV packets the demuxer passes through no parser: their keyframe flags are
+# exactly the index's (stss), so keyframes can be found without reading every packet.
+_INDEXED_KEYFRAME_CODECS = frozenset({"h264", "hevc"})
+# A seek to a keyframe and the read of its packet cost about as much as reading this many packets in a row.
+_PACKETS_PER_SEEK = 4
 
 
 class MediaError(Exception):
@@ -117,34 +131,58 @@ class _Packet:
 
 
 def run_tool(
-    argv: Sequence[str], *, stdin_path: Path | None = None, timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S
+    argv: Sequence[str],
+    *,
+    stdin_path: Path | None = None,
+    timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S,
+    while_running: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ffmpeg/ffprobe from an argv list (never a shell); a missing binary is a MediaError, and so
-    is a run longer than `timeout_s` (kind "timeout"; the process is killed; None: no limit)."""
+    is a run longer than `timeout_s` (kind "timeout"; the process is killed; None: no limit).
+
+    `while_running` is called every few milliseconds until the tool exits, so work on what it has
+    already written overlaps the rest of the run. Output goes to temporary files, not pipes: a tool
+    that prints much can never stall on a full pipe while nobody reads it.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stdin_source = stdin_path.open("rb") if stdin_path is not None else nullcontext(subprocess.DEVNULL)
-    with stdin_source as stdin:
+    with stdin_source as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         try:
-            return subprocess.run(
-                list(argv),
-                stdin=stdin,
-                capture_output=True,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                check=False,
-                timeout=timeout_s,
-            )
-        except subprocess.TimeoutExpired as exc:  # subprocess.run has killed and reaped it
-            raise MediaError(
-                "timeout",
-                f"{Path(argv[0]).name} ran longer than its limit of {timeout_s:g} s (clip.tool_timeout_s) and was killed: "
-                f"{' '.join(argv)}",
-            ) from exc
+            process = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr)
         except FileNotFoundError as exc:
             raise MediaError(
                 "ffmpeg_failed",
                 f"{argv[0]!r} is not on PATH; install it (Debian package: ffmpeg): {exc}",
             ) from exc
+        try:
+            while True:
+                wait_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if while_running is not None:
+                    wait_s = _TOOL_POLL_S if wait_s is None else min(wait_s, _TOOL_POLL_S)
+                try:
+                    returncode = process.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise MediaError(
+                        "timeout",
+                        f"{Path(argv[0]).name} ran longer than its limit of {timeout_s:g} s (clip.tool_timeout_s) and was killed: "
+                        f"{' '.join(argv)}",
+                    )
+                if while_running is not None:
+                    while_running()
+        finally:
+            if process.poll() is None:  # timed out, or while_running raised: kill and reap it
+                process.kill()
+                process.wait()
+        return subprocess.CompletedProcess(list(argv), returncode, _read_text(stdout), _read_text(stderr))
+
+
+def _read_text(output: IO[bytes]) -> str:
+    """A tool's output as subprocess's text mode decodes it (UTF-8, bad bytes replaced, universal newlines)."""
+    output.seek(0)
+    return output.read().decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def stderr_tail(stderr: str) -> str:
@@ -209,12 +247,17 @@ def probe_video(path: str | os.PathLike[str], *, tool_timeout_s: float | None = 
     video = _first_video_stream(file, info["streams"])
     audio = next((s for s in info["streams"] if s.get("codec_type") == "audio"), None)
     start_s = _float_or_none(info["format"].get("start_time")) or 0.0
-    packets = _read_video_packets(file, video["index"], start_s, tool_timeout_s)
-    duration_s = _video_duration(file, info["format"], video, packets)
-    keyframe_times = tuple(sorted(p.time_s for p in packets if p.is_keyframe))
+    keyframe_times = _keyframes_from_index(file, info["format"], video, start_s, size_bytes, tool_timeout_s)
+    if keyframe_times is not None:  # the index vouched for every packet: nothing else to read
+        duration_s = float(video["duration"])
+        n_frames = int(video["nb_frames"])
+    else:
+        packets = _read_video_packets(file, video["index"], start_s, tool_timeout_s)
+        duration_s = _video_duration(file, info["format"], video, packets)
+        keyframe_times = tuple(sorted(p.time_s for p in packets if p.is_keyframe))
+        n_frames = _int_or_none(video.get("nb_frames")) or len(packets)
     if not keyframe_times:
         raise MediaError("corrupt", f"{file}: no video keyframe could be read")
-    n_frames = _int_or_none(video.get("nb_frames")) or len(packets)
     return VideoProbe(
         duration_s=duration_s,
         fps=_frame_rate(video) or n_frames / duration_s,
@@ -331,15 +374,106 @@ def _read_video_packets(file: Path, stream_index: int, start_s: float, timeout_s
     return packets
 
 
+def _keyframes_from_index(
+    file: Path, fmt: dict, video: dict, start_s: float, size_bytes: int, timeout_s: float | None
+) -> tuple[float, ...] | None:
+    """Keyframe times from the demuxer's index, or None where only reading every packet can tell.
+
+    The MP4/MOV demuxer builds its index from the sample tables (stss marks the keyframes), so
+    reading the whole file's packets to find its keyframes repeats work already done. The index
+    holds decode timestamps while cut times are presentation timestamps (they differ under
+    B-frames and edit lists), so each keyframe's own packet is read after a seek to it: the same
+    packet, hence the same time, as a full read gives. The index vouches only when it lists the
+    stream's declared frame count, every sample of every stream lies within the file (a full
+    read would end early at the first one beyond it; such a file is read in full and reported
+    truncated), the codec is one for which the demuxer sets no parser (a parser could flag
+    keyframes the index does not), and the packets after the last keyframe reach the declared
+    duration. Anything else is read in full, as before; so are videos whose keyframes are so
+    dense that seeking to each costs more than reading everything.
+    """
+    import av
+
+    n_frames = _int_or_none(video.get("nb_frames"))
+    duration = _float_or_none(video.get("duration"))
+    if (
+        "mov" not in str(fmt.get("format_name", "")).split(",")
+        or video.get("codec_name") not in _INDEXED_KEYFRAME_CODECS
+        or not n_frames
+        or duration is None
+        or not (math.isfinite(duration) and duration > 0)
+    ):
+        return None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        container = av.open(str(file), container_options=_HEADER_ONLY)
+    except (av.error.FFmpegError, OSError):
+        return None  # the full read reports why
+    with container:
+        stream = container.streams[video["index"]]
+        if stream.type != "video":
+            return None
+        samples = [(e.timestamp, e.is_keyframe, e.pos + e.size) for e in stream.index_entries]
+        if len(samples) != n_frames or max(end for _, _, end in samples) > size_bytes:
+            return None
+        for other in container.streams:
+            if other.index != stream.index:
+                if max((e.pos + e.size for e in other.index_entries), default=0) > size_bytes:
+                    return None
+                other.discard = av.stream.Discard.all  # seeks and reads skip its samples
+        keyframe_dts = [ts for ts, is_keyframe, _ in samples if is_keyframe]
+        if not keyframe_dts or any(a >= b for a, b in itertools.pairwise(keyframe_dts)):
+            return None
+        if len(keyframe_dts) * _PACKETS_PER_SEEK > len(samples):
+            return None  # keyframes so dense that reading every packet costs less than a seek to each
+        # A seek takes a presentation time, which the demuxer shifts onto the decode timeline by the
+        # stream's reorder delay before it looks up the keyframe at or before it: aiming halfway to the
+        # next keyframe lands on this one whatever that (small) shift; the packet read checks it did.
+        stream_end = max(ts for ts, _, _ in samples) + 1
+        ends = keyframe_dts[1:] + [stream_end + (stream_end - keyframe_dts[-1])]
+        targets = [dts + (end - dts) // 2 for dts, end in zip(keyframe_dts, ends)]
+        tb = stream.time_base
+        seconds_per_tick = tb.numerator / tb.denominator
+        times = []
+        tail_end = 0.0
+        try:
+            for n, (dts, target) in enumerate(zip(keyframe_dts, targets)):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MediaError(
+                        "timeout",
+                        f"{file}: reading its keyframes took longer than the limit of {timeout_s:g} s (clip.tool_timeout_s)",
+                    )
+                container.seek(target, stream=stream)
+                packets = container.demux(stream)
+                packet = next(packets)
+                if packet.dts != dts or not packet.is_keyframe or packet.pts is None:
+                    return None
+                times.append(round(packet.pts * seconds_per_tick, 6) - start_s)
+                if n == len(keyframe_dts) - 1:  # the packets from the last keyframe on end the stream
+                    for p in itertools.chain([packet], packets):
+                        ts = p.pts if p.pts is not None else p.dts
+                        if ts is not None:
+                            end = round(ts * seconds_per_tick, 6) - start_s
+                            end += round(p.duration * seconds_per_tick, 6) if p.duration else 0.0
+                            tail_end = max(tail_end, end)
+        except (av.error.FFmpegError, StopIteration):
+            return None
+    if _falls_short(duration, tail_end):
+        return None  # the full read decides, and words the error
+    return tuple(sorted(times))
+
+
+def _falls_short(declared: float, readable_end: float) -> bool:
+    """Whether readable packets end too long before the declared duration (a truncated file)."""
+    # Containers such as Matroska only declare the whole file's duration, which a
+    # longer audio track can exceed, hence the proportional slack.
+    return readable_end < declared - max(_TRUNCATION_TOLERANCE_S, _TRUNCATION_TOLERANCE_FRACTION * declared)
+
+
 def _video_duration(file: Path, fmt: dict, video: dict, packets: list[_Packet]) -> float:
     stream_duration = _float_or_none(video.get("duration"))
     declared = stream_duration if stream_duration is not None else _float_or_none(fmt.get("duration"))
     readable_end = max((p.time_s + p.duration_s for p in packets), default=0.0)
-    # Containers such as Matroska only declare the whole file's duration, which a
-    # longer audio track can exceed, hence the proportional slack.
-    if declared is not None and readable_end < declared - max(
-        _TRUNCATION_TOLERANCE_S, _TRUNCATION_TOLERANCE_FRACTION * declared
-    ):
+    if declared is not None and _falls_short(declared, readable_end):
         raise MediaError(
             "corrupt",
             f"{file}: video packets stop at {readable_end:.3f} s but the file declares "
@@ -480,37 +614,65 @@ def cut_video(
     threads: int = 0,
     source: VideoProbe | None = None,
     tool_timeout_s: float | None = DEFAULT_TOOL_TIMEOUT_S,
-    durable: bool = True,
+    flush: Flush = "now",
 ) -> list[ClipFile]:
     """Cut `src` by `plan` in one ffmpeg pass (limited to `tool_timeout_s`); return the clips with their true times.
 
     Times come from what ffmpeg actually wrote (its segment list plus one in-process header
     read of each file), not from the plan, so a cut that lands elsewhere is still recorded
-    truthfully.  Clips appear under their final names only once all are complete.  With
-    `durable` each clip and then `out_dir` are flushed before this returns; without, the caller
-    flushes them (`sync_filesystem`, once for many videos) before anything vouches for them.
+    truthfully. Each clip is measured as soon as ffmpeg has finished it, while it cuts the next
+    ones. Clips appear under their final names only once all are complete. `flush` says who
+    makes them durable: "now", each clip and then `out_dir` are flushed before this returns;
+    "later", the caller flushes them (`sync_filesystem`, once for many videos) before anything
+    vouches for them, and each clip's write-back to disk starts as soon as it is finished so
+    that flush finds little left to wait for; "never", for scratch copies uploaded elsewhere.
     """
     if not stem or Path(stem).name != stem:
         raise ValueError(f"stem must be a bare file name prefix, got {stem!r}")
+    if flush not in get_args(Flush):
+        raise ValueError(f"flush must be one of {get_args(Flush)}, got {flush!r}")
     source = source or probe_video(src, tool_timeout_s=tool_timeout_s)  # callers that planned the cut have probed already
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{stem}-", suffix=".partial", dir=out))
+    measured: dict[str, tuple[float, int]] = {}
+
+    def measure_finished_segments() -> None:
+        # The muxer lists a segment as it ends it; one listed before another is closed for good.
+        for name in _listed_segments(work)[:-1]:
+            if name not in measured:
+                try:
+                    measured[name] = measure_clip(work / name)
+                except MediaError:
+                    continue  # measured again once ffmpeg is done, which reports it in order
+                if flush != "never":
+                    start_writeback(work / name)
+
     try:
         argv = _segment_argv(Path(src), work, plan, source, stem, video_codec, crf, preset, threads)
-        result = run_tool(argv, timeout_s=tool_timeout_s)
+        result = run_tool(argv, timeout_s=tool_timeout_s, while_running=measure_finished_segments)
         if result.returncode != 0:
             raise MediaError("ffmpeg_failed", f"cutting {src} failed: {stderr_tail(result.stderr)}")
-        clips = _measure_segments(work, out, plan.mode, 1.0 / source.fps)
+        clips = _measure_segments(work, out, plan.mode, 1.0 / source.fps, measured)
         for clip in clips:  # durable before the shard's marker vouches for them
-            if durable:
+            if flush == "now":
                 fsync_path(work / Path(clip.path).name)
             os.replace(work / Path(clip.path).name, clip.path)
-        if durable:
+        if flush == "now":
             fsync_path(out)
         return clips
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _listed_segments(work: Path) -> list[str]:
+    """Names of the segments ffmpeg has listed so far (complete lines of its segment list)."""
+    try:
+        text = (work / _SEGMENT_LIST).read_text()
+    except FileNotFoundError:
+        return []
+    complete = text[: text.rfind("\n") + 1]
+    return [row[0] for row in csv.reader(complete.splitlines()) if row]
 
 
 def _segment_argv(
@@ -555,18 +717,21 @@ def _segment_argv(
         # Printed cut times are rounded to the microsecond and can land just after
         # the keyframe they name; half a frame of slack makes the cut happen on it.
         "-segment_time_delta", f"{0.5 / source.fps:.6f}",
-        "-segment_list", str(work / "segments.csv"), "-segment_list_type", "csv",
+        "-segment_list", str(work / _SEGMENT_LIST), "-segment_list_type", "csv",
         "-reset_timestamps", "1",
         str(work / f"{stem.replace('%', '%%')}-%05d.mp4"),
     ]
 
 
-def _measure_segments(work: Path, out: Path, mode: CutMode, frame_s: float) -> list[ClipFile]:
-    with (work / "segments.csv").open(newline="") as listing:
+def _measure_segments(
+    work: Path, out: Path, mode: CutMode, frame_s: float, measured: dict[str, tuple[float, int]]
+) -> list[ClipFile]:
+    """The clips ffmpeg listed, with their measured times; `measured` holds those measured already."""
+    with (work / _SEGMENT_LIST).open(newline="") as listing:
         rows = [row for row in csv.reader(listing) if row]
     clips = []
     for index, (name, start, listed_end) in enumerate(rows):
-        duration_s, n_frames = measure_clip(work / name)
+        duration_s, n_frames = measured[name] if name in measured else measure_clip(work / name)
         start_s = float(start)
         end_s = start_s + duration_s
         if abs(end_s - float(listed_end)) > frame_s:
@@ -582,15 +747,16 @@ def _measure_segments(work: Path, out: Path, mode: CutMode, frame_s: float) -> l
 def measure_clip(path: str | os.PathLike[str]) -> tuple[float, int]:
     """(duration in seconds, exact frame count) of a clip's first video stream.
 
-    Read in-process with PyAV (the same libav demuxer as ffprobe, same numbers): a clip stage
-    measures every clip it writes, and an ffprobe process per clip cost more than the cut itself.
+    Read in-process with PyAV (the same libav demuxer as ffprobe, same numbers), from the header
+    alone with no frame decoded: a clip stage measures every clip it writes, and an ffprobe process
+    per clip cost more than the cut itself.
     """
     import av
 
     file = Path(path)
     _check_readable_file(file)
     try:
-        with av.open(str(file)) as container:
+        with av.open(str(file), container_options=_HEADER_ONLY) as container:
             if not container.streams.video:
                 raise MediaError("no_video_stream", f"{file}: no video stream")
             stream = container.streams.video[0]

@@ -1,5 +1,5 @@
-"""The clip stage probes each video once: one ffprobe, one ffmpeg cut, and at most one in-process
-header read per clip it wrote, however many clips a video yields."""
+"""The clip stage probes each video once: one ffprobe, one in-process read of the source, one ffmpeg
+cut, and at most one in-process header read per clip it wrote, however many clips a video yields."""
 
 from __future__ import annotations
 
@@ -43,6 +43,6 @@ def test_one_ffprobe_and_one_cut_per_video(tmp_path, monkeypatch):
     clips = pd.read_parquet(tmp_path / "wd" / "clip")
     assert sorted(clips.groupby("video_id").size()) == [2, 3]
     assert tools == {"ffprobe": 2, "ffmpeg": 2}
-    # Per video one demux of the source's packets; per clip one header read, none of the sources reread.
+    # Per video one open of the source (its index, or its packets); per clip one header read, none of the sources reread.
     assert sorted(Path(p).name for p in opened if p.endswith(".mp4") and "/videos/" in p) == ["a.mp4", "b.mp4"]
     assert sum(1 for p in opened if "/_media/" in p) == len(clips)
