@@ -32,3 +32,28 @@ def test_wilson_interval_stays_in_range_contains_the_estimate_and_narrows_with_m
 def test_wilson_interval_rejects_impossible_counts(correct, n):
     with pytest.raises(ValueError):
         wilson_interval(correct, n)
+
+
+def _learning_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "learning.py"
+    spec = importlib.util.spec_from_file_location("learning_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_difference_is_the_mean_per_question_difference_with_its_normal_interval():
+    paired_difference = _learning_benchmark().paired_difference
+    a = [{"qa_id": str(i), "correct": c} for i, c in enumerate([1, 1, 1, 0, 1, 0, 1, 1])]
+    b = [{"qa_id": str(i), "correct": c} for i, c in reversed(list(enumerate([0, 1, 0, 0, 1, 1, 0, 1])))]  # order does not matter
+    diffs = [1, 0, 1, 0, 0, -1, 1, 0]
+    mean = sum(diffs) / 8
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7) / math.sqrt(8)
+    assert paired_difference(a, b) == pytest.approx((mean, mean - half, mean + half))
+    # The same answers on every question: no difference and no width, however many questions.
+    assert paired_difference(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:5])
