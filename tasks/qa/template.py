@@ -80,9 +80,10 @@ def _segment_starts(clips: tuple[Clip, ...]) -> list[int]:
     return [i for i, c in enumerate(clips) if i == 0 or _normal(c.caption) != _normal(clips[i - 1].caption)]
 
 
-def segments(clips: tuple[Clip, ...]) -> tuple[Clip, ...]:
-    """Runs of consecutive clips with the same caption, each as one clip spanning the run."""
-    starts = _segment_starts(clips)
+def segments(clips: tuple[Clip, ...], starts: list[int] | None = None) -> tuple[Clip, ...]:
+    """Runs of consecutive clips with the same caption, each as one clip spanning the run
+    (`starts`: the runs' first clips, when already known)."""
+    starts = _segment_starts(clips) if starts is None else starts
     ends = [*starts[1:], len(clips)]
     return tuple(Clip(clips[a].clip_id, clips[a].start_s, clips[b - 1].end_s, clips[a].caption) for a, b in zip(starts, ends))
 
@@ -253,13 +254,14 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
     `clips`: a window of consecutive clips to ask about (default: all). Quotes stay distinctive in
     the whole video, since the questions are put to someone watching all of it, and "what the video
     shows at the end" is asked only of a window that reaches the video's end."""
-    whole = VideoCaptions(video.video_id, segments(video.clips))
+    starts = _segment_starts(video.clips)
+    whole = VideoCaptions(video.video_id, segments(video.clips, starts))
     snip = distinctive_snippets(whole)
     if clips is not None and (clips.start, clips.stop) != (0, len(video.clips)):
         if clips.stop < len(video.clips) and (category, question_type) == ("Goal and Purpose", "open_ended"):
             return []
         # The window's moments: the segments that start among its clips.
-        inside = [k for k, start in enumerate(_segment_starts(video.clips)) if start in clips]
+        inside = [k for k, start in enumerate(starts) if start in clips]
         if not inside:
             return []
         first, stop = inside[0], inside[-1] + 1
