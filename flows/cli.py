@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.config import DEFAULT_CONFIG, ConfigError, load_config
 from tasks.engine.runs import workdir_status
@@ -17,6 +18,9 @@ from tasks.engine.stage import StageContext, StageError
 from tasks.engine.store import Workdir
 from tasks.preflight.findings import PreflightError
 from tasks.stages import STAGE_NAMES, TRAINING_STAGES, stage_spec
+
+if TYPE_CHECKING:
+    from flows.local_api import LocalApi
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -175,12 +179,22 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.engine != "prefect":
+        return _run(args, None)
+    from flows.local_api import local_api_started
 
+    # Prefect's local API server (when no PREFECT_API_URL is set) starts first and comes up while
+    # the config and the checks below are read.
+    with local_api_started() as api:
+        return _run(args, api)
+
+
+def _run(args: argparse.Namespace, api: LocalApi | None) -> int:
     flags = {"retry_failures": "execution.retry_failures=true", "allow_shrink": "execution.allow_shrink=true",
              "no_wait": "execution.wait_for_lock=false"}
     args.overrides = [*args.overrides, *(override for flag, override in flags.items() if getattr(args, flag))]
     try:
-        # Fail fast, before Prefect starts: the config, then lvr check of the stages this run executes.
+        # Fail fast, before any flow runs: the config, then lvr check of the stages this run executes.
         from tasks.pipeline import select_stages
         from tasks.preflight.checks import preflight
 
@@ -198,14 +212,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             results = record.results
         else:
+            from flows.local_api import using
             from flows.pipeline import lvr_pipeline
 
             try:
-                result = lvr_pipeline(
-                    source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
-                    from_stage=args.from_stage or STAGE_NAMES[0], to_stage=args.to_stage or STAGE_NAMES[-1],
-                    execution=args.execution,
-                )
+                with using(api):
+                    result = lvr_pipeline(
+                        source=args.source, workdir=args.workdir, config=args.config, overrides=args.overrides,
+                        from_stage=args.from_stage or STAGE_NAMES[0], to_stage=args.to_stage or STAGE_NAMES[-1],
+                        execution=args.execution,
+                    )
             finally:
                 _prune_ephemeral_history(cfg.execution.history_retention_days)
             results = result["results"]
@@ -229,16 +245,16 @@ def _prune_ephemeral_history(retention_days: float | None) -> None:
     """Keep the ephemeral API's database from growing forever (flows/history.py); never fails a run."""
     from datetime import timedelta
 
-    from flows.history import prune_local_history, uses_ephemeral_api
+    from flows.history import prune_local_history_if_due, uses_ephemeral_api
 
     if retention_days is None or not uses_ephemeral_api():
         return
     try:
-        pruned = prune_local_history(timedelta(days=retention_days))
+        pruned = prune_local_history_if_due(timedelta(days=retention_days))
     except Exception as exc:  # housekeeping: the run's outcome stands whatever happens here
         print(f"lvr: could not prune Prefect's run history: {exc}", file=sys.stderr)
         return
-    if pruned.deleted:
+    if pruned is not None and pruned.deleted:
         print(f"lvr: pruned Prefect's run history: {pruned.deleted} flow runs that ended over {retention_days:g} days ago "
               f"(execution.history_retention_days); {pruned.flow_runs_after} kept")
 

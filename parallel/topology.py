@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
 
 @dataclass(frozen=True)
 class SPGroup:
@@ -54,6 +52,8 @@ def sp_layout(world_size: int, sp_degree: int) -> list[list[int]]:
 def init_topology(sp_degree: int) -> Topology:
     """Create the SP groups (a collective: every rank must call it, in the same order as any other
     `new_group`); needs `torch.distributed` initialised, except for a single process."""
+    import torch.distributed as dist  # here, not at the top: the config validates SP layouts without torch
+
     if not dist.is_initialized():
         if sp_degree != 1:
             raise RuntimeError(f"sp_degree={sp_degree} needs torch.distributed initialised (run under torchrun)")

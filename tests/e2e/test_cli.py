@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -65,7 +66,12 @@ def test_run_to_clip_twice_second_is_cached(tmp_path, small_source):
     assert next(ln for ln in status.stdout.splitlines() if ln.startswith("caption")).split()[1] == "missing"
     manifest_before = (wd / "clip" / "_manifest.json").read_text()
 
+    # A month later: the runs ended 30 days ago, and so did the last prune (it is at most hourly).
     first_runs = _backdate_flow_runs(tmp_path / "prefect" / "prefect.db", days=30)
+    stamp = tmp_path / "prefect" / "lvr-history-pruned"
+    assert stamp.exists()  # the first run pruned (nothing was old enough to go)
+    month_ago = stamp.stat().st_mtime - 30 * 86400
+    os.utime(stamp, (month_ago, month_ago))
     second = run_cli("run", "--source", str(small_source), "--workdir", str(wd), "--to", "clip", env=prefect)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (wd / "clip" / "_manifest.json").read_text() == manifest_before  # nothing was redone

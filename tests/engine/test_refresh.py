@@ -6,6 +6,7 @@ what Prefect reads."""
 from __future__ import annotations
 
 import json
+import os
 from typing import ClassVar
 
 import pyarrow as pa
@@ -209,3 +210,18 @@ def test_documented_prefect_retention_settings_are_what_prefect_reads(monkeypatc
         monkeypatch.setenv(name, value)
     vacuum = Settings().server.services.db_vacuum
     assert "flow_runs" in vacuum.enabled_vacuum_types and vacuum.retention_period == timedelta(days=14)
+
+
+def test_local_history_is_pruned_at_most_hourly(tmp_path):
+    from datetime import timedelta
+
+    from flows.history import prune_due
+
+    stamp = tmp_path / "lvr-history-pruned"
+    assert prune_due(stamp, now=1_000_000.0)  # never pruned
+    stamp.touch()
+    os.utime(stamp, (1_000_000.0, 1_000_000.0))
+    assert not prune_due(stamp, now=1_000_000.0 + 3599)
+    assert prune_due(stamp, now=1_000_000.0 + 3600)
+    assert not prune_due(stamp, now=1_000_000.0 + 60, every=timedelta(minutes=2))
+    assert prune_due(stamp, now=1_000_000.0 - 60)  # a stamp from the future (clock set back) does not block pruning
