@@ -5,6 +5,7 @@ commands that use them, so `lvr --help` and `lvr status` answer at once."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -535,5 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return COMMANDS[args.command](args)
 
 
+def entrypoint() -> None:
+    """`lvr` as a command: `main`, then the exit handlers (logging's, Prefect's, multiprocessing's)
+    and flushed output, and the process ends without tearing down every module it loaded, which
+    after a run that loaded torch and transformers took ~1.2 s of nothing on 2 cores."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entrypoint()

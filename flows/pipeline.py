@@ -30,7 +30,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from tasks.config import StageName, load_config
 from tasks.engine.manifest import read_manifest
-from tasks.engine.progress import FanOut, TerminalProgress, Throttled, engine_progress
+from tasks.engine.progress import FanOut, InBackground, TerminalProgress, Throttled, engine_progress
 from tasks.engine.run import ShardOutcome, ShardWork, run_stage
 from tasks.engine.runs import StageRunner, check_stage_manifest
 from tasks.engine.settings import ExecutionConfig
@@ -151,8 +151,9 @@ def execute_stage(name: str, ctx: StageContext) -> StageReport:
     stage = get_stage(name)
     execution = ctx.config.execution
     logger = get_run_logger()
-    # Each artifact update is a request to the Prefect API: at most one a second per stage, plus the last.
-    ctx.progress = engine_progress(FanOut([TerminalProgress(), Throttled(PrefectProgress())]), name)
+    # Each artifact update is a request to the Prefect API: at most one a second per stage, plus the
+    # last, sent from a thread of its own so that no shard waits for it.
+    ctx.progress = engine_progress(FanOut([TerminalProgress(), InBackground(Throttled(PrefectProgress()))]), name)
     report = run_stage(stage, ctx, map_shards=_prefect_mapper(name, execution))
     logger.info("%s: %s, %d rows, %d failures", name, report.status, report.rows, report.failures)
     markdown = _summary_markdown(report)

@@ -102,6 +102,9 @@ class Captioner(Protocol):
 
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]: ...
 
+    def close(self) -> None:
+        """Release what the captioner holds beyond the model (worker processes); idempotent."""
+
 
 def _sample(clip: ClipRequest, sampling: FrameSampling, timing: CaptionTiming) -> SampledFrames:
     started = time.perf_counter()
@@ -248,6 +251,9 @@ class OpenAICaptioner:
             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, send_video_url=cfg.send_video_url,
         )
 
+    def close(self) -> None:
+        """Nothing to release: each `caption` call opens and closes its own client."""
+
     def _messages(self, clip: ClipRequest) -> tuple[list[dict[str, Any]], int]:
         if self.send_video_url:
             with open(clip.path, "rb") as fh:
@@ -310,6 +316,9 @@ class VLLMCaptioner:
             max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed
         )
         self.tokenizer = self.llm.get_tokenizer()
+
+    def close(self) -> None:  # pragma: no cover - GPU only
+        """Nothing held beyond the engine, which goes with this object."""
 
     def caption(self, clips: Sequence[ClipRequest]) -> list[CaptionResult]:  # pragma: no cover - GPU only
         s = self.settings

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import openai
 
 log = logging.getLogger("lvr.openai_client")
 
@@ -162,6 +161,9 @@ class ChatClient:
     ) -> None:
         self.base_url = base_url
         self._api_key = api_key
+        # Imported here: ~0.6 s, paid only by runs that talk to an endpoint (not by every stage that can).
+        import openai
+
         self._openai = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
         self._slots = asyncio.Semaphore(concurrency)
         self.concurrency = concurrency
@@ -278,6 +280,8 @@ class ChatClient:
         }
 
     def _classify(self, exc: Exception) -> _AttemptFailure:
+        import openai  # loaded by __init__ already
+
         if isinstance(exc, (TimeoutError, openai.APITimeoutError)):
             return _AttemptFailure("timeout", f"no answer within {self.timeout_s:g}s", None, True)
         if isinstance(exc, openai.APIStatusError):

@@ -49,6 +49,29 @@ def sp_layout(world_size: int, sp_degree: int) -> list[list[int]]:
     return [list(range(start, start + sp_degree)) for start in range(0, world_size, sp_degree)]
 
 
+def kv_repeat_factor(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
+    """How many times to repeat each KV head before the all-to-all so that KV heads split evenly
+    over the SP ranks and every rank's query heads find their own KV heads locally.
+
+    Query head h uses KV head h // (num_heads / kv_heads); after repeating each KV head r times
+    (interleaved) that mapping is unchanged, and it stays rank-local exactly when the repeated KV
+    head count divides both by the SP size and into the query heads. The smallest such r is used.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if num_heads % sp_size:
+        raise ValueError(
+            f"Ulysses attention splits heads over the SP group: {num_heads} attention heads do not divide over "
+            f"sp_degree={sp_size}; pick an SP degree that divides {num_heads}"
+        )
+    groups = num_heads // num_kv_heads
+    for r in range(1, groups + 1):
+        kv = num_kv_heads * r
+        if kv % sp_size == 0 and num_heads % kv == 0:
+            return r
+    raise AssertionError("unreachable: r = num_heads / num_kv_heads always qualifies")
+
+
 def init_topology(sp_degree: int) -> Topology:
     """Create the SP groups (a collective: every rank must call it, in the same order as any other
     `new_group`); needs `torch.distributed` initialised, except for a single process."""

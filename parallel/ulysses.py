@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.topology import SPGroup
+from parallel.topology import SPGroup, kv_repeat_factor
 
 ULYSSES_ATTENTION = "lvr_ulysses"
 
@@ -56,29 +56,6 @@ def all_to_all(x: torch.Tensor, sp: SPGroup, scatter_dim: int, gather_dim: int) 
     if sp.size == 1:
         return x
     return _AllToAll.apply(x, sp.group, scatter_dim, gather_dim)
-
-
-def kv_repeat_factor(num_heads: int, num_kv_heads: int, sp_size: int) -> int:
-    """How many times to repeat each KV head before the all-to-all so that KV heads split evenly
-    over the SP ranks and every rank's query heads find their own KV heads locally.
-
-    Query head h uses KV head h // (num_heads / kv_heads); after repeating each KV head r times
-    (interleaved) that mapping is unchanged, and it stays rank-local exactly when the repeated KV
-    head count divides both by the SP size and into the query heads. The smallest such r is used.
-    """
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if num_heads % sp_size:
-        raise ValueError(
-            f"Ulysses attention splits heads over the SP group: {num_heads} attention heads do not divide over "
-            f"sp_degree={sp_size}; pick an SP degree that divides {num_heads}"
-        )
-    groups = num_heads // num_kv_heads
-    for r in range(1, groups + 1):
-        kv = num_kv_heads * r
-        if kv % sp_size == 0 and num_heads % kv == 0:
-            return r
-    raise AssertionError("unreachable: r = num_heads / num_kv_heads always qualifies")
 
 
 def causal_attention(

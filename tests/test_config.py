@@ -17,7 +17,7 @@ def test_builtin_configs_validate():
 def test_production_sequence_parallelism_fits_the_production_model():
     """Qwen2.5-VL-7B has 28 attention heads and 4 KV heads (its config.json): Ulysses must split both."""
     from parallel.topology import sp_layout
-    from parallel.ulysses import kv_repeat_factor
+    from parallel.topology import kv_repeat_factor
 
     prod = load_config("longvila-r1")
     for section in (prod.sft, prod.grpo):

@@ -114,7 +114,13 @@ class CaptionStage(Stage):
             return self._captioner
 
     def finalize(self, ctx: StageContext, tables: dict[str, pa.Table], failures: list[Failure]) -> tuple[dict[str, pa.Table], list[Failure]]:
-        """A run in which every request failed is a broken endpoint, not a dataset without captions."""
+        """Every shard is captioned: the model and its frame workers go (later stages of the same
+        process need neither, and the workers would otherwise hold the process's exit). A run in
+        which every request failed is a broken endpoint, not a dataset without captions."""
+        with self._lock:
+            if self._captioner is not None:
+                self._captioner.close()
+                self._captioner = None
         if failures and tables[CAPTIONS.name].num_rows == 0 and all(f.error_kind.startswith(REQUEST_FAILED) for f in failures):
             first = failures[0]
             raise StageError(

@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from models.openai_client import ChatClient, ChatRequestError
 from tasks.config import PipelineConfig
 from tasks.preflight.findings import Finding
 
@@ -67,6 +66,9 @@ def check_endpoints(endpoints: list[Endpoint], env: Mapping[str, str]) -> list[F
 
 
 async def _probe_one(e: Endpoint, env: Mapping[str, str]) -> Finding | None:
+    # Here, not at the top: the OpenAI client costs ~0.5 s to import, and most checks probe nothing.
+    from models.openai_client import ChatClient, ChatRequestError
+
     key = env.get(e.api_key_env, "").strip() if e.api_key_env else "EMPTY"
     client = ChatClient(base_url=e.base_url, api_key=key, concurrency=1, timeout_s=PROBE_TIMEOUT_S, max_retries=1, backoff_s=0.5)
     try:

@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.architecture import Architecture, VisionArchitecture
+from parallel.topology import kv_repeat_factor
 
 GIB = 2**30
 
@@ -209,14 +210,13 @@ def rms_norm_bytes(hidden: int, b: int) -> int:
     return FP32 * hidden + FP32 + 2 * b * hidden
 
 
-def kv_repeat_factor(num_heads: int, num_kv_heads: int, sp: int) -> int:
-    """`parallel.ulysses.kv_repeat_factor`, restated so the estimate imports nothing of torch."""
-    groups = num_heads // num_kv_heads
-    for r in range(1, groups + 1):
-        kv = num_kv_heads * r
-        if kv % sp == 0 and num_heads % kv == 0:
-            return r
-    return groups
+def _kv_repeat(arch: Architecture, sp: int) -> int:
+    """The attention code's KV repeat; for heads that do not split over `sp` (reported by the
+    topology check, while the estimate still goes on) as many repeats as query heads per KV head."""
+    try:
+        return kv_repeat_factor(arch.num_heads, arch.num_kv_heads, sp)
+    except ValueError:
+        return max(1, arch.num_heads // max(1, arch.num_kv_heads))
 
 
 def attention_bytes(arch: Architecture, b: int, sp: int) -> int:
@@ -231,7 +231,7 @@ def attention_bytes(arch: Architecture, b: int, sp: int) -> int:
     lse = FP32 * arch.num_heads
     if sp == 1:
         return 4 * q * b + lse
-    kv = arch.num_kv_heads * kv_repeat_factor(arch.num_heads, arch.num_kv_heads, sp) * arch.head_dim
+    kv = arch.num_kv_heads * _kv_repeat(arch, sp) * arch.head_dim
     repeated = 2 * q if kv < q else 0
     return (q + 2 * kv + repeated + 2 * q) * b + lse
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.architecture import Architecture, ArchitectureError, load_architecture
-from parallel.ulysses import kv_repeat_factor
+from parallel.topology import kv_repeat_factor
 from tasks.config import PipelineConfig
 from tasks.preflight.findings import Finding
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from data_schemas import TRAIN_METRICS
 from models.vlm import resolve_model_ref
-from parallel.ulysses import kv_repeat_factor
+from parallel.topology import kv_repeat_factor
 from tasks.engine.stage import ShardResult, StageContext, StageError, WorkItem
 from tasks.engine.store import Failure, stable_hash
 from tasks.media.sources import video_exists

@@ -377,7 +377,7 @@ def test_multinode_template_commands_are_what_the_code_runs():
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert container["command"] == ["lvr"] and 'lvr = "flows.cli:main"' in pyproject
+    assert container["command"] == ["lvr"] and 'lvr = "flows.cli:entrypoint"' in pyproject
     # The image the lvr-sft deployment of prefect.yaml trains with.
     sft_deployment = next(d for d in prefect_yaml()["deployments"] if d["name"] == "lvr-sft")
     assert container["image"] == sft_deployment["work_pool"]["job_variables"]["image"]

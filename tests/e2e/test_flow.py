@@ -50,13 +50,17 @@ def test_pipeline_flow_runs_clip_as_subflow_with_shard_tasks(tmp_path):
             subflows = [r for r in all_runs if r["parent_task_run_id"] in parent_tasks]
             sub_ids = {r["id"] for r in subflows}
             task_runs = [t for t in task_runs if t["flow_run_id"] in sub_ids]
-            return flow_run, subflows, task_runs, flows
+            progress = (await http.post("/artifacts/filter", json={"artifacts": {"type": {"any_": ["progress"]}}, "limit": 200})).json()
+            progress = [a for a in progress if a["flow_run_id"] in sub_ids]
+            return flow_run, subflows, task_runs, flows, progress
 
     import asyncio
 
-    flow_run, subflows, task_runs, flows = asyncio.run(runs())
+    flow_run, subflows, task_runs, flows, progress = asyncio.run(runs())
     assert flow_run.state.is_completed()
     assert "lvr-clip" in {flows[r["flow_id"]] for r in subflows}
+    # The progress bar, sent from a thread of its own, is still the clip subflow's, and full.
+    assert [(a["key"], float(a["data"])) for a in progress] == [("lvr-clip-progress", 100.0)]
     shard_names = sorted(t["name"] for t in task_runs)
     assert shard_names == ["clip-shard-0", "clip-shard-1"]  # 3 videos, 2 per shard
 

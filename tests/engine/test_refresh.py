@@ -15,7 +15,7 @@ import pytest
 
 from data_schemas import TableSchema
 from tasks.config import load_config
-from tasks.engine.progress import Throttled, engine_progress
+from tasks.engine.progress import InBackground, Throttled, engine_progress
 from tasks.engine.run import run_stage, serial_map
 from tasks.engine.stage import ShardResult, Stage, StageContext, WorkItem
 from tasks.engine.store import Failure, Workdir, read_dataset
@@ -185,6 +185,41 @@ def test_throttled_progress_passes_at_most_one_advance_per_interval_and_the_fini
     advances = [c for c in calls if c[0] == "advance"]
     assert calls[0] == ("start", 600) and calls[-1] == ("finish",)
     assert len(advances) <= 6 and sum(n for _, n in advances) <= 600
+
+
+def test_background_progress_never_waits_for_a_slow_front_end_and_finish_delivers_everything():
+    import contextvars
+    import threading
+
+    calls, release, seen_context = [], threading.Event(), []
+    marker = contextvars.ContextVar("marker", default=None)
+
+    class Slow(Recorder):
+        def start(self, stage, total, unit="shards"):
+            seen_context.append(marker.get())  # the caller's context, on the reporter's thread
+            assert release.wait(10)  # an HTTP call that takes its time
+            super().start(stage, total, unit)
+
+        def advance(self, n=1):
+            if n == 99:
+                raise RuntimeError("the API is away")  # logged, not raised into the shard
+            super().advance(n)
+
+    background = InBackground(Slow(calls))
+    marker.set("flow run")
+    background.start("clip", 10)
+    for _ in range(7):
+        background.advance(1)  # returns at once: the start is still in flight
+    assert calls == [] and threading.current_thread() is threading.main_thread()
+    release.set()
+    background.finish()
+    assert seen_context == ["flow run"]
+    assert calls[0] == ("start", 10) and calls[-1] == ("finish",)
+    assert sum(n for name, *rest in calls if name == "advance" for n in rest) == 7
+    assert len([c for c in calls if c[0] == "advance"]) <= 2  # queued advances were summed
+    background.advance(99)
+    background.finish()
+    assert calls[-1] == ("finish",) and len([c for c in calls if c[0] == "finish"]) == 2
 
 
 def test_quick_shards_share_a_prefect_task_without_starving_workers():

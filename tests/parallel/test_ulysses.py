@@ -11,7 +11,8 @@ import torch
 
 from parallel.sequence import pad_to_multiple, plan_vision_shards, shard, shift_labels
 from parallel.topology import SPGroup, sp_layout
-from parallel.ulysses import kv_repeat_factor, ulysses_attention
+from parallel.topology import kv_repeat_factor
+from parallel.ulysses import ulysses_attention
 
 SP = 2
 # (batch, query heads, kv heads, length, head dim, left padding of row 1)

@@ -27,7 +27,6 @@ from tasks.preflight.memory import (
     TrainingShape,
     activation_estimate,
     estimate_training_memory,
-    kv_repeat_factor,
 )
 
 TOLERANCE = 0.25
@@ -337,13 +336,6 @@ def test_gradient_checkpointing_keeps_one_input_per_layer() -> None:
     on = activation_estimate(arch, production_shape(gradient_checkpointing=True, **text))
     assert on.saved < off.saved / 10
     assert on.backward > 0
-
-
-def test_ulysses_kv_repeat_matches_the_attention_code() -> None:
-    from parallel.ulysses import kv_repeat_factor as used
-
-    for heads, kv, sp in [(28, 4, 4), (28, 4, 2), (4, 2, 4), (28, 4, 7), (16, 16, 8)]:
-        assert kv_repeat_factor(heads, kv, sp) == used(heads, kv, sp)
 
 
 def test_production_shape_fits_80gb_and_the_naive_one_does_not() -> None:
