@@ -177,6 +177,9 @@ class InBackground:
             with self._cond:
                 self._pending -= 1
                 self._cond.notify_all()
+                if method == "finish" and not self._queue:  # the stage is over: no thread waits on for more
+                    self._thread = None
+                    return
 
 
 def engine_progress(reporter: ProgressReporter, stage: str, unit: str = "shards") -> Callable[[int, int], None]:

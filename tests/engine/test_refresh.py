@@ -217,6 +217,7 @@ def test_background_progress_never_waits_for_a_slow_front_end_and_finish_deliver
     assert calls[0] == ("start", 10) and calls[-1] == ("finish",)
     assert sum(n for name, *rest in calls if name == "advance" for n in rest) == 7
     assert len([c for c in calls if c[0] == "advance"]) <= 2  # queued advances were summed
+    assert background._thread is None  # finished: its thread ended
     background.advance(99)
     background.finish()
     assert calls[-1] == ("finish",) and len([c for c in calls if c[0] == "finish"]) == 2
