@@ -246,9 +246,10 @@ def _prune_ephemeral_history(retention_days: float | None) -> None:
     """Keep the ephemeral API's database from growing forever (flows/history.py); never fails a run."""
     from datetime import timedelta
 
-    from flows.history import prune_local_history_if_due, uses_ephemeral_api
+    from flows.history import prune_local_history_if_due
+    from flows.local_api import needs_local_api
 
-    if retention_days is None or not uses_ephemeral_api():
+    if retention_days is None or not needs_local_api():
         return
     try:
         pruned = prune_local_history_if_due(timedelta(days=retention_days))

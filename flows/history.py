@@ -40,11 +40,6 @@ class Pruned:
         return self.flow_runs_before - self.flow_runs_after
 
 
-def uses_ephemeral_api() -> bool:
-    """No PREFECT_API_URL: flows run against a database of this machine that no server vacuums."""
-    return get_current_settings().api.url is None
-
-
 def prune_stamp() -> Path:
     return Path(get_current_settings().home).expanduser() / STAMP_NAME
 
