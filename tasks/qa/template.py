@@ -25,10 +25,13 @@ starts with, e.g. "The video shows"), else by its shortest distinctive run of wo
 A window of a long video (`tasks.qa.windows`) is asked about its own clips, quoting snippets that are
 distinctive in the whole video. A question that a video cannot support (too few clips with distinctive snippets, e.g. a one- or
 two-clip video, or duplicate captions) is simply not drafted. The raw reasoning is written the way
-an LLM that read the captions writes it ("The caption for 00:10-00:20 describes moment (1)"),
-short and naming moments by their role in the question (moment (1), the quoted moment, option B)
-rather than quoting them again, so that the CPU profile's tiny model can learn to write it; and
-`rewrite_reasoning` is the template refinement: a deterministic rewrite into steps about the video.
+an LLM that read the captions writes it ("The caption of shot 3 (00:20-00:30) describes (1)"),
+shots being the video's moments numbered from its start (a window's too). `rewrite_reasoning` is
+the template refinement: a deterministic rewrite into short steps about the video's shots ("(1) is
+shot 3.", then the derivation: "In time order: (2), then (1), then (3), option C."), naming moments
+by their role in the question ((1), the quote, option B) rather than quoting them again and by shot
+number rather than time range: the CPU profile's tiny model learns to write ~60 such tokens within
+its training budget, where ~100 tokens of time ranges stayed noise (`configs/tiny.yaml`).
 Drafts are rendered as the JSON answer an LLM would give and go through the same parser and row
 building as LLM answers. Everything is seeded from the video id, so reruns are byte-identical.
 """
@@ -46,7 +49,7 @@ from tasks.engine.store import stable_hash
 from tasks.qa.captions import Clip, VideoCaptions
 from tasks.qa.prompts import LETTERS
 
-TEMPLATE_VERSION = 2
+TEMPLATE_VERSION = 3
 GENERATOR_MODEL = f"lvr-template-v{TEMPLATE_VERSION}"
 REFINER_MODEL = f"lvr-template-rewrite-v{TEMPLATE_VERSION}"
 PROMPT_VERSION = f"template-v{TEMPLATE_VERSION}"
@@ -58,7 +61,7 @@ _EDGE = " ,.;:!?\"'\u201c\u201d\u2018\u2019()[]"
 _UNQUOTABLE = re.compile(r"caption|</?\s*(?:think|answer)\s*>", re.IGNORECASE)
 _DANGLING = frozenset("a an the and or but of to in into on onto at by for with from over under as his her its their".split())
 _RAW_STEP = re.compile(r"^Step \d+: ")
-_RAW_SEEN = re.compile(r"The caption for (\d+:\d\d-\d+:\d\d) describes ")
+_RAW_SEEN = re.compile(r"^The caption of shot (\d+) \((\d+:\d\d-\d+:\d\d)\) describes (.+)\.$")
 
 
 def _normal(text: str) -> str:
@@ -139,8 +142,21 @@ def _q(text: str) -> str:
     return f"\u201c{text}\u201d"
 
 
-def _seen(clip: Clip, what: str) -> str:
-    return f"The caption for {clip.span} describes {what}"
+@dataclass(frozen=True)
+class Moments:
+    """The moments a question may quote: `clips` (one per segment, a run of equal captions), `snip`
+    (segment index -> its distinctive quote), `first` (the index in the whole video of `clips[0]`,
+    nonzero for a window: reasoning numbers segments as the whole video does)."""
+
+    clips: tuple[Clip, ...]
+    snip: dict[int, str]
+    first: int = 0
+
+    def number(self, i: int) -> int:
+        return self.first + i + 1
+
+    def seen(self, i: int, what: str) -> str:
+        return f"The caption of shot {self.number(i)} ({self.clips[i].span}) describes {what}."
 
 
 def _choice(correct: str, wrong: list[str], rng: random.Random) -> tuple[tuple[str, ...], str]:
@@ -149,9 +165,8 @@ def _choice(correct: str, wrong: list[str], rng: random.Random) -> tuple[tuple[s
     return tuple(options), LETTERS[options.index(correct)]
 
 
-def _temporal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
-    usable = sorted(snip)
-    clips = video.clips
+def _temporal(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
+    usable = sorted(m.snip)
     if qtype == "multiple_choice":
         if len(usable) < 3:
             return None
@@ -160,8 +175,8 @@ def _temporal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: rando
         correct = ", then ".join(f"({k + 1})" for k in in_time)
         perms = [", then ".join(f"({k + 1})" for k in p) for p in itertools.permutations(range(3))]
         options, letter = _choice(correct, rng.sample([p for p in perms if p != correct], 3), rng)
-        listed = "; ".join(f"({k + 1}) {_q(snip[i])}" for k, i in enumerate(shown))
-        steps = [f"{_seen(clips[shown[k]], f'moment ({k + 1})')}." for k in range(3)]
+        listed = "; ".join(f"({k + 1}) {_q(m.snip[i])}" for k, i in enumerate(shown))
+        steps = [m.seen(shown[k], f"({k + 1})") for k in range(3)]
         steps.append(f"In time order: {correct}, option {letter}.")
         return Draft(f"In what order do these moments happen in the video: {listed}?", options, letter, tuple(steps))
     if len(usable) < 2:
@@ -169,16 +184,15 @@ def _temporal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: rando
     a, b = rng.sample(usable, 2)
     first = min(a, b)
     steps = (
-        f"{_seen(clips[a], 'the first quoted moment')}.",
-        f"{_seen(clips[b], 'the second quoted moment')}.",
-        f"{clips[first].span} comes first, so the {'first' if first == a else 'second'} quoted moment happens first.",
+        m.seen(a, "the first"),
+        m.seen(b, "the second"),
+        f"Shot {m.number(first)} is before shot {m.number(a + b - first)}, so the {'first' if first == a else 'second'}.",
     )
-    return Draft(f"Which happens first in the video: {_q(snip[a])} or {_q(snip[b])}?", None, snip[first], steps)
+    return Draft(f"Which happens first in the video: {_q(m.snip[a])} or {_q(m.snip[b])}?", None, m.snip[first], steps)
 
 
-def _goal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
-    usable = sorted(snip)
-    clips = video.clips
+def _goal(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
+    usable = sorted(m.snip)
     if len(usable) < 2:
         return None
     start, end = usable[0], usable[-1]
@@ -187,38 +201,39 @@ def _goal(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
             return None
         pool = usable[1:-1] if len(usable) >= 5 else usable[:-1]
         picked = sorted([end, *rng.sample(pool, 3)])
-        options, letter = _choice(snip[end], [snip[i] for i in picked if i != end], rng)
-        steps = [f"{_seen(clips[start], 'the start')}."]
-        steps += [f"{_seen(clips[i], f'option {LETTERS[options.index(snip[i])]}')}." for i in picked]
-        steps.append(f"The latest is {clips[end].span}, option {letter}.")
-        question = f"Starting from {_q(snip[start])}, which of these moments does the video arrive at last, as the outcome of the sequence?"
+        options, letter = _choice(m.snip[end], [m.snip[i] for i in picked if i != end], rng)
+        steps = [m.seen(start, "the start")]
+        steps += [m.seen(i, f"option {LETTERS[options.index(m.snip[i])]}") for i in picked]
+        steps.append(f"The last is shot {m.number(end)}, option {letter}.")
+        question = f"Starting from {_q(m.snip[start])}, which of these moments does the video arrive at last, as the outcome of the sequence?"
         return Draft(question, options, letter, tuple(steps))
-    if end != len(clips) - 1:
+    if end != len(m.clips) - 1:
         return None  # "at the end" is only true of the final clip
     steps = (
-        f"{_seen(clips[start], 'the start')}.",
-        f"{clips[end].span} is the final segment of the video; it shows {_q(snip[end])}.",
+        m.seen(start, "the start"),
+        f"The last shot, {m.number(end)}, shows {_q(m.snip[end])}.",
     )
-    return Draft(f"Starting from {_q(snip[start])}, what does the video show at the end of the sequence?", None, snip[end], steps)
+    return Draft(f"Starting from {_q(m.snip[start])}, what does the video show at the end of the sequence?", None, m.snip[end], steps)
 
 
-def _spatial(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
-    clips = video.clips
-    if not snip or len(clips) < (4 if qtype == "multiple_choice" else 2):
+def _spatial(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
+    clips = m.clips
+    if not m.snip or len(clips) < (4 if qtype == "multiple_choice" else 2):
         return None
-    subject = rng.choice(sorted(snip))
-    question = f"In which segment of the video (which time range) is {_q(snip[subject])} shown?"
+    subject = rng.choice(sorted(m.snip))
+    question = f"In which segment of the video (which time range) is {_q(m.snip[subject])} shown?"
+    span = clips[subject].span
     if qtype == "multiple_choice":
         others = sorted(rng.sample([i for i in range(len(clips)) if i != subject], 3))
-        options, letter = _choice(clips[subject].span, [clips[i].span for i in others], rng)
-        steps = [f"{_seen(clips[subject], 'the quoted moment')}.", f"So it is shown in {clips[subject].span}, option {letter}."]
-        return Draft(question, options, letter, tuple(steps))
-    steps = (f"{_seen(clips[subject], 'the quoted moment')}.", f"So it is shown in {clips[subject].span}.")
-    return Draft(question, None, clips[subject].span, steps)
+        options, letter = _choice(span, [clips[i].span for i in others], rng)
+        steps = (m.seen(subject, "the quote"), f"Shot {m.number(subject)} is {span}, option {letter}.")
+        return Draft(question, options, letter, steps)
+    steps = (m.seen(subject, "the quote"), f"Shot {m.number(subject)} is {span}.")
+    return Draft(question, None, span, steps)
 
 
-def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Random) -> Draft | None:
-    clips = video.clips
+def _plot(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
+    snip = m.snip
     if qtype == "multiple_choice":
         triples = [i for i in snip if i + 1 in snip and i + 2 in snip]
         if not triples or len(snip) < 4:
@@ -228,10 +243,10 @@ def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
         wrong = rng.sample(sorted(i for i in snip if i != b), 3)
         options, letter = _choice(snip[b], [snip[i] for i in wrong], rng)
         steps = (
-            f"{_seen(clips[a], 'the first quoted moment')}.",
-            f"{_seen(clips[c], 'the second quoted moment')}.",
-            f"{_seen(clips[b], f'option {letter}')}, the only segment between them.",
-            f"So the answer is option {letter}.",
+            m.seen(a, "the first"),
+            m.seen(c, "the second"),
+            m.seen(b, f"option {letter}"),
+            f"Shot {m.number(b)} is between them, option {letter}.",
         )
         return Draft(f"What happens in the video between {_q(snip[a])} and {_q(snip[c])}?", options, letter, steps)
     pairs = [i for i in snip if i + 1 in snip]
@@ -239,8 +254,8 @@ def _plot(video: VideoCaptions, snip: dict[int, str], qtype: str, rng: random.Ra
         return None
     a = rng.choice(sorted(pairs))
     steps = (
-        f"{_seen(clips[a], 'the quoted moment')}.",
-        f"The very next segment, {clips[a + 1].span}, shows {_q(snip[a + 1])}.",
+        m.seen(a, "the quote"),
+        f"The next shot, {m.number(a + 1)}, shows {_q(snip[a + 1])}.",
     )
     return Draft(f"What happens right after {_q(snip[a])} in the video?", None, snip[a + 1], steps)
 
@@ -257,6 +272,7 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
     starts = _segment_starts(video.clips)
     whole = VideoCaptions(video.video_id, segments(video.clips, starts))
     snip = distinctive_snippets(whole)
+    first = 0
     if clips is not None and (clips.start, clips.stop) != (0, len(video.clips)):
         if clips.stop < len(video.clips) and (category, question_type) == ("Goal and Purpose", "open_ended"):
             return []
@@ -267,11 +283,11 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
         first, stop = inside[0], inside[-1] + 1
         snip = {k - first: text for k, text in snip.items() if first <= k < stop}
         whole = VideoCaptions(video.video_id, whole.clips[first:stop])
-    video = whole
+    moments = Moments(whole.clips, snip, first)
     drafts: dict[str, Draft] = {}
     for attempt in range(4 * n_questions):
-        seed = int(stable_hash([video.video_id, category, question_type, attempt]), 16)
-        draft = _DRAFTERS[category](video, snip, question_type, random.Random(seed))
+        seed = int(stable_hash([whole.video_id, category, question_type, attempt]), 16)
+        draft = _DRAFTERS[category](moments, question_type, random.Random(seed))
         if draft is None:
             break  # the video cannot support this kind of question at all
         drafts.setdefault(draft.question, draft)
@@ -294,6 +310,15 @@ def render_answer(drafts: list[Draft]) -> str:
 
 
 def rewrite_reasoning(raw: str) -> str:
-    """Template refinement: numbered steps that speak of watching the video, not of captions."""
-    lines = [_RAW_SEEN.sub(r"At \1 I see ", _RAW_STEP.sub("", ln.strip())) for ln in raw.splitlines() if ln.strip()]
+    """Template refinement: numbered steps about the video's segments, not about captions
+    ("Moment (1) is segment 3 (00:20-00:30).")."""
+    lines = [_refined_step(_RAW_STEP.sub("", ln.strip())) for ln in raw.splitlines() if ln.strip()]
     return "\n".join(f"{k}. {ln}" for k, ln in enumerate(lines, 1))
+
+
+def _refined_step(step: str) -> str:
+    seen = _RAW_SEEN.match(step)
+    if seen is None:
+        return step
+    number, span, what = seen.groups()
+    return f"{what[:1].upper()}{what[1:]} is shot {number}."

@@ -96,9 +96,9 @@ def test_full_run_end_to_end(tmp_path, small_source):
     from tasks.stages import STAGE_NAMES
 
     wd = tmp_path / "wd"
-    # The tiny profile (SP=2 training, as `make run`), with fewer steps and samples.
-    cheaper = ["qa.questions_per_request=1", "filter.runs=4", "caption.max_new_tokens=16", "sft.epochs=1", "grpo.steps=2",
-               "grpo.max_new_tokens=16", "eval.max_new_tokens=16"]
+    # The tiny profile with fewer steps and samples, and SFT sequence-parallel (Ulysses, SP=2).
+    cheaper = ["qa.questions_per_request=1", "filter.runs=4", "caption.max_new_tokens=16", "sft.max_steps=4", "sft.sp_degree=2",
+               "grpo.steps=2", "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.max_new_tokens=16", "eval.max_new_tokens=16"]
     out = run_cli("run", "--source", str(small_source), "--workdir", str(wd), *[a for o in cheaper for a in ("--set", o)])
     assert out.returncode == 0, out.stderr[-3000:]
     assert all((wd / s / "_manifest.json").exists() for s in STAGE_NAMES)

@@ -28,7 +28,6 @@ from tasks.qa.template import (
 from tests.support.openai_server import KITCHEN_CAPTIONS
 
 QUOTE = re.compile(r"\u201c(.*?)\u201d")
-SPAN = re.compile(r"\b\d{2,}:\d{2}-\d{2,}:\d{2}\b")
 
 
 def video(video_id: str, captions: list[str], seconds: float = 10.0) -> VideoCaptions:
@@ -68,6 +67,27 @@ def moments(v: VideoCaptions) -> VideoCaptions:
         else:
             merged.append(c)
     return VideoCaptions(v.video_id, tuple(merged))
+
+
+RAW_SHOT = re.compile(r"The caption of shot (\d+) \((\d+:\d\d-\d+:\d\d)\) describes")
+CLAIM = re.compile(r"^\d+\. (\(\d\)|The first|The second|The quote|The start|Option [A-D]) is shot (\d+)\.$")
+
+
+def check_claims(v: VideoCaptions, question: str, options: tuple[str, ...] | None, refined: str) -> None:
+    """Every "X is shot N" step of the refined reasoning names the shot (1-based, a run of equal
+    captions being one shot) where X, a quote of the question or an option, really is."""
+    v = moments(v)
+    quotes = QUOTE.findall(question)
+    claims = [CLAIM.match(line).groups() for line in refined.splitlines() if CLAIM.match(line)]
+    assert claims
+    for who, shot in claims:
+        if who.startswith("("):
+            text = quotes[int(who[1]) - 1]
+        elif who.startswith("Option"):
+            text = options[LETTERS.index(who[-1])]
+        else:
+            text = quotes[1] if who == "The second" else quotes[0]
+        assert locate(v, text) == int(shot) - 1, (who, shot, question)
 
 
 def check(v: VideoCaptions, category: str, qtype: str, question: str, options: tuple[str, ...] | None, answer: str) -> None:
@@ -117,11 +137,12 @@ def test_every_answer_matches_the_captions(v):
             assert len({i.question for i in result.items}) == len(result.items)
             for item in result.items:
                 check(v, category, qtype, item.question, item.options, item.answer)
-                cited = set(SPAN.findall(item.reasoning))
-                assert cited and cited <= {c.span for c in moments(v).clips}  # reasoning cites real time ranges
+                # The raw reasoning cites each shot with its real time range.
+                cited = RAW_SHOT.findall(item.reasoning)
+                assert cited and all(moments(v).clips[int(n) - 1].span == span for n, span in cited)
                 refined = parse_refinement(rewrite_reasoning(item.reasoning))
-                assert "caption" not in refined.lower() and set(SPAN.findall(refined)) == cited
-                assert "I see" in refined and refined.startswith("1. ")
+                assert "caption" not in refined.lower() and refined.startswith("1. ")
+                check_claims(v, item.question, item.options, refined)
                 assert FORMAT_PATTERN.match(build_target(refined, item.answer))
                 produced += 1
                 formed.add((category, qtype))
@@ -192,3 +213,16 @@ def test_a_scene_over_several_clips_is_one_moment_quoted_whole():
     assert where.keys() == {"00:20-00:30", "00:40-01:00"} and "\u201cthe game of life\u201d" in where["00:40-01:00"]
     firsts = draft_questions(v, "Temporal", "open_ended", 5)  # asked both ways round
     assert len(firsts) == 2 and {d.answer for d in firsts} == {"color bars, then a solid red screen"}
+
+
+def test_a_window_numbers_its_shots_as_the_whole_video_does():
+    # Clips 0-1 are one shot, so clip 4 starts shot 4 of the video however the window is cut.
+    v = video("win", ["a red car parks", "a red car parks", "a dog runs", "a bird sings on a wire", "rain falls on the road",
+                      "a boy kicks a ball", "the sun sets behind hills"])
+    window = range(4, 7)
+    drafts = [d for c in CATEGORIES for t in QUESTION_TYPES for d in draft_questions(v, c, t, 3, window)]
+    assert drafts
+    for d in drafts:
+        refined = rewrite_reasoning("\n".join(f"Step {k}: {s}" for k, s in enumerate(d.steps, 1)))
+        check_claims(v, d.question, d.options, refined)
+        assert all(int(n) >= 4 for n in re.findall(r"shot (\d+)", refined)), refined
