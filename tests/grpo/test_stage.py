@@ -66,7 +66,7 @@ def prime_model(workdir: Workdir, out: Path) -> Path:
 
 def overrides(model: Path) -> dict:
     return {
-        "grpo.model": str(model), "grpo.steps": STEPS, "grpo.save_every": 2, "grpo.prompts_per_step": 3, "grpo.group_size": 4,
+        "grpo.model": str(model), "grpo.nproc_per_node": 1, "grpo.steps": STEPS, "grpo.save_every": 2, "grpo.prompts_per_step": 3, "grpo.group_size": 4,
         "grpo.max_new_tokens": 16, "grpo.num_frames": SPEC.num_frames, "grpo.learning_rate": 1e-3, "grpo.updates_per_step": 2,
         "grpo.micro_batch_size": 6, "tracking.backend": "tensorboard", "tracking.samples_every": 1,
     }
