@@ -31,11 +31,11 @@ from tasks.config import cache_dir, load_config
 from tasks.engine.run import run_stage
 from tasks.engine.stage import StageContext
 from tasks.engine.store import Workdir
-from tasks.samples.videos import write_sample_videos
+from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos
 
 
 def sample_clips(workdir: Path, limit: int) -> list[ClipRequest]:
-    source = cache_dir() / "sample-videos"
+    source = cache_dir() / SAMPLE_CACHE_SUBDIR
     write_sample_videos(source)
     report = run_stage(ClipStage(), StageContext(Workdir(str(workdir)), load_config("tiny"), source=str(source)))
     import pandas as pd

@@ -12,7 +12,7 @@ from tasks.engine.runs import RunRecord, StageObserver, StageRunner, run_stages
 from tasks.engine.stage import StageContext, StageReport
 from tasks.engine.store import Workdir
 from tasks.preflight.checks import preflight
-from tasks.samples.videos import write_sample_videos
+from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos
 from tasks.stages import STAGE_NAMES, get_stage
 
 
@@ -22,7 +22,7 @@ def resolve_source(source: str | None, config: PipelineConfig) -> str:
         return source
     if config.source:
         return config.source
-    directory = cache_dir() / "sample-videos"
+    directory = cache_dir() / SAMPLE_CACHE_SUBDIR
     write_sample_videos(directory)
     return str(directory)
 

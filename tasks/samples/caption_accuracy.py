@@ -18,7 +18,8 @@ from tasks.engine.stage import read_stage_table
 from tasks.engine.store import Workdir
 from tasks.samples.videos import SAMPLE_SPECS, Scene, scenes_of
 
-# lavfi source (the filter's name) -> the scene kind a caption of it names.
+# lavfi filter that draws the picture (the source, or the last filter of a chain) -> the scene kind a
+# caption of it names.
 _KIND_OF_FILTER = {
     "testsrc2": "a moving test pattern",
     "smptebars": "color bars",
@@ -30,13 +31,13 @@ _KIND_OF_FILTER = {
     "cellauto": "a cellular automaton",
     "life": "the game of life",
     "mandelbrot": "a Mandelbrot zoom",
-    "gradients": "drifting color gradients",
+    "geq": "drifting color gradients",  # the sample's only geq scene: two colours, a turning soft edge
 }
 
 
 def scene_kind(scene: Scene) -> str:
     """The scene kind that names what `scene` shows; KeyError for a source no kind covers."""
-    name, _, options = scene.source.partition("=")
+    name, _, options = scene.source.split(",")[-1].partition("=")
     if name == "color":  # color=c=<colour>
         return f"a solid {options.removeprefix('c=')} screen"
     return _KIND_OF_FILTER[name]

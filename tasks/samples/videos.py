@@ -22,6 +22,9 @@ from tasks.media.ffmpeg import MediaError, run_tool, stderr_tail
 
 FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 SCENES_FILE = "scenes.json"
+# The folder under lvr's cache dir the sample is written to on first use; existing videos are kept
+# there, so the name changes with what a render gives (v2: the gradients scene drawn by geq).
+SAMPLE_CACHE_SUBDIR = "sample-videos-v2"
 AUDIO_SAMPLE_RATE = 44100
 # ffmpeg-python escapes drawtext's text for ':' ',' '[' ']' but mangles quotes and
 # '%', so labels stay within characters that survive both escaping layers.
@@ -37,8 +40,8 @@ class SampleSpec:
     gop: int | None  # frames from keyframe to keyframe, fixed; None leaves it to x264 (scene-cut keyframes)
     width: int
     height: int
-    # (label, lavfi source with its own options but without size/rate, which come from the spec);
-    # the video's seconds are shared equally among the scenes.
+    # (label, lavfi source with its own options but without size/rate, which come from the spec,
+    # optionally followed by filters after a comma); the video's seconds are shared equally among the scenes.
     scenes: tuple[tuple[str, str], ...]
 
     def __post_init__(self) -> None:
@@ -69,6 +72,10 @@ class Scene:
     end_s: float
 
 
+# Where a frame is on the soft edge between two colours (0 to 1), the edge turning about the centre
+# of a 320x240 frame at 0.3 rad/s; written without commas, which separate lavfi's filters.
+_EDGE = "(0.5+0.5*tanh(((X-160)*cos(T*0.3)+(Y-120)*sin(T*0.3))/60))"
+
 SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     # 250-frame GOP at 30 fps: keyframes every 8.33 s, so 10 s clips cannot be
     # stream-copied without snapping cuts far from their marks.
@@ -97,7 +104,10 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
         width=320,
         height=240,
         scenes=(
-            ("drifting color gradients", "gradients=seed=21:speed=0.02"),
+            # Two colours meeting in a soft edge that turns, drawn by geq: ffmpeg 5.1's `gradients`
+            # source gives other pixels on every run (seed and colours given or not), which changed
+            # the video's bytes, so its clip ids, captions and questions, on every fresh machine.
+            ("drifting color gradients", f"color=c=black,format=rgb24,geq=r='255-223*{_EDGE}':g='64':b='255*{_EDGE}'"),
             ("YUV test pattern", "yuvtestsrc"),
             ("Mandelbrot zoom", "mandelbrot"),
             ("HD color bars", "smptehdbars"),
@@ -207,10 +217,12 @@ def _render_argv(spec: SampleSpec, path: Path, font: Path) -> list[str]:
 
 def _scene_streams(spec: SampleSpec, scene: Scene, font: Path) -> list[ffmpeg.nodes.FilterableStream]:
     length = scene.end_s - scene.start_s
-    separator = ":" if "=" in scene.source else "="
+    # Size and rate go to the source, the first filter of the scene's graph.
+    source, comma, rest = scene.source.partition(",")
+    separator = ":" if "=" in source else "="
     video = (
         ffmpeg.input(
-            f"{scene.source}{separator}size={spec.width}x{spec.height}:rate={spec.fps}", f="lavfi", t=length
+            f"{source}{separator}size={spec.width}x{spec.height}:rate={spec.fps}{comma}{rest}", f="lavfi", t=length
         )
         .drawtext(
             text=scene.text,
