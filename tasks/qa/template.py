@@ -61,7 +61,7 @@ _EDGE = " ,.;:!?\"'\u201c\u201d\u2018\u2019()[]"
 _UNQUOTABLE = re.compile(r"caption|</?\s*(?:think|answer)\s*>", re.IGNORECASE)
 _DANGLING = frozenset("a an the and or but of to in into on onto at by for with from over under as his her its their".split())
 _RAW_STEP = re.compile(r"^Step \d+: ")
-_RAW_SEEN = re.compile(r"^The caption of shot (\d+) \((\d+:\d\d-\d+:\d\d)\) describes (.+)\.$")
+_RAW_SEEN = re.compile(r"^The caption of shot (\d+) \(\d+:\d\d-\d+:\d\d\) describes (.+)\.$")
 
 
 def _normal(text: str) -> str:
@@ -310,8 +310,7 @@ def render_answer(drafts: list[Draft]) -> str:
 
 
 def rewrite_reasoning(raw: str) -> str:
-    """Template refinement: numbered steps about the video's segments, not about captions
-    ("Moment (1) is segment 3 (00:20-00:30).")."""
+    """Template refinement: numbered steps about the video's shots, not about captions ("(1) is shot 3.")."""
     lines = [_refined_step(_RAW_STEP.sub("", ln.strip())) for ln in raw.splitlines() if ln.strip()]
     return "\n".join(f"{k}. {ln}" for k, ln in enumerate(lines, 1))
 
@@ -320,5 +319,5 @@ def _refined_step(step: str) -> str:
     seen = _RAW_SEEN.match(step)
     if seen is None:
         return step
-    number, span, what = seen.groups()
+    number, what = seen.groups()
     return f"{what[:1].upper()}{what[1:]} is shot {number}."
