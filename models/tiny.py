@@ -35,12 +35,13 @@ recipe) gives byte-identical files.  A pretrained model is cached under its reci
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -371,9 +372,16 @@ def pretrain_recipe(name: str) -> PretrainRecipe | None:
     return PretrainRecipe() if not steps else replace(PretrainRecipe(), steps=int(steps))
 
 
+def geometry_key(name: str) -> str:
+    """A short hash of a locally built model's dimensions (its text shape and the vision tower): a
+    cached build of other dimensions is another model, so it is rebuilt, not loaded."""
+    doc = {"text": asdict(TINY_SHAPES[name]), "vision": [VISION_DEPTH, VISION_HIDDEN, VISION_HEADS, VISION_INTERMEDIATE]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _recipe_key(name: str, seed: int) -> str | None:
     recipe = pretrain_recipe(name)
-    return None if recipe is None else recipe.key(f"{name}:v{TINY_FORMAT_VERSION}:seed{seed}")
+    return None if recipe is None else recipe.key(f"{name}:v{TINY_FORMAT_VERSION}:seed{seed}:{geometry_key(name)}")
 
 
 def _write_into(folder: Path, seed: int, name: str) -> None:
@@ -394,7 +402,8 @@ def _write_into(folder: Path, seed: int, name: str) -> None:
     (folder / VIDEO_PREPROCESSOR_FILE).write_text(
         json.dumps(_video_preprocessor_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
-    marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed, "kind": _cache_subdir(name), "recipe": _recipe_key(name, seed)}
+    marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed, "kind": _cache_subdir(name), "recipe": _recipe_key(name, seed),
+              "geometry": geometry_key(name)}
     (folder / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -460,7 +469,7 @@ def ensure_tiny_model(out_dir: str | os.PathLike | None = None, name: str = TINY
     """Return a complete tiny-model folder (``TINY_SEED``), building it first if needed.
 
     ``out_dir`` defaults to :func:`default_tiny_dir`.  A folder without the marker (an
-    interrupted build), or whose marker names another seed, format version or pretraining recipe,
+    interrupted build), or whose marker names another seed, format version, geometry (`geometry_key`) or pretraining recipe,
     is rebuilt.  Safe with concurrent callers: the first to rename a finished build into place
     wins, the others use it.
     """
@@ -511,7 +520,7 @@ def _marker_ok(out: Path, seed: int, name: str) -> bool:
     except (OSError, ValueError):
         return False
     return (data.get("format_version") == TINY_FORMAT_VERSION and data.get("seed") == seed
-            and data.get("recipe") == _recipe_key(name, seed))
+            and data.get("recipe") == _recipe_key(name, seed) and data.get("geometry") == geometry_key(name))
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:

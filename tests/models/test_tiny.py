@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,20 @@ def test_default_dir_and_ensure(tmp_path, monkeypatch):
     assert ensure_tiny_model(p) == p
     assert (p / MARKER_FILE).is_file() and (p / "model.safetensors").is_file()
     assert not [q for q in p.parent.iterdir() if q.name.startswith(".")]  # no temp folders left
+
+
+def test_a_cached_build_of_other_dimensions_is_rebuilt(tmp_path, monkeypatch):
+    """Changing a model's shape without bumping TINY_FORMAT_VERSION must not load the old weights."""
+    from models import tiny
+
+    out = ensure_tiny_model(tmp_path / "tiny")
+    assert json.loads((out / "config.json").read_text())["text_config"]["hidden_size"] == tiny.TINY_SHAPES[tiny.TINY].hidden
+    narrower = replace(tiny.TINY_SHAPES[tiny.TINY], hidden=32, intermediate=64)
+    monkeypatch.setitem(tiny.TINY_SHAPES, tiny.TINY, narrower)
+    assert ensure_tiny_model(out) == out
+    assert json.loads((out / "config.json").read_text())["text_config"]["hidden_size"] == 32
+    # and the pretrained captioner's cache folder is named after its geometry too
+    monkeypatch.setitem(tiny.TINY_SHAPES, tiny.TINY_CAPTIONER, narrower)
+    narrow_dir = default_tiny_dir(tiny.TINY_CAPTIONER)
+    monkeypatch.undo()
+    assert default_tiny_dir(tiny.TINY_CAPTIONER) != narrow_dir
