@@ -30,7 +30,9 @@ What the folder holds:
 * ``.lvr_complete`` - marker, written last; a folder without it is an interrupted build.
 
 The build is deterministic: the same ``seed`` (and, for `tiny-captioner`, the same pretraining
-recipe) gives byte-identical files.  A pretrained model is cached under its recipe's key.
+recipe) gives byte-identical files.  A pretrained model is cached under its recipe's key, which
+covers its dimensions (`geometry_key`); the marker names them too, so a build of other dimensions
+is rebuilt rather than loaded.
 """
 
 from __future__ import annotations
