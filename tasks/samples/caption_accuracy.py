@@ -37,7 +37,7 @@ _KIND_OF_FILTER = {
 
 def scene_kind(scene: Scene) -> str:
     """The scene kind that names what `scene` shows; KeyError for a source no kind covers."""
-    name, _, options = scene.source.split(",")[-1].partition("=")
+    name, _, options = scene.filters[-1].partition("=")
     if name == "color":  # color=c=<colour>
         return f"a solid {options.removeprefix('c=')} screen"
     return _KIND_OF_FILTER[name]

@@ -71,6 +71,12 @@ class Scene:
     start_s: float
     end_s: float
 
+    @property
+    def filters(self) -> list[str]:
+        """The scene's lavfi chain, filter by filter: the source first (it takes size and rate),
+        the filter that draws the picture last."""
+        return self.source.split(",")
+
 
 # Where a frame is on the soft edge between two colours (0 to 1), the edge turning about the centre
 # of a 320x240 frame at 0.3 rad/s; written without commas, which separate lavfi's filters.
@@ -218,12 +224,11 @@ def _render_argv(spec: SampleSpec, path: Path, font: Path) -> list[str]:
 def _scene_streams(spec: SampleSpec, scene: Scene, font: Path) -> list[ffmpeg.nodes.FilterableStream]:
     length = scene.end_s - scene.start_s
     # Size and rate go to the source, the first filter of the scene's graph.
-    source, comma, rest = scene.source.partition(",")
+    source, *after = scene.filters
     separator = ":" if "=" in source else "="
+    chain = ",".join([f"{source}{separator}size={spec.width}x{spec.height}:rate={spec.fps}", *after])
     video = (
-        ffmpeg.input(
-            f"{source}{separator}size={spec.width}x{spec.height}:rate={spec.fps}{comma}{rest}", f="lavfi", t=length
-        )
+        ffmpeg.input(chain, f="lavfi", t=length)
         .drawtext(
             text=scene.text,
             fontfile=str(font),

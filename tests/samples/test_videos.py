@@ -132,8 +132,8 @@ def test_each_scene_has_its_own_tone(samples: list[Path]) -> None:
 
 @pytest.mark.parametrize("index", range(len(SAMPLE_SPECS)))
 def test_rendering_is_deterministic(tmp_path: Path, samples: list[Path], index: int) -> None:
-    # Every spec rendered again elsewhere: seeded random sources (life, cellauto) and gradients
-    # (whose default colours ffmpeg draws anew on every run) included.
+    # Every spec rendered again elsewhere: seeded random sources (life, cellauto) included, and the
+    # geq scene that replaced ffmpeg's `gradients` source (other pixels on every run).
     again = write_sample_video(SAMPLE_SPECS[index], tmp_path / "again.mp4", font=find_font())
     assert sha256(again) == sha256(samples[index])
     assert [p.name for p in tmp_path.iterdir()] == ["again.mp4"]
