@@ -56,6 +56,8 @@ OVERRIDES = {
     "clip.seconds": 3, "clip.min_seconds": 1, "caption.max_new_tokens": 8, "qa.questions_per_request": 1, "filter.runs": 2,
     "sft.sp_degree": 1, "sft.nproc_per_node": 1, "sft.max_steps": SFT_STEPS, "sft.save_every": 2,
     "grpo.steps": 2, "grpo.save_every": 1, "grpo.max_new_tokens": 16, "eval.max_new_tokens": 16,
+    # One GRPO process and small groups: what is checked here is where things land, not the update.
+    "grpo.nproc_per_node": 1, "grpo.group_size": 4, "grpo.prompts_per_step": 2,
 }
 TRAINED = ("sft", "grpo")
 
