@@ -11,7 +11,7 @@ import os
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -107,7 +107,13 @@ class VideoInputs(Section):
     frames are sampled and how many tokens they may take, one way for every stage, so equal settings give
     filter, SFT, GRPO and eval the same model inputs. All of them are part of the stage's fingerprint."""
 
-    num_frames: int = Field(16, ge=1, description="Frames sampled uniformly across the whole video (fewer from a video that has fewer); unused when fps is set.")
+    # `--set eval.num_frames=32` on a profile that samples by fps samples 32 frames, not the profile's fps.
+    override_replaces: ClassVar[dict[str, tuple[str, ...]]] = {"num_frames": ("fps",)}
+
+    num_frames: int = Field(
+        16, ge=1, description="Frames sampled uniformly across the whole video (fewer from a video that has fewer); unused when "
+        "fps is set (an override of num_frames unsets the config's fps).",
+    )
     fps: float | None = Field(
         None, gt=0, description=f"Sample this many frames per second of video instead of num_frames: at least {FPS_MIN_FRAMES} "
         "(or max_frames if lower), at most max_frames. None: num_frames.",
@@ -306,7 +312,7 @@ def check_topology(sp_degree: int, procs_per_node: int, nnodes: int, node_rank: 
 
 class SFTConfig(VideoInputs):
     # Where and how often state is written, and this node's place: not what is trained.
-    runtime_keys = TRAINING_RUNTIME_KEYS
+    runtime_keys = (*TRAINING_RUNTIME_KEYS, "frame_cache_mb")
 
     model: str = Field(description="Required: the checkpoint SFT starts from: a local folder, a model id, or 'tiny' (the random-weight CPU model).")
     revision: str | None = Field(None, description=REVISION_DOC)
@@ -328,6 +334,10 @@ class SFTConfig(VideoInputs):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute text-layer activations in backward (long sequences on GPU).")
     seed: int = 0
+    frame_cache_mb: int = Field(
+        1024, ge=0, description="Decoded frames each training process keeps in host memory (least recently used dropped "
+        "first): a video several questions share, or that a later epoch shows again, is decoded once while it fits. 0: decode every time.",
+    )
     save_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
     launch_timeout_s: float | None = Field(
@@ -580,9 +590,24 @@ def load_config(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | dict
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     check_keys(data, PipelineConfig, where=str(path))
-    for key, value in normalise_overrides(overrides).items():
+    overrides = normalise_overrides(overrides)
+    for key, value in overrides.items():
         set_dotted(data, key, value)
+    for key in overrides:
+        for replaced, default in replaced_by_override(key).items():
+            if replaced not in overrides:
+                set_dotted(data, replaced, default)
     return validate_config(data, where=str(path))
+
+
+def replaced_by_override(dotted: str) -> dict[str, Any]:
+    """The keys an override of `dotted` puts back to their defaults (`Section.override_replaces`), with those defaults."""
+    *section, key = dotted.split(".")
+    model: type[BaseModel] | None = PipelineConfig
+    for part in section:
+        model = _submodel(model, part) if model is not None and part in model.model_fields else None
+    replaces = getattr(model, "override_replaces", {}).get(key, ()) if model is not None else ()
+    return {".".join([*section, name]): model.model_fields[name].default for name in replaces}
 
 
 def validate_config(data: dict[str, Any], where: str = "config") -> PipelineConfig:

@@ -94,3 +94,14 @@ def test_a_choice_without_a_safe_default_is_required(tmp_path, key):
     with pytest.raises(ConfigError, match=rf"{key}: missing, and it has no default\. Required: .*'?tiny'?|{key}: missing, and it has no default\. Required: openai"):
         load_config(str(path))
 
+
+
+def test_a_num_frames_override_replaces_the_profiles_fps_sampling():
+    from models.video import FrameSampling
+
+    assert load_config("tiny").eval.fps == 0.2  # the tiny profile samples by fps
+    cfg = load_config("tiny", ["eval.num_frames=32"])
+    assert cfg.eval.fps is None and cfg.eval.frame_sampling() == FrameSampling(num_frames=32)
+    assert cfg.sft.fps == 0.2  # only the section overridden
+    both = load_config("tiny", {"eval.num_frames": 32, "eval.fps": 0.5}).eval  # both named: fps still wins
+    assert both.frame_sampling().fps == 0.5

@@ -18,6 +18,9 @@ class Section(BaseModel):
     # Keys that change how work is scheduled, authenticated or where it is checkpointed, never a
     # row of output: left out of the stage's fingerprint.
     runtime_keys: ClassVar[tuple[str, ...]] = ()
+    # An override of a key here also puts the keys it maps to back to their defaults, unless the same
+    # overrides set them: the key the user names is the one that takes effect.
+    override_replaces: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def output_settings(self) -> dict[str, Any]:
         """The section as plain JSON-able data, without its runtime keys: what a fingerprint hashes."""

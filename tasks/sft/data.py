@@ -19,7 +19,7 @@ from parallel.sequence import IGNORE_INDEX
 from tasks.config import VideoInputs
 from tasks.engine.stage import read_stage_table
 from tasks.engine.store import Workdir
-from tasks.media.frames import read_video_frames
+from tasks.media.frames import FrameCache, read_video_frames
 
 SFT_SPLIT = "sft"
 
@@ -80,10 +80,13 @@ def encode_example(
     return inputs
 
 
-def example_inputs(tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, cfg: VideoInputs) -> dict[str, torch.Tensor]:
-    """`encode_example` of the frames `cfg` samples from the example's video, under `cfg`'s token budget."""
-    frames = read_video_frames(example.video_uri, cfg.frame_sampling())
-    return encode_example(tokenizer, preprocess, example, frames, cfg.video_budget())
+def example_inputs(
+    tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, cfg: VideoInputs, cache: FrameCache | None = None
+) -> dict[str, torch.Tensor]:
+    """`encode_example` of the frames `cfg` samples from the example's video (read through `cache`
+    when given: a video is decoded once while it stays there), under `cfg`'s token budget."""
+    read = cache.read if cache is not None else read_video_frames
+    return encode_example(tokenizer, preprocess, example, read(example.video_uri, cfg.frame_sampling()), cfg.video_budget())
 
 
 def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

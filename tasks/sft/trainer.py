@@ -25,6 +25,7 @@ from parallel.sequence import IGNORE_INDEX, shift_labels
 from parallel.topology import Topology
 from tasks.config import SFTConfig, TrackingConfig
 from tasks.engine.store import LOCAL, write_json_atomic
+from tasks.media.frames import FrameCache
 from tasks.sft.data import SFTExample, collate, example_inputs
 from tasks.training import checkpoints as ckpt
 from tasks.training.loop import MODEL_DIR, StepTrainer, init_distributed, worker_main
@@ -141,6 +142,7 @@ class Trainer(StepTrainer):
         self.preprocess = load_preprocess_config(job.model_path)
         self.schedule = TrainSchedule.plan(len(job.examples), self.cfg, self.topo.dp_size)
         self.engine = build_engine(job.model_path, self.cfg, self.topo, self.schedule)
+        self.frames = FrameCache(self.cfg.frame_cache_mb * 2**20)
         super().__init__()
 
     @property
@@ -157,7 +159,7 @@ class Trainer(StepTrainer):
         pad = self.tokenizer.pad_token_id
         out = []
         for indices in self.schedule.micro_batches(step, self.topo.dp_rank):
-            encoded = [example_inputs(self.tokenizer, self.preprocess, self.job.examples[i], self.cfg) for i in indices]
+            encoded = [example_inputs(self.tokenizer, self.preprocess, self.job.examples[i], self.cfg, self.frames) for i in indices]
             out.append(collate(encoded, pad))
         return out
 

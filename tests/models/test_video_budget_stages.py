@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from data_schemas import QA, VIDEOS
 from models.video import (
@@ -43,7 +44,7 @@ from tasks.eval.stage import EvalStage
 from tasks.filter.stage import FilterStage
 from tasks.grading.prompts import user_prompt
 from tasks.grpo.data import RLExample, video_requests
-from tasks.media.frames import read_video_frames
+from tasks.media.frames import FrameCache, read_video_frames
 from tasks.sft.data import SFTExample, example_inputs
 from tasks.training.validation import answer
 from tests.filter.test_stage import qa_item
@@ -56,7 +57,8 @@ from tests.support.videos import make_video
 # 120x160 frames 24 tokens per patch).
 SIZES = {"a.mp4": (120, 160), "b.mp4": (180, 320)}
 SECONDS = {"a.mp4": 3, "b.mp4": 2}
-BUDGET = {"tokens_per_frame": 4, "max_video_tokens": 20}
+# 8 frames across each video (the profile samples some stages by fps; naming num_frames replaces that), under a budget.
+BUDGET = {"num_frames": 8, "tokens_per_frame": 4, "max_video_tokens": 20}
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +173,19 @@ def test_sft_example_inputs(source, tiny_preprocess):
         grid = predicted(8, name, tiny_preprocess, "sft")
         assert tuple(inputs["video_grid_thw"][0].tolist()) == grid
         assert int((inputs["input_ids"] == video_pad).sum()) == num_video_tokens(grid)
+
+
+def test_sft_example_inputs_through_the_frame_cache_equal_those_read_directly(source, tiny_preprocess):
+    from transformers import AutoTokenizer
+
+    cfg = load_config("tiny", {f"sft.{k}": v for k, v in BUDGET.items()}).sft
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref("tiny"))
+    cache = FrameCache(2**30)
+    for name in [*SIZES, *SIZES]:  # the second pass hits the cache
+        example = SFTExample("q", str(source / name), user_prompt("Who?", "open_ended", None), "<think>t</think><answer>a</answer>")
+        direct, cached = example_inputs(tokenizer, tiny_preprocess, example, cfg), example_inputs(tokenizer, tiny_preprocess, example, cfg, cache)
+        assert direct.keys() == cached.keys() and all(torch.equal(direct[k], cached[k]) for k in direct)
+    assert (cache.misses, cache.hits) == (len(SIZES), len(SIZES))
 
 
 def test_grpo_video_requests_and_their_embeddings(source, tiny_preprocess):
