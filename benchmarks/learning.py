@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shutil
 import sys
 import tempfile
@@ -78,7 +77,7 @@ from tasks.engine.store import Workdir, stable_hash  # noqa: E402
 from tasks.eval.stage import EvalStage  # noqa: E402
 from tasks.grading.answers import grade  # noqa: E402
 from tasks.grading.difficulty import EASY, HARD, MEDIUM, difficulty  # noqa: E402
-from tasks.grading.intervals import wilson_interval  # noqa: E402
+from tasks.grading.intervals import PairedDifference, paired_difference, wilson_interval  # noqa: E402
 from tasks.grading.prompts import sampling_seed  # noqa: E402
 from tasks.grpo.data import RLExample, load_rl_examples  # noqa: E402
 from tasks.grpo.stage import GRPOStage  # noqa: E402
@@ -205,18 +204,12 @@ def print_scores(verdicts: dict[str, list[dict[str, Any]]], kind_of: dict[str, s
         print(f"{model:<12}" + "".join(cells) + f"{overall:>28}")
 
 
-def paired_difference(a: list[dict[str, Any]], b: list[dict[str, Any]], z: float = 1.96) -> tuple[float, float, float]:
-    """Accuracy of `a` minus that of `b` on the same questions, with its 95 % interval: the normal
-    interval of the mean per-question difference (each -1, 0 or 1). Pairing removes the questions'
-    own difficulty, so it is much narrower than the two models' Wilson intervals side by side."""
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> PairedDifference:
+    """`a`'s accuracy minus `b`'s on the same questions (matched by qa_id), with its paired 95 % interval."""
     correct_b = {r["qa_id"]: r["correct"] for r in b}
-    if len(a) < 2 or {r["qa_id"] for r in a} != set(correct_b) or len(a) != len(b):
-        raise ValueError(f"need the same two or more questions for both models, got {len(a)} and {len(b)}")
-    diffs = [int(r["correct"]) - int(correct_b[r["qa_id"]]) for r in a]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
+    if {r["qa_id"] for r in a} != set(correct_b) or len(a) != len(b):
+        raise ValueError(f"need the same questions for both models, got {len(a)} and {len(b)}")
+    return paired_difference([r["correct"] for r in a], [correct_b[r["qa_id"]] for r in a])
 
 
 def kinds_of(root: Path) -> dict[str, str]:
@@ -298,9 +291,9 @@ def main() -> None:
     print_scores(verdicts, kind_of)
     accuracy = {m: 100 * sum(r["correct"] for r in rows) / len(rows) for m, rows in verdicts.items()}
     holds = accuracy["grpo"] >= accuracy["sft"] + 5 and accuracy["grpo"] > accuracy["matched_sft"]
-    gaps = {other: paired_difference(verdicts["grpo"], verdicts[other]) for other in ("sft", "matched_sft")}
+    gaps = {other: paired(verdicts["grpo"], verdicts[other]) for other in ("sft", "matched_sft")}
     print(f"grpo >= sft + 5 points and grpo > matched sft: {'yes' if holds else 'no'} (paired over the eval questions, 95 % CI: "
-          + ", ".join(f"grpo - {o} = {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for o, (d, lo, hi) in gaps.items()) + ")")
+          + ", ".join(f"grpo - {o} = {100 * d.difference:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" for o, d in gaps.items()) + ")")
     print("learning " + " ".join(f"{m}={accuracy[m]:.1f}" for m in MODELS))
 
 

@@ -69,7 +69,7 @@ from tasks.grading.prompts import (
     sampling_seed,
 )
 from tasks.media.frames import answer_in_batches, frames_by_video, iter_frames_by_video
-from tasks.report.accuracy import CELL_FORMAT, OVERALL, accuracy_table
+from tasks.report.accuracy import CELL_FORMAT, OVERALL, accuracy_table, chance_accuracy, paired_comparisons
 from tasks.report.charts import ACCURACY_PNG, FRAMES_PNG, accuracy_chart, frames_chart
 from tasks.report.markdown import (
     inline_images,
@@ -287,8 +287,12 @@ def summarize(rows: Sequence[dict[str, Any]], model_order: Sequence[str]) -> lis
     return out
 
 
+PAIRED_COLUMNS = ["comparison", "frames", "questions", "difference", "right only", "verdict"]
+
+
 def eval_markdown(
-    summary: Sequence[dict[str, Any]], cfg: EvalConfig, notes: Sequence[str], failures: Sequence[Failure], judge: str | None = None
+    summary: Sequence[dict[str, Any]], cfg: EvalConfig, notes: Sequence[str], failures: Sequence[Failure], judge: str | None = None,
+    paired: Sequence[dict[str, str]] = (), chance: float | None = None,
 ) -> str:
     rows = accuracy_table(summary)
     columns = ["model", "frames", *category_order(r["category"] for r in summary if r["category"] != OVERALL), OVERALL]
@@ -301,8 +305,16 @@ def eval_markdown(
         f"{', '.join(map(str, cfg.frame_counts))} ({cfg.main_frames}: {cfg.video_inputs_text()}). Open-ended answers {grading}. "
         f"Failures: {kinds}. Cells: {CELL_FORMAT}.",
         *(["\n".join(f"- {note}" for note in notes)] if notes else []),
+        *([f"Chance: an option drawn at random for every multiple-choice question, every open-ended one counted wrong, "
+           f"scores {100 * chance:.1f}% overall."] if chance is not None else []),
         markdown_table(columns, [[r.get(c, "-") for c in columns] for r in rows]) if rows else "No eval items were answered.",
     ]
+    if paired:
+        parts.append(
+            "Each model against the one before it, on the same questions: the difference in accuracy (points) with "
+            "its paired 95 % interval; an interval that excludes 0 is a lead beyond the noise of this many questions."
+        )
+        parts.append(markdown_table(PAIRED_COLUMNS, [[r[c] for c in PAIRED_COLUMNS] for r in paired]))
     if summary:
         parts.append(f"![accuracy per category]({ACCURACY_PNG})")
     if len(cfg.frame_counts) > 1:
@@ -470,9 +482,15 @@ class EvalStage(Stage):
         cfg = ctx.config.eval
         check_judge_reached(self.name, failures, "judge" in set(tables[EVAL_ITEMS.name]["grader"].to_pylist()))
         models, notes = self.models(ctx)
-        summary = summarize(tables[EVAL_ITEMS.name].select(["model", "num_frames", "category", "correct"]).to_pylist(), [m.label for m in models])
+        order = [m.label for m in models]
+        verdicts = tables[EVAL_ITEMS.name].select(["model", "num_frames", "category", "qa_id", "correct"]).to_pylist()
+        summary = summarize(verdicts, order)
         write_eval_charts(ctx.workdir, summary, cfg.main_frames)
-        write_report_file(ctx.workdir, REPORT_FILE, eval_markdown(summary, cfg, notes, failures, ctx.config.judge.model).encode())
+        scored = {r["qa_id"] for r in verdicts}
+        examples = [e for e in eval_examples(read_stage_table(ctx.workdir, "filter", FILTER).to_pylist()) if e.qa_id in scored]
+        chance = chance_accuracy([len(e.options) if e.options else None for e in examples]) if examples else None
+        markdown = eval_markdown(summary, cfg, notes, failures, ctx.config.judge.model, paired_comparisons(verdicts, order), chance)
+        write_report_file(ctx.workdir, REPORT_FILE, markdown.encode())
         self._answerers.clear()  # the models are not needed any more: free their memory now
         with self._lock:
             if self._prefetcher is not None:

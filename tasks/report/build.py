@@ -54,7 +54,7 @@ from tasks.grading.difficulty import difficulty
 from tasks.grading.prompts import category_order
 from tasks.media.frames import read_video_frames
 from tasks.media.timecode import time_range
-from tasks.report.accuracy import OVERALL, accuracy_table
+from tasks.report.accuracy import OVERALL, accuracy_table, paired_comparisons
 from tasks.report.charts import (
     ACCURACY_PNG,
     DIFFICULTY_PNG,
@@ -309,16 +309,21 @@ def collect(workdir: Workdir) -> ReportData:
     run = read_json(workdir.fs, workdir.path(RUNS_DIR, LATEST_RUN)) or {}
     eval_manifest = manifests.get("eval")
     eval_table: list[dict[str, str]] = []
+    eval_paired: list[dict[str, str]] = []
     eval_notes: list[str] = []
     if eval_manifest is not None:
-        eval_table = accuracy_table(read_published(workdir, eval_manifest, EVAL_SUMMARY).to_pylist())
+        summary = read_published(workdir, eval_manifest, EVAL_SUMMARY).to_pylist()
+        eval_table = accuracy_table(summary)
+        verdicts = read_published(workdir, eval_manifest, EVAL_ITEMS).select(["model", "num_frames", "qa_id", "correct"]).to_pylist()
+        eval_paired = paired_comparisons(verdicts, list(dict.fromkeys(r["model"] for r in summary)))
         eval_notes = list(eval_manifest["config"].get("skipped", []))
     reports = sorted(
         p.rsplit("/", 1)[-1] for p in (workdir.fs.ls(workdir.path(REPORT_DIR), detail=False) if workdir.exists(REPORT_DIR) else [])
         if p.endswith(".md")
     )
     return ReportData(
-        workdir=workdir.url, run=run, stages=collect_stages(workdir, manifests), eval_table=eval_table, eval_notes=eval_notes,
+        workdir=workdir.url, run=run, stages=collect_stages(workdir, manifests), eval_table=eval_table, eval_paired=eval_paired,
+        eval_notes=eval_notes,
         charts=ensure_charts(workdir, manifests), samples=collect_samples(workdir, manifests), stage_reports=reports,
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -94,6 +94,7 @@ class ReportData:
     run: dict[str, Any]
     stages: list[StageView]
     eval_table: list[dict[str, str]]
+    eval_paired: list[dict[str, str]]  # tasks.report.accuracy.paired_comparisons
     eval_notes: list[str]
     charts: list[ChartView]
     samples: list[SampleView]
@@ -176,13 +177,14 @@ def _failures_section(stages: Sequence[StageView]) -> str:
     return "".join(parts)
 
 
-def _eval_section(table: Sequence[dict[str, str]], notes: Sequence[str]) -> str:
+def _eval_section(table: Sequence[dict[str, str]], paired: Sequence[dict[str, str]], notes: Sequence[str]) -> str:
     parts = ["<h2 id='eval'>Evaluation</h2>"]
     if not table:
         parts.append("<p class='muted'>The eval stage has not run yet.</p>")
-    else:
-        columns = list(dict.fromkeys(k for row in table for k in row))
-        parts.append(_table(columns, [[_text(row.get(c, "-")) for c in columns] for row in table]))
+    for rows in (table, paired):
+        if rows:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            parts.append(_table(columns, [[_text(row.get(c, "-")) for c in columns] for row in rows]))
     parts += [f"<p class='muted'>{_text(note)}</p>" for note in notes]
     return "".join(parts)
 
@@ -245,7 +247,7 @@ def render(data: ReportData) -> str:
         f"<h1>lvr run report</h1><p class='meta'>workdir <code>{_text(data.workdir)}</code> · {run_line} · built {_text(data.built_at)}</p>"
         + _stages_section(data.stages)
         + _failures_section(data.stages)
-        + _eval_section(data.eval_table, data.eval_notes)
+        + _eval_section(data.eval_table, data.eval_paired, data.eval_notes)
         + _charts_section(data.charts)
         + _samples_section(data.samples)
         + (f"<p class='meta'>Stage reports: {reports}</p>" if reports else "")

@@ -103,6 +103,10 @@ def test_full_run_end_to_end(tmp_path, small_source):
     assert out.returncode == 0, out.stderr[-3000:]
     assert all((wd / s / "_manifest.json").exists() for s in STAGE_NAMES)
     assert (wd / "report" / "index.html").exists() and len(pd.read_parquet(wd / "eval" / "_summary")) > 0
+    # Each model against the one before it on the same questions, in the stage's report and the run's.
+    for report in ("eval.md", "index.html"):
+        text = (wd / "report" / report).read_text()
+        assert "sft - base" in text and "grpo - sft" in text, report
     status = run_cli("status", str(wd)).stdout
     assert [ln.split()[1] for ln in status.splitlines() if ln.split() and ln.split()[0] in STAGE_NAMES] == ["done"] * 7
 

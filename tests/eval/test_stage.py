@@ -77,6 +77,8 @@ def test_tiny_model_answers_the_eval_split_and_the_summary_counts_each_category(
         assert data.startswith(PNG) and len(data) > 2000
     markdown = (report_dir / "eval.md").read_text()
     assert "| base | 4 |" in markdown and "Overall" in markdown and "sft: skipped" in markdown
+    # Chance over the 4 questions scored (3 multiple-choice of 4 options, 1 open-ended): 0.75 / 4.
+    assert "scores 18.8% overall" in markdown
     artifact = built.stage.report_markdown(built.ctx, manifest)
     assert base64.b64decode(artifact.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]).startswith(PNG)
     table = built.stage.report_table(built.ctx, manifest)
@@ -141,6 +143,9 @@ def test_majority_vote_and_models_that_appear_or_are_retrained(tmp_path, built):
     summary = pd.read_parquet(tmp_path / "wd" / "eval" / "_summary")
     overall = summary[summary.category == "Overall"].set_index("model")["accuracy"]
     assert list(overall.index) == ["base", "sft"] and overall.to_dict() == {"base": 0.5, "sft": 1.0}
+    # Paired on the 4 questions: sft right on 2 that base misses (differences 0, 0, 1, 1; the interval
+    # 0.5 +- 1.96 * sqrt(1/3) / 2, clipped at +100 points).
+    assert "| sft - base | 2 | 4 | +50.0 [-6.6, +100.0] | sft 2, base 0 | within noise |" in (tmp_path / "wd" / "report" / "eval.md").read_text()
 
     # sft retrains (a new sft fingerprint): sft's items again, nothing else.
     run_stage(Published("sft", TRAIN_METRICS, sft_metrics()[:-4]), ctx)

@@ -1,10 +1,10 @@
-"""The 95 % interval the learning benchmark reports around each accuracy."""
+"""The 95 % intervals of an accuracy and of the difference of two models' accuracies on the same questions."""
 
 import math
 
 import pytest
 
-from tasks.grading.intervals import wilson_interval
+from tasks.grading.intervals import paired_difference, wilson_interval
 
 
 def test_wilson_interval_matches_the_formula_and_published_values():
@@ -34,26 +34,31 @@ def test_wilson_interval_rejects_impossible_counts(correct, n):
         wilson_interval(correct, n)
 
 
-def _learning_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "learning.py"
-    spec = importlib.util.spec_from_file_location("learning_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_paired_difference_is_the_mean_per_question_difference_with_its_normal_interval():
-    paired_difference = _learning_benchmark().paired_difference
-    a = [{"qa_id": str(i), "correct": c} for i, c in enumerate([1, 1, 1, 0, 1, 0, 1, 1])]
-    b = [{"qa_id": str(i), "correct": c} for i, c in reversed(list(enumerate([0, 1, 0, 0, 1, 1, 0, 1])))]  # order does not matter
+    a = [True, True, True, False, True, False, True, True]
+    b = [False, True, False, False, True, True, False, True]
     diffs = [1, 0, 1, 0, 0, -1, 1, 0]
     mean = sum(diffs) / 8
     half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7) / math.sqrt(8)
-    assert paired_difference(a, b) == pytest.approx((mean, mean - half, mean + half))
+    d = paired_difference(a, b)
+    assert (d.difference, d.low, d.high) == pytest.approx((mean, mean - half, mean + half))
+    assert (d.a_only, d.b_only, d.n) == (3, 1, 8)
     # The same answers on every question: no difference and no width, however many questions.
-    assert paired_difference(a, a) == (0.0, 0.0, 0.0)
+    same = paired_difference(a, a)
+    assert (same.difference, same.low, same.high, same.a_only, same.b_only) == (0.0, 0.0, 0.0, 0, 0)
     with pytest.raises(ValueError):
         paired_difference(a, b[:5])
+    with pytest.raises(ValueError):
+        paired_difference(a[:1], b[:1])
+    # Clipped to the differences' own range: 2 of 3 questions won, 0.667 +- 0.653 without the clip.
+    assert paired_difference([True, True, False], [False, False, False]).high == 1.0
+
+
+def test_a_paired_interval_is_narrower_than_the_two_wilson_intervals_when_the_models_share_questions():
+    # 60 questions: b right on 12, a right on the same 12 and 8 more. Side by side the Wilson
+    # intervals overlap; paired, the 8-question lead is clear of 0.
+    b = [i < 12 for i in range(60)]
+    a = [i < 20 for i in range(60)]
+    d = paired_difference(a, b)
+    assert wilson_interval(20, 60)[0] < wilson_interval(12, 60)[1]
+    assert d.low > 0 and d.difference == pytest.approx(8 / 60)
