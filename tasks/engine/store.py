@@ -170,9 +170,23 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+# Object stores, where one PUT (or a completed multipart upload) is atomic and there is no rename.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss"})
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return not OBJECT_STORE_PROTOCOLS.isdisjoint(protocols)
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Temp file + rename: readers see the old file or the new one, never half of one. On a local
-    disk the file and then its directory are flushed, so a marker is durable once this returns."""
+    """Readers see the old file or the new one, never half of one. On object storage that is a
+    single PUT: a temp object + `mv` there is a copy and a delete, and a writer killed between them
+    left the temp object in the bucket for good. Elsewhere, temp file + rename; on a local disk the
+    file and then its directory are flushed, so a marker is durable once this returns."""
+    if is_object_store(fs):
+        fs.pipe_file(path, data)
+        return
     directory = path.rpartition("/")[0]
     fs.makedirs(directory, exist_ok=True)
     tmp = _temp_sibling(path)
