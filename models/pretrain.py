@@ -3,7 +3,11 @@
 A random-weight tiny model writes noise, so every stage fed by it (questions, filtering, evaluation)
 shows noise too. Pretrained here for a few hundred CPU steps, the same weights caption what a clip
 shows in one fixed-grammar sentence ("The video shows a solid red screen."), so a run on the sample
-reads as the right thing, small.
+reads as the right thing, small. A quarter of the clips are instead posed as a multiple-choice
+question in the training prompt's format ("Which of these does the video show?"), answered
+`<think>The video shows ...</think><answer>B</answer>`: as an instruction-tuned base VLM does, the
+model then answers the filter's questions with an option, so their pass rates can spread over easy,
+medium and hard instead of all being 0.
 
 The clips are drawn with numpy in memory (no ffmpeg, no files): the kinds of picture the sample's
 scenes show (colour bars, test patterns, cellular automata, the game of life, a Mandelbrot zoom,
@@ -34,11 +38,20 @@ import numpy as np
 from models.video import VideoPreprocessConfig, build_video_inputs, resized_frames
 
 # Bump when a renderer, the caption grammar or the training loop changes: the weights change with it.
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 
 # The caption stage's default prompt (`CaptionConfig.prompt` in tasks/config.py, a layer this one
 # cannot import); a test checks they agree, since the model answers this prompt with a caption.
 CAPTION_PROMPT = "Elaborate on the visual and narrative elements of the video in detail."
+# The training prompt's rules for a multiple-choice question (`tasks.grading.prompts`, written out for
+# the same reason; a test checks that a posed clip's prompt is `user_prompt`'s).
+ANSWER_RULE = "Answer with the letter of the correct option."
+FORMAT_RULE = (
+    "First think step by step about what happens in the video and when, inside <think> </think>; "
+    "then give only the final answer inside <answer> </answer>."
+)
+WHICH_SHOWN = "Which of these does the video show?"
+OPTION_LETTERS = "ABCD"
 
 # The sample's frame size and clip length (tasks/samples/videos.py), so pictures are resized and
 # sampled in time as the caption stage does with the sample's clips.
@@ -55,13 +68,19 @@ Renderer = Callable[[np.random.Generator, np.ndarray], Picture]  # (rng, frame t
 class PretrainRecipe:
     """Every setting that affects the pretrained weights (with the base model's shape and seed)."""
 
-    steps: int = 400
+    # 400 steps captioned 27 of the sample's 32 clips right; with a quarter of the clips posed as
+    # questions instead, 400 gave 25 (garbled names: "a solor gradients"), 500 gave 28.
+    steps: int = 500
     batch_size: int = 8
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
     num_frames: int = 8  # frames per clip, as the tiny profile's caption stage samples
     cut_fraction: float = 0.35  # clips that cut from one kind to another, as a sample clip spanning two scenes does
+    # Clips posed as "which of these does the video show?" in the training prompt's format, answered
+    # `<think>caption</think><answer>letter</answer>`: real base VLMs are instruction-tuned, so the filter's
+    # base model answers questions (some right, some wrong) instead of captioning them.
+    answer_fraction: float = 0.25
     seed: int = 0
     prompt: str = CAPTION_PROMPT
 
@@ -277,9 +296,14 @@ SCENE_KINDS: tuple[SceneKind, ...] = (
 KIND_NAMES = tuple(k.name for k in SCENE_KINDS)
 
 
+def shown(kinds: Sequence[str]) -> str:
+    """What a clip showing `kinds` in turn shows, as captions and options name it."""
+    return ", then ".join(kinds)
+
+
 def caption_for(kinds: Sequence[str]) -> str:
     """The one sentence the pretrained model writes for a clip showing `kinds` in turn."""
-    return f"The video shows {', then '.join(kinds)}."
+    return f"The video shows {shown(kinds)}."
 
 
 def kinds_named_in(caption: str) -> list[str]:
@@ -380,26 +404,77 @@ def schedule(recipe: PretrainRecipe) -> list[tuple[tuple[int, ...], ...]]:
     return steps
 
 
+@dataclass(frozen=True)
+class Posed:
+    """A clip posed as a multiple-choice question instead of captioned: its options and the right letter."""
+
+    options: tuple[str, ...]
+    letter: str
+
+
+def pose(plan: list[tuple[tuple[int, ...], ...]], recipe: PretrainRecipe) -> list[tuple[Posed | None, ...]]:
+    """Which clips of each step of `plan` (`schedule`) are posed as questions (`recipe.answer_fraction` of them), with
+    options: what the clip shows and three other kinds or orders (for a cut clip, its two kinds the
+    other way round is one of them), the right one at a seeded random letter."""
+    rng = np.random.default_rng([recipe.seed, 1])
+    steps = []
+    for clips in plan:
+        posed: list[Posed | None] = []
+        for kinds in clips:
+            if rng.random() >= recipe.answer_fraction:
+                posed.append(None)
+                continue
+            names = [KIND_NAMES[k] for k in kinds]
+            wrong = [shown(names[::-1])] if len(names) == 2 else []
+            others = [n for n in KIND_NAMES if n not in names]
+            wrong += [others[int(i)] for i in rng.permutation(len(others))[: len(OPTION_LETTERS) - 1 - len(wrong)]]
+            options = [shown(names), *wrong]
+            order = rng.permutation(len(options))
+            options = [options[int(i)] for i in order]
+            posed.append(Posed(tuple(options), OPTION_LETTERS[options.index(shown(names))]))
+        steps.append(tuple(posed))
+    return steps
+
+
+def posed_prompt(options: Sequence[str]) -> str:
+    """The training prompt's user text (`tasks.grading.prompts.user_prompt`) for "which is shown"."""
+    lines = [WHICH_SHOWN, *(f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, options))]
+    return "\n".join(lines) + f"\n\n{ANSWER_RULE}\n{FORMAT_RULE}"
+
+
+def example(caption_prompt: str, names: Sequence[str], posed: Posed | None) -> tuple[str, str]:
+    """(prompt, target) of a clip showing `names`: its caption, or its posed question's answer in the
+    training format with the caption as the thinking."""
+    if posed is None:
+        return caption_prompt, caption_for(names)
+    return posed_prompt(posed.options), f"<think>{caption_for(names)}</think><answer>{posed.letter}</answer>"
+
+
 # --- training -----------------------------------------------------------------------------------
-def caption_inputs(tokenizer, preprocess: VideoPreprocessConfig, prompt: str, clips: Sequence[Frames], captions: Sequence[str]) -> dict[str, Any]:
-    """Model inputs for teacher-forced captions: the caption stage's prompt and video inputs
-    followed by each caption and the end of the turn; `labels` are -100 except on those."""
-    # The caption stage's user turn, `models.vlm.video_messages`: vlm imports models.tiny, which imports
+def training_inputs(tokenizer, preprocess: VideoPreprocessConfig, prompts: Sequence[str], clips: Sequence[Frames],
+                    targets: Sequence[str]) -> dict[str, Any]:
+    """Model inputs for teacher-forced targets: each clip's user turn (its video, then its prompt)
+    followed by its target and the end of the turn; `labels` are -100 except on those."""
+    # The stages' user turn, `models.vlm.video_messages`: vlm imports models.tiny, which imports
     # this module, so it is written out here; a test checks the two agree.
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}], tokenize=False, add_generation_prompt=True
+        )
+        for prompt in prompts
+    ]
     ends = tokenizer.eos_token
     inputs = build_video_inputs(
-        tokenizer, [rendered + c + ends for c in captions], list(clips), preprocess,
+        tokenizer, [r + t + ends for r, t in zip(rendered, targets)], list(clips), preprocess,
         fps_per_video=[len(c) / CLIP_SECONDS for c in clips], padding_side="right",  # a clip's sampled fps
     )
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
-    for row, caption in enumerate(captions):
-        target = tokenizer(caption + ends, add_special_tokens=False)["input_ids"]
+    for row, text in enumerate(targets):
+        target = tokenizer(text + ends, add_special_tokens=False)["input_ids"]
         end = int(inputs["attention_mask"][row].sum())
         if labels[row, end - len(target) : end].tolist() != target:
-            raise AssertionError(f"the caption {caption!r} does not tokenize the same inside the prompt")
+            raise AssertionError(f"the target {text!r} does not tokenize the same inside the prompt")
         labels[row, : end - len(target)] = -100
     inputs["labels"] = labels
     return inputs
@@ -424,15 +499,16 @@ def pretrain_captioner(model, tokenizer, preprocess: VideoPreprocessConfig, reci
     from models.prefetch import Prefetcher
 
     plan = schedule(recipe)
+    posed = pose(plan, recipe)
     jobs = (BatchJob(recipe.seed, step, kinds, recipe.num_frames, preprocess) for step, kinds in enumerate(plan))
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]), Prefetcher(workers=1, depth=4) as prefetcher:
         torch.manual_seed(recipe.seed)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-        for step, (kinds, clips) in enumerate(zip(plan, prefetcher.map(render_batch, jobs))):
-            captions = [caption_for([SCENE_KINDS[k].name for k in clip]) for clip in kinds]
-            inputs = caption_inputs(tokenizer, preprocess, recipe.prompt, clips.result(), captions)
+        for step, (kinds, asked, clips) in enumerate(zip(plan, posed, prefetcher.map(render_batch, jobs))):
+            prompts, targets = zip(*(example(recipe.prompt, [KIND_NAMES[k] for k in clip], p) for clip, p in zip(kinds, asked)))
+            inputs = training_inputs(tokenizer, preprocess, prompts, clips.result(), targets)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, recipe)
             loss = model(**inputs).loss

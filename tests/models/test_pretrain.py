@@ -12,15 +12,20 @@ from models.pretrain import (
     CAPTION_PROMPT,
     KIND_NAMES,
     SCENE_KINDS,
+    OPTION_LETTERS,
+    WHICH_SHOWN,
     BatchJob,
     PretrainRecipe,
     caption_for,
-    caption_inputs,
+    example,
     kinds_named_in,
     learning_rate,
+    pose,
     render_batch,
     render_clip,
     schedule,
+    shown,
+    training_inputs,
 )
 from models.tiny import (
     PRETRAIN_STEPS_ENV,
@@ -46,7 +51,7 @@ def test_the_prompt_and_user_turn_are_the_caption_stages():
 
     assert CAPTION_PROMPT == CaptionConfig.model_fields["prompt"].default
     tokenizer = build_tiny_tokenizer()
-    inputs = caption_inputs(tokenizer, _preprocess(), CAPTION_PROMPT, [render_clip(np.random.default_rng(0), SCENE_KINDS[:1], 8)], ["x"])
+    inputs = training_inputs(tokenizer, _preprocess(), [CAPTION_PROMPT], [render_clip(np.random.default_rng(0), SCENE_KINDS[:1], 8)], ["x"])
     expected = tokenizer.apply_chat_template(video_messages(CAPTION_PROMPT), tokenize=False, add_generation_prompt=True)
     text = tokenizer.decode(inputs["input_ids"][0])
     assert text.startswith(expected.split("<|video_pad|>")[0]) and text.endswith(expected.split("<|video_pad|>")[-1] + "x<|im_end|>")
@@ -61,15 +66,46 @@ def test_every_caption_names_its_kinds_in_order():
     assert kinds_named_in("a red circle") == []
 
 
-def test_only_the_caption_and_the_end_of_turn_are_labelled():
+def test_only_the_target_and_the_end_of_turn_are_labelled():
     tokenizer = build_tiny_tokenizer()
     rng = np.random.default_rng(0)
-    captions = [caption_for(["a solid red screen"]), caption_for(["color bars", "the game of life"])]
+    posed = pose([((0, 4),)], PretrainRecipe(answer_fraction=1.0))[0][0]
+    examples = [example(CAPTION_PROMPT, ["a solid red screen"], None), example(CAPTION_PROMPT, ["color bars", "the game of life"], posed)]
     clips = [render_clip(rng, SCENE_KINDS[:1], 8), render_clip(rng, SCENE_KINDS[:2], 8)]
-    inputs = caption_inputs(tokenizer, _preprocess(), CAPTION_PROMPT, clips, captions)
-    for row, caption in enumerate(captions):
+    inputs = training_inputs(tokenizer, _preprocess(), [p for p, _ in examples], clips, [t for _, t in examples])
+    for row, (_, target) in enumerate(examples):
         labelled = inputs["labels"][row][inputs["labels"][row] != -100].tolist()
-        assert tokenizer.decode(labelled) == caption + tokenizer.eos_token
+        assert tokenizer.decode(labelled) == target + tokenizer.eos_token
+    assert examples[1][1] == f"<think>The video shows color bars, then the game of life.</think><answer>{posed.letter}</answer>"
+
+
+def test_a_posed_clip_is_asked_as_the_stages_ask_a_multiple_choice_question():
+    from tasks.grading.answers import AnswerKey, grade
+    from tasks.grading.prompts import MULTIPLE_CHOICE, user_prompt
+
+    (posed,) = pose([((3,),)], PretrainRecipe(answer_fraction=1.0))[0]
+    prompt, target = example(CAPTION_PROMPT, [KIND_NAMES[3]], posed)
+    assert prompt == user_prompt(WHICH_SHOWN, MULTIPLE_CHOICE, posed.options)
+    verdict = grade(target, AnswerKey(WHICH_SHOWN, MULTIPLE_CHOICE, posed.letter, posed.options))
+    assert verdict.correct and verdict.format_ok  # the target is a right, well-formed answer to the stages' grader
+
+
+def test_posed_clips_have_one_right_option_at_a_random_letter_and_a_reversed_order_for_cuts():
+    recipe = PretrainRecipe(steps=200, batch_size=8)
+    plan = schedule(recipe)
+    posed = pose(plan, recipe)
+    pairs = [(kinds, p) for step, asked in zip(plan, posed) for kinds, p in zip(step, asked)]
+    asked = [(kinds, p) for kinds, p in pairs if p is not None]
+    assert 0.2 < len(asked) / len(pairs) < 0.3  # answer_fraction 0.25
+    for kinds, p in asked:
+        names = [KIND_NAMES[k] for k in kinds]
+        assert len(set(p.options)) == len(p.options) == len(OPTION_LETTERS)
+        assert p.options[OPTION_LETTERS.index(p.letter)] == shown(names)
+        if len(names) == 2:
+            assert shown(names[::-1]) in p.options  # the same two kinds the other way round
+    letters = [p.letter for _, p in asked]
+    assert all(letters.count(x) > len(letters) / 8 for x in OPTION_LETTERS)  # no letter favoured
+    assert posed == pose(plan, recipe) and all(p is None for step in pose(plan, replace(recipe, answer_fraction=0.0)) for p in step)
 
 
 def test_clips_have_the_sample_frame_size_and_batches_depend_only_on_their_job():
@@ -115,9 +151,10 @@ def test_the_recipe_key_changes_with_every_setting():
     base = PretrainRecipe()
     keys = {base.key("tiny"), base.key("other base")}
     for field, value in [("steps", 7), ("batch_size", 3), ("learning_rate", 1e-4), ("warmup_steps", 1),
-                         ("weight_decay", 0.1), ("num_frames", 4), ("cut_fraction", 0.0), ("seed", 1), ("prompt", "p")]:
+                         ("weight_decay", 0.1), ("num_frames", 4), ("cut_fraction", 0.0), ("seed", 1), ("prompt", "p"),
+                         ("answer_fraction", 0.5)]:
         keys.add(replace(base, **{field: value}).key("tiny"))
-    assert len(keys) == 11
+    assert len(keys) == 12
 
 
 def test_the_captioner_is_cached_under_its_recipe(monkeypatch):
