@@ -147,9 +147,10 @@ def test_prefect_yaml_deploys_every_flow_with_its_form_and_schedule(site):
     assert "--base-job-template deploy/work-pools/docker-cpu.json" in refused.stderr
 
 
-def test_partial_run_fails_at_qa_and_retry_keeps_finished_stages(site):
+def test_partial_run_fails_at_qa_and_retry_keeps_finished_stages(site, request):
     server, workdir, endpoint, llm = site["server"], site["workdir"], site["endpoint"], site["llm"]
     endpoint.down = True
+    request.addfinalizer(lambda: setattr(endpoint, "down", False))  # the module's other tests need it up, pass or fail
     deployment = server.deployments()["lvr-pipeline/lvr-pipeline"]
     run = server.create_flow_run(deployment["id"], {"from_stage": "clip", "to_stage": "qa", "execution": "local"})
     failed = server.wait(run["id"])
