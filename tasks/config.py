@@ -383,6 +383,11 @@ class GRPOConfig(VideoInputs):
     loss_agg: Literal["token_mean", "seq_mean"] = Field(
         "token_mean", description="token_mean: every response token weighs the same (DAPO); seq_mean: mean per response, then over responses."
     )
+    shuffle_options: bool = Field(
+        False, description="Put each multiple-choice question's options in a new order (seeded per step) for every group, the "
+        "answer letter following: a policy cannot earn reward by a favourite letter, only by the option's content. Off for "
+        "questions whose options refer to each other or to letters ('both A and B', 'none of the above').",
+    )
     drop_zero_variance: bool = Field(True, description="Leave out groups whose G rewards are all equal (DAPO): they have no advantage.")
     accuracy_weight: float = Field(0.9, ge=0, description="reward = accuracy_weight * accuracy + format_weight * format.")
     format_weight: float = Field(0.1, ge=0)

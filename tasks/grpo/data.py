@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from data_schemas import FILTER
@@ -15,6 +16,7 @@ from tasks.config import VideoInputs
 from tasks.engine.stage import read_stage_table
 from tasks.engine.store import Workdir, stable_hash
 from tasks.grading.answers import AnswerKey
+from tasks.grading.prompts import LETTERS, MULTIPLE_CHOICE, user_prompt
 from tasks.media.frames import read_video_frames
 
 RL_SPLIT = "rl"
@@ -43,6 +45,17 @@ class RLExample:
 
     def answer_key(self) -> AnswerKey:
         return AnswerKey(self.question, self.question_type, self.answer, self.options)
+
+    def with_options_shuffled(self, seed: object) -> RLExample:
+        """The same question with its options in an order drawn from `seed` (a multiple-choice
+        question; any other is returned as is), the answer letter and the prompt following."""
+        if self.question_type != MULTIPLE_CHOICE or not self.options:
+            return self
+        order = list(range(len(self.options)))
+        random.Random(stable_hash([seed, self.qa_id])).shuffle(order)
+        options = tuple(self.options[k] for k in order)
+        answer = LETTERS[order.index(LETTERS.index(self.answer.strip().upper()))]
+        return replace(self, options=options, answer=answer, prompt=user_prompt(self.question, self.question_type, options))
 
     def video_key(self, sampling: FrameSampling, budget: VideoTokenBudget | None = None) -> str:
         """Identity of the video input this question is asked about (the embedding cache's key; the

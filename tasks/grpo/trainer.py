@@ -352,7 +352,10 @@ class Trainer(StepTrainer):
     # --- one step ------------------------------------------------------------------------------
     def step_examples(self, step: int) -> list[RLExample]:
         (indices,) = self.schedule.micro_batches(step, self.topo.dp_rank)
-        return [self.job.examples[i] for i in indices]
+        examples = [self.job.examples[i] for i in indices]
+        if self.cfg.shuffle_options:
+            examples = [e.with_options_shuffled([self.cfg.seed, step]) for e in examples]
+        return examples
 
     def encode(self, examples: Sequence[RLExample]) -> tuple[EncodedVideoBatch, dict[str, float]]:
         requests = video_requests(examples, self.cfg)

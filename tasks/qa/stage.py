@@ -59,6 +59,7 @@ from tasks.engine.stage import (
 from tasks.engine.store import FAILURES_FILE, Failure, read_table_file, stable_hash
 from tasks.grading.prompts import count_neutralised, neutralise_special_tokens
 from tasks.media.timecode import time_range
+from tasks.qa import template
 from tasks.qa.backends import GENERATE, REFINE, Answer, Backend, make_backend
 from tasks.qa.cache import CACHE_DIR, AnswerCache
 from tasks.qa.captions import VideoCaptions, Window, videos_from_rows
@@ -100,6 +101,8 @@ class QAStage(Stage):
                 generate.text(WINDOW_FILE)  # windows need it: fail before any request, not on the first long video
         except PromptError as exc:
             raise StageError(f"qa: {exc}") from None
+        if cfg.backend == "template":  # its drafts change with its code, not with any setting
+            settings["template_version"] = template.TEMPLATE_VERSION
         return settings
 
     def list_items(self, ctx: StageContext) -> list[WorkItem]:

@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 import torch
 
-from data_schemas import TRAIN_METRICS
+from data_schemas import FILTER, TRAIN_METRICS
 from tasks.config import load_config
 from tasks.engine.manifest import read_manifest
 from tasks.engine.run import run_stage
-from tasks.engine.stage import StageContext, StageError
+from tasks.engine.stage import StageContext, StageError, read_stage_table
 from tasks.engine.store import Workdir
 from tasks.grpo.stage import GRPOStage, init_model
 from tasks.samples.synth import SynthSpec, write_synth
@@ -68,7 +68,7 @@ def overrides(model: Path) -> dict:
     return {
         "grpo.model": str(model), "grpo.nproc_per_node": 1, "grpo.steps": STEPS, "grpo.save_every": 2, "grpo.prompts_per_step": 3, "grpo.group_size": 4,
         "grpo.max_new_tokens": 16, "grpo.num_frames": SPEC.num_frames, "grpo.learning_rate": 1e-3, "grpo.updates_per_step": 2,
-        "grpo.micro_batch_size": 6, "tracking.backend": "tensorboard", "tracking.samples_every": 1,
+        "grpo.micro_batch_size": 6, "grpo.shuffle_options": True, "tracking.backend": "tensorboard", "tracking.samples_every": 1,
     }
 
 
@@ -122,6 +122,11 @@ def test_sigkill_then_rerun_resumes_and_publishes(tmp_path):
     # TensorBoard holds every step once (what the killed run logged past the checkpoint was purged).
     samples = pd.read_parquet(root / "grpo" / "_samples")
     assert samples.groupby("step").size().to_dict() == {s: 3 * 4 for s in range(1, STEPS + 1)}  # prompts_per_step x G
+    # grpo.shuffle_options: the palette's options were put in other orders than the filter's, the same
+    # way to all G rollouts of a group.
+    put = samples[samples.prompt.str.contains("\nA. ")].groupby(["step", "qa_id"]).prompt.agg(set)
+    assert len(put) and all(len(prompts) == 1 for prompts in put)
+    assert len({p for prompts in put for p in prompts} - set(read_stage_table(ctx.workdir, "filter", FILTER).to_pandas().prompt)) > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((root / "grpo" / "_tensorboard").iterdir())), size_guidance={"scalars": 0})

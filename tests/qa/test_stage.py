@@ -373,3 +373,13 @@ def test_prompt_edits_change_the_fingerprint(tmp_path, monkeypatch):
     ctx.config.qa.prompt_version = "v9"
     with pytest.raises(StageError, match="no generate prompt version 'v9'; available: v1"):
         QAStage().settings(ctx)
+
+
+def test_a_new_template_version_reruns_the_stage(tmp_path, monkeypatch):
+    # The template backend's drafts change with its code: a workdir made by an older template must
+    # not be reused as "cached" (it was, the version being in no setting the fingerprint reads).
+    ctx = make_ctx(tmp_path / "wd", caption_rows("kitchen", KITCHEN_CAPTIONS))
+    assert run_stage(QAStage(), ctx).status == "done"
+    assert run_stage(QAStage(), ctx).status == "cached"
+    monkeypatch.setattr(template, "TEMPLATE_VERSION", template.TEMPLATE_VERSION + 1)
+    assert run_stage(QAStage(), ctx).status == "done"
