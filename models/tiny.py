@@ -386,6 +386,13 @@ def _recipe_key(name: str, seed: int) -> str | None:
     return None if recipe is None else recipe.key(f"{name}:v{TINY_FORMAT_VERSION}:seed{seed}:{geometry_key(name)}")
 
 
+def build_key(name: str) -> str:
+    """What a locally built model's weights follow from (format version, dimensions, pretraining recipe:
+    its steps may come from the environment): fingerprints of stages that name the model hold it, so a
+    new recipe reruns them instead of reusing what the previous build wrote."""
+    return f"{name}:v{TINY_FORMAT_VERSION}:{geometry_key(name)}:{_recipe_key(name, TINY_SEED) or 'untrained'}"
+
+
 def _write_into(folder: Path, seed: int, name: str) -> None:
     tokenizer = build_tiny_tokenizer()
     model = _build_model(tokenizer, seed, TINY_SHAPES[name])
@@ -532,6 +539,7 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 
 __all__ = [
     "TINY_SEED",
+    "build_key",
     "TINY_CAPTIONER",
     "tiny_architecture_dir",
     "untrained_name",

@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from models.tiny import TINY_SHAPES
+from models.tiny import TINY_SHAPES, build_key
 from models.video import FrameSampling, VideoTokenBudget, worst_case_frames
 from parallel.topology import sp_layout
 from tasks.engine.settings import ExecutionConfig, Section
@@ -107,6 +107,9 @@ class VideoInputs(Section):
     frames are sampled and how many tokens they may take, one way for every stage, so equal settings give
     filter, SFT, GRPO and eval the same model inputs. All of them are part of the stage's fingerprint."""
 
+    # The keys naming models: a locally built one (`tiny-captioner`) is named by a string that stays
+    # the same when its build changes, so `output_settings` adds what its weights follow from.
+    model_keys: ClassVar[tuple[str, ...]] = ("model",)
     # `--set eval.num_frames=32` on a profile that samples by fps samples 32 frames, not the profile's fps.
     override_replaces: ClassVar[dict[str, tuple[str, ...]]] = {"num_frames": ("fps",)}
 
@@ -127,6 +130,14 @@ class VideoInputs(Section):
         None, ge=1, description="The most video tokens of one video, however many frames are sampled; with tokens_per_frame "
         "the tighter limit wins. None: no total limit (512 frames of 720p take ~300K tokens with Qwen2.5-VL's own limit).",
     )
+
+    def output_settings(self) -> dict[str, Any]:
+        settings = super().output_settings()
+        refs = [ref for key in self.model_keys for ref in _as_list(getattr(self, key))]
+        builds = {ref: build_key(ref) for ref in refs if ref in TINY_SHAPES}
+        if builds:  # only then: the fingerprints of workdirs made with other models stay what they were
+            settings["local_builds"] = builds
+        return settings
 
     def frame_sampling(self, num_frames: int | None = None) -> FrameSampling:
         """How frames are sampled: `num_frames` given here (an eval sweep point) wins over the section's own sampling."""
@@ -164,6 +175,10 @@ class VideoInputs(Section):
                     f"{worst_case_frames(sampling)} frames are sampled, which need at least {patches}"
                 )
         return self
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return value if isinstance(value, list) else [value] if value else []
 
 
 class CaptionConfig(VideoInputs):
@@ -430,6 +445,7 @@ class GRPOConfig(VideoInputs):
 class EvalConfig(VideoInputs):
     # How work is grouped or scheduled and what models may run, not what they answer.
     runtime_keys = ("shard_size", "trust_remote_code", "allow_unpinned_remote_code", "prefetch_workers", "prefetch_depth")
+    model_keys = ("models",)
 
     models: list[str] = Field(
         default_factory=lambda: ["base", "sft", "grpo"],

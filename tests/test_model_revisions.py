@@ -71,3 +71,23 @@ def test_the_base_models_revision_reaches_the_stages_that_use_it(tmp_path):
         assert _fingerprint(stage, tmp_path, pinned) != _fingerprint(stage, tmp_path, other)
     ctx = StageContext(Workdir(str(tmp_path)), load_config("tiny", pinned))
     assert FilterStage().shard_settings(ctx)["revision"] == "v1.0"
+
+
+def test_a_new_build_of_a_local_model_gives_new_fingerprints(tmp_path, monkeypatch):
+    """`tiny-captioner` names a model built here, whose weights follow from its pretraining recipe: a
+    stage that used one build must not be reused as cached with another (the name alone was hashed, so
+    a workdir kept the captions, labels and answers of the previous recipe's model)."""
+    from models.tiny import PRETRAIN_STEPS_ENV
+
+    stages = (CaptionStage(), FilterStage(), SFTStage(), GRPOStage(), EvalStage())
+    overrides = {"grpo.model": "base"}  # the base model straight, not through the SFT stage's output
+    monkeypatch.delenv(PRETRAIN_STEPS_ENV, raising=False)
+    before = [_fingerprint(stage, tmp_path, overrides) for stage in stages]
+    shards_before = FilterStage().shard_settings(StageContext(Workdir(str(tmp_path)), load_config("tiny")))
+    monkeypatch.setenv(PRETRAIN_STEPS_ENV, "7")
+    after = [_fingerprint(stage, tmp_path, overrides) for stage in stages]
+    assert all(a != b for a, b in zip(before, after))
+    assert FilterStage().shard_settings(StageContext(Workdir(str(tmp_path)), load_config("tiny"))) != shards_before  # no shard reused
+    # Models not built here keep the fingerprints they had: no rerun of existing workdirs.
+    hub = load_config("tiny", {"caption.model": HUB_ID, "filter.model": HUB_ID, "sft.model": HUB_ID})
+    assert not any("local_builds" in getattr(hub, s).output_settings() for s in ("caption", "filter", "sft", "grpo", "eval"))

@@ -75,7 +75,7 @@ log = logging.getLogger("lvr.filter")
 # What an answer depends on; everything else only changes labels, splits, exports or the report.
 ROLLOUT_SETTINGS = (
     "backend", "model", "revision", "trust_remote_code", "runs", "temperature", "top_p", "seed", "num_frames", "max_new_tokens",
-    "batch_size", "judge", "prompt_version", "fps", "max_frames", "tokens_per_frame", "max_video_tokens",
+    "batch_size", "judge", "prompt_version", "fps", "max_frames", "tokens_per_frame", "max_video_tokens", "local_builds",
 )
 ITEM_COLUMNS = ("qa_id", "video_id", "category", "question_type", "question", "options", "answer", "target")
 PENDING = "pending"  # difficulty and split of a shard row, until finalize labels the whole dataset

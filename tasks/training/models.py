@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from models.tiny import TINY_SHAPES, build_key
 from tasks.config import cache_dir
 from tasks.engine.store import is_local_uri, stable_hash, url_to_fs
 from tasks.training.staging import pull_dir
@@ -18,8 +19,10 @@ _MODELS_LOCK = threading.Lock()
 
 def model_identity(ref: str, revision: str | None) -> str:
     """What names a base model's weights in fingerprints: its reference and, when pinned, its revision
-    (left out when unpinned, so the identities of unpinned models stay what they were)."""
-    return stable_hash({"ref": ref, **({"revision": revision} if revision else {})})
+    (left out when unpinned, so the identities of unpinned models stay what they were); for a locally
+    built model, what its build follows from (`models.tiny.build_key`)."""
+    build = {"build": build_key(ref)} if ref in TINY_SHAPES else {}
+    return stable_hash({"ref": ref, **({"revision": revision} if revision else {}), **build})
 
 
 def local_model(uri: str, identity: str) -> str:
