@@ -8,14 +8,18 @@ token soup included. The categories are framed honestly within that limit:
 
 - Temporal: order of events. Multiple-choice: the order of three quoted moments, options being
   orderings such as "(2), then (1), then (3)". Open-ended: which of two quoted moments comes first.
-- Goal and Purpose: the end state a sequence builds toward. Multiple-choice: starting from the
-  earliest quoted moment, which of four moments the video arrives at last. Open-ended: what the
-  video shows at its end (only when the final clip has a distinctive snippet).
+- Goal and Purpose: the end state a sequence builds toward. Multiple-choice: starting from a
+  quoted moment, which of four moments after it the video arrives at last. Open-ended: what the
+  video shows at its end, starting from a quoted moment.
 - Spatial: where in the video, i.e. which segment (time range) shows a quoted moment; options
   are the time ranges of other clips.
 - Plot and Narrative: how moments connect. Multiple-choice: what happens between two quoted
   moments two clips apart (options: the middle moment and other moments). Open-ended: what happens
   right after a quoted moment.
+
+An open-ended answer names a moment without pointing at it, so it need not be distinctive: it is the
+moment's quote, or else its caption when short ("a solid red screen" ends a video although "color
+bars, then a solid red screen" says it too); a moment with neither is not asked for.
 
 Consecutive clips with the same caption are one moment (`segments`): a scene longer than a clip is
 described alike clip after clip, and "which comes first" between two halves of one scene has no
@@ -49,7 +53,7 @@ from tasks.engine.store import stable_hash
 from tasks.qa.captions import Clip, VideoCaptions
 from tasks.qa.prompts import LETTERS
 
-TEMPLATE_VERSION = 3
+TEMPLATE_VERSION = 4  # 4: open-ended answers need not be distinctive; Goal questions start anywhere
 GENERATOR_MODEL = f"lvr-template-v{TEMPLATE_VERSION}"
 REFINER_MODEL = f"lvr-template-rewrite-v{TEMPLATE_VERSION}"
 PROMPT_VERSION = f"template-v{TEMPLATE_VERSION}"
@@ -111,6 +115,20 @@ def _candidates(caption: str, opening: int) -> Iterator[str]:
     yield from _windows(words)
 
 
+def answer_texts(video: VideoCaptions, snippets: dict[int, str]) -> dict[int, str]:
+    """Clip index -> what an open-ended answer naming the clip says: its distinctive snippet, else its
+    whole caption (after the video's common opening) when short and quotable."""
+    opening = _common_opening([c.caption for c in video.clips])
+    texts: dict[int, str] = {}
+    for i, clip in enumerate(video.clips):
+        whole = next(iter(_candidates(clip.caption, opening)), None)
+        if i in snippets:
+            texts[i] = snippets[i]
+        elif whole is not None and len(whole.split()) <= WHOLE_CAPTION_WORDS and not _UNQUOTABLE.search(whole):
+            texts[i] = whole
+    return texts
+
+
 def distinctive_snippets(video: VideoCaptions) -> dict[int, str]:
     """Clip index -> a quote from its caption that occurs in no other clip's caption."""
     normals = [_normal(c.caption) for c in video.clips]
@@ -145,11 +163,13 @@ def _q(text: str) -> str:
 @dataclass(frozen=True)
 class Moments:
     """The moments a question may quote: `clips` (one per segment, a run of equal captions), `snip`
-    (segment index -> its distinctive quote), `first` (the index in the whole video of `clips[0]`,
-    nonzero for a window: reasoning numbers segments as the whole video does)."""
+    (segment index -> its distinctive quote), `answer` (segment index -> what an open-ended answer
+    naming it says: `answer_texts`), `first` (the index in the whole video of `clips[0]`, nonzero for
+    a window: reasoning numbers segments as the whole video does)."""
 
     clips: tuple[Clip, ...]
     snip: dict[int, str]
+    answer: dict[int, str]
     first: int = 0
 
     def number(self, i: int) -> int:
@@ -192,14 +212,17 @@ def _temporal(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
 
 
 def _goal(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
+    """Starting from any quoted moment that leaves enough after it, so a video asks more than one
+    such question (from its first moment only, a video had one of each)."""
     usable = sorted(m.snip)
     if len(usable) < 2:
         return None
-    start, end = usable[0], usable[-1]
     if qtype == "multiple_choice":
         if len(usable) < 4:
             return None
-        pool = usable[1:-1] if len(usable) >= 5 else usable[:-1]
+        after = usable[rng.randrange(len(usable) - 3):]  # the start and at least three moments after it
+        start, end = after[0], after[-1]
+        pool = after[1:-1] if len(after) >= 5 else after[:-1]
         picked = sorted([end, *rng.sample(pool, 3)])
         options, letter = _choice(m.snip[end], [m.snip[i] for i in picked if i != end], rng)
         steps = [m.seen(start, "the start")]
@@ -207,13 +230,16 @@ def _goal(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
         steps.append(f"The last is shot {m.number(end)}, option {letter}.")
         question = f"Starting from {_q(m.snip[start])}, which of these moments does the video arrive at last, as the outcome of the sequence?"
         return Draft(question, options, letter, tuple(steps))
-    if end != len(m.clips) - 1:
-        return None  # "at the end" is only true of the final clip
+    end = len(m.clips) - 1  # "at the end" is only true of the final clip
+    starts = [i for i in usable if i < end]
+    if end not in m.answer or not starts:
+        return None
+    start = rng.choice(starts)
     steps = (
         m.seen(start, "the start"),
-        f"The last shot, {m.number(end)}, shows {_q(m.snip[end])}.",
+        f"The last shot, {m.number(end)}, shows {_q(m.answer[end])}.",
     )
-    return Draft(f"Starting from {_q(m.snip[start])}, what does the video show at the end of the sequence?", None, m.snip[end], steps)
+    return Draft(f"Starting from {_q(m.snip[start])}, what does the video show at the end of the sequence?", None, m.answer[end], steps)
 
 
 def _spatial(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
@@ -249,15 +275,15 @@ def _plot(m: Moments, qtype: str, rng: random.Random) -> Draft | None:
             f"Shot {m.number(b)} is between them, option {letter}.",
         )
         return Draft(f"What happens in the video between {_q(snip[a])} and {_q(snip[c])}?", options, letter, steps)
-    pairs = [i for i in snip if i + 1 in snip]
+    pairs = [i for i in snip if i + 1 in m.answer]
     if not pairs:
         return None
     a = rng.choice(sorted(pairs))
     steps = (
         m.seen(a, "the quote"),
-        f"The next shot, {m.number(a + 1)}, shows {_q(snip[a + 1])}.",
+        f"The next shot, {m.number(a + 1)}, shows {_q(m.answer[a + 1])}.",
     )
-    return Draft(f"What happens right after {_q(snip[a])} in the video?", None, snip[a + 1], steps)
+    return Draft(f"What happens right after {_q(snip[a])} in the video?", None, m.answer[a + 1], steps)
 
 
 _DRAFTERS = {"Temporal": _temporal, "Goal and Purpose": _goal, "Spatial": _spatial, "Plot and Narrative": _plot}
@@ -272,6 +298,7 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
     starts = _segment_starts(video.clips)
     whole = VideoCaptions(video.video_id, segments(video.clips, starts))
     snip = distinctive_snippets(whole)
+    answer = answer_texts(whole, snip)
     first = 0
     if clips is not None and (clips.start, clips.stop) != (0, len(video.clips)):
         if clips.stop < len(video.clips) and (category, question_type) == ("Goal and Purpose", "open_ended"):
@@ -282,8 +309,9 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
             return []
         first, stop = inside[0], inside[-1] + 1
         snip = {k - first: text for k, text in snip.items() if first <= k < stop}
+        answer = {k - first: text for k, text in answer.items() if first <= k < stop}
         whole = VideoCaptions(video.video_id, whole.clips[first:stop])
-    moments = Moments(whole.clips, snip, first)
+    moments = Moments(whole.clips, snip, answer, first)
     drafts: dict[str, Draft] = {}
     for attempt in range(4 * n_questions):
         seed = int(stable_hash([whole.video_id, category, question_type, attempt]), 16)
