@@ -105,7 +105,9 @@ def test_grpo_samples_parquet_holds_every_rollout_of_each_sampled_step(trained):
     assert samples.groupby("step").qa_id.nunique().to_dict() == {1: 2, 2: 2}
     assert sorted(samples["sample"].unique()) == [0, 1] and samples.kept.all()
     rl = {e.qa_id: e for e in load_rl_examples(Workdir(str(root)))}
-    assert all(rl[q].prompt == p for q, p in zip(samples.qa_id, samples.prompt))
+    # The prompt each group was put (the tiny profile shuffles multiple-choice options every step).
+    seed = load_config("tiny", {**SFT, **GRPO}).grpo.seed
+    assert all(rl[q].with_options_shuffled([seed, step - 1]).prompt == p for q, step, p in zip(samples.qa_id, samples.step, samples.prompt))
     assert samples.reward.between(0, 1).all()
     group_sums = samples.groupby(["step", "qa_id"]).advantage.sum()
     assert group_sums.abs().max() < 1e-5  # Eq. 2: advantages are centred within each group
