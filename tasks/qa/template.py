@@ -107,12 +107,18 @@ def _common_opening(captions: list[str]) -> int:
     return shared
 
 
-def _candidates(caption: str, opening: int) -> Iterator[str]:
+def _short_caption(caption: str, opening: int) -> str | None:
+    """The caption after the video's common opening, when short enough to be quoted whole."""
     words = caption.split()[opening:]
     whole = " ".join(words).strip(_EDGE)
-    if whole and len(words) <= WHOLE_CAPTION_WORDS and len(whole) <= MAX_SNIPPET_CHARS:
+    return whole if whole and len(words) <= WHOLE_CAPTION_WORDS and len(whole) <= MAX_SNIPPET_CHARS else None
+
+
+def _candidates(caption: str, opening: int) -> Iterator[str]:
+    whole = _short_caption(caption, opening)
+    if whole is not None:
         yield whole
-    yield from _windows(words)
+    yield from _windows(caption.split()[opening:])
 
 
 def answer_texts(video: VideoCaptions, snippets: dict[int, str]) -> dict[int, str]:
@@ -121,11 +127,11 @@ def answer_texts(video: VideoCaptions, snippets: dict[int, str]) -> dict[int, st
     opening = _common_opening([c.caption for c in video.clips])
     texts: dict[int, str] = {}
     for i, clip in enumerate(video.clips):
-        whole = next(iter(_candidates(clip.caption, opening)), None)
+        whole = _short_caption(clip.caption, opening)
         if i in snippets:
             texts[i] = snippets[i]
-        elif whole is not None and len(whole.split()) <= WHOLE_CAPTION_WORDS and not _UNQUOTABLE.search(whole):
-            texts[i] = whole
+        elif whole is not None and not _UNQUOTABLE.search(whole):
+            texts[i] = whole  # never a fragment: a long caption cut short may say something else
     return texts
 
 

@@ -245,6 +245,10 @@ def test_a_moment_said_again_by_a_scene_change_is_still_an_answer():
     assert end.answer == "a solid red screen" and end.steps[-1] == "The last shot, 4, shows \u201ca solid red screen\u201d."
     after = {d.question: d.answer for d in draft_questions(cut, "Plot and Narrative", "open_ended", 5)}
     assert after["What happens right after \u201ccolor bars, then a solid red screen\u201d in the video?"] == "a solid red screen"
+    # A long caption said again is not cut down to an answer: a fragment may say something else.
+    long = video("long-end", ["a cat sleeps on a sofa", "the dog runs in, then a dog runs into the garden and barks at the gate",
+                              "a dog runs into the garden and barks at the gate"])
+    assert not draft_questions(long, "Goal and Purpose", "open_ended", 1)
     for d in [end, *draft_questions(cut, "Plot and Narrative", "open_ended", 5)]:
         category = "Goal and Purpose" if d is end else "Plot and Narrative"
         check(cut, category, "open_ended", d.question, d.options, d.answer)
