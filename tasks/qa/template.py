@@ -127,11 +127,10 @@ def answer_texts(video: VideoCaptions, snippets: dict[int, str]) -> dict[int, st
     opening = _common_opening([c.caption for c in video.clips])
     texts: dict[int, str] = {}
     for i, clip in enumerate(video.clips):
-        whole = _short_caption(clip.caption, opening)
-        if i in snippets:
-            texts[i] = snippets[i]
-        elif whole is not None and not _UNQUOTABLE.search(whole):
-            texts[i] = whole  # never a fragment: a long caption cut short may say something else
+        # Never a fragment: a long caption cut short may say something else.
+        text = snippets.get(i) or _short_caption(clip.caption, opening)
+        if text is not None and not _UNQUOTABLE.search(text):
+            texts[i] = text
     return texts
 
 
