@@ -68,7 +68,7 @@ Renderer = Callable[[np.random.Generator, np.ndarray], Picture]  # (rng, frame t
 class PretrainRecipe:
     """Every setting that affects the pretrained weights (with the base model's shape and seed)."""
 
-    # 400 steps captioned 27 of the sample's 32 clips right; with a quarter of the clips posed as
+    # 400 steps captioned 27 of the (three-video) sample's 32 clips right; with a quarter of the clips posed as
     # questions instead, 400 gave 25 (garbled names: "a solor gradients"), 500 gave 28.
     steps: int = 500
     batch_size: int = 8

@@ -24,7 +24,7 @@ FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 SCENES_FILE = "scenes.json"
 # The folder under lvr's cache dir the sample is written to on first use; existing videos are kept
 # there, so the name changes with what a render gives (v2: the gradients scene drawn by geq).
-SAMPLE_CACHE_SUBDIR = "sample-videos-v2"
+SAMPLE_CACHE_SUBDIR = "sample-videos-v3"
 AUDIO_SAMPLE_RATE = 44100
 # ffmpeg-python escapes drawtext's text for ':' ',' '[' ']' but mangles quotes and
 # '%', so labels stay within characters that survive both escaping layers.
@@ -133,6 +133,55 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
             ("cellular automaton rule 110", "cellauto=rule=110:seed=32:scroll=1"),
             ("solid green", "color=c=green"),
             ("moving test pattern", "testsrc2"),
+        ),
+    ),
+    # The same kinds of scene in other orders and lengths: with three videos the eval split held ~75
+    # questions, too few for a lead of 10 points to be told from noise.
+    SampleSpec(
+        name="sample_d_25fps",
+        seconds=120,
+        fps=25,
+        gop=50,
+        width=320,
+        height=240,
+        scenes=(
+            ("game of life", "life=seed=47:ratio=0.2:mold=10:life_color=yellow"),
+            ("solid yellow", "color=c=yellow"),
+            ("Mandelbrot zoom", "mandelbrot"),
+            ("RGB test pattern", "rgbtestsrc"),
+            ("cellular automaton rule 90", "cellauto=rule=90:seed=48:scroll=1"),
+            ("HD color bars", "smptehdbars"),
+        ),
+    ),
+    SampleSpec(
+        name="sample_e_25fps",
+        seconds=90,
+        fps=25,
+        gop=50,
+        width=320,
+        height=240,
+        scenes=(
+            ("YUV test pattern", "yuvtestsrc"),
+            ("solid white", "color=c=white"),
+            ("moving test pattern", "testsrc2"),
+            ("PAL 75 percent color bars", "pal75bars"),
+            ("drifting color gradients", f"color=c=black,format=rgb24,geq=r='255*{_EDGE}':g='255-191*{_EDGE}':b='32'"),
+            ("solid red", "color=c=red"),
+        ),
+    ),
+    SampleSpec(
+        name="sample_f_25fps",
+        seconds=100,
+        fps=25,
+        gop=50,
+        width=320,
+        height=240,
+        scenes=(
+            ("Mandelbrot zoom", "mandelbrot"),
+            ("cellular automaton rule 150", "cellauto=rule=150:seed=61:scroll=1"),
+            ("solid blue", "color=c=blue"),
+            ("game of life", "life=seed=62:ratio=0.25:mold=10:life_color=yellow"),
+            ("SMPTE color bars", "smptebars"),
         ),
     ),
 )
