@@ -36,13 +36,16 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
 class SampleSpec:
     name: str
     seconds: int
-    fps: int
-    gop: int | None  # frames from keyframe to keyframe, fixed; None leaves it to x264 (scene-cut keyframes)
-    width: int
-    height: int
     # (label, lavfi source with its own options but without size/rate, which come from the spec,
     # optionally followed by filters after a comma); the video's seconds are shared equally among the scenes.
     scenes: tuple[tuple[str, str], ...]
+    fps: int = 25
+    # Frames from keyframe to keyframe, fixed; None leaves it to x264 (scene-cut keyframes). The
+    # default, a keyframe every 2 s at 25 fps, lets a stream copy land within 1 s of every mark.
+    gop: int | None = 50
+    # The frame size the tiny captioner is pretrained at (models/pretrain.py).
+    width: int = 320
+    height: int = 240
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
@@ -90,8 +93,6 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
         seconds=150,
         fps=30,
         gop=250,
-        width=320,
-        height=240,
         scenes=(
             ("moving test pattern", "testsrc2"),
             ("SMPTE color bars", "smptebars"),
@@ -101,14 +102,9 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
             ("solid red", "color=c=red"),
         ),
     ),
-    # Keyframes every 2 s: stream copy lands within 1 s of every mark.
     SampleSpec(
         name="sample_b_25fps",
         seconds=100,
-        fps=25,
-        gop=50,
-        width=320,
-        height=240,
         scenes=(
             # Two colours meeting in a soft edge that turns, drawn by geq: ffmpeg 5.1's `gradients`
             # source gives other pixels on every run (seed and colours given or not), which changed
@@ -123,10 +119,6 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     SampleSpec(
         name="sample_c_25fps",
         seconds=70,
-        fps=25,
-        gop=50,
-        width=320,
-        height=240,
         scenes=(
             ("PAL 75 percent color bars", "pal75bars"),
             ("game of life", "life=seed=31:ratio=0.3:mold=10:life_color=yellow"),
@@ -140,10 +132,6 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     SampleSpec(
         name="sample_d_25fps",
         seconds=120,
-        fps=25,
-        gop=50,
-        width=320,
-        height=240,
         scenes=(
             ("game of life", "life=seed=47:ratio=0.2:mold=10:life_color=yellow"),
             ("solid yellow", "color=c=yellow"),
@@ -156,10 +144,6 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     SampleSpec(
         name="sample_e_25fps",
         seconds=90,
-        fps=25,
-        gop=50,
-        width=320,
-        height=240,
         scenes=(
             ("YUV test pattern", "yuvtestsrc"),
             ("solid white", "color=c=white"),
@@ -172,10 +156,6 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     SampleSpec(
         name="sample_f_25fps",
         seconds=100,
-        fps=25,
-        gop=50,
-        width=320,
-        height=240,
         scenes=(
             ("Mandelbrot zoom", "mandelbrot"),
             ("cellular automaton rule 150", "cellauto=rule=150:seed=61:scroll=1"),

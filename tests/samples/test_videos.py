@@ -155,7 +155,7 @@ def test_existing_videos_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: 
 
 
 def test_render_failure_leaves_no_file(tmp_path: Path) -> None:
-    broken = SampleSpec("broken", 2, 10, 10, 160, 120, (("nothing", "no_such_source"),))
+    broken = SampleSpec("broken", 2, (("nothing", "no_such_source"),), fps=10, gop=10, width=160, height=120)
     with pytest.raises(MediaError) as caught:
         write_sample_video(broken, tmp_path / "broken.mp4", font=find_font())
     assert caught.value.kind == "ffmpeg_failed"
