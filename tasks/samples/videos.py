@@ -23,7 +23,8 @@ from tasks.media.ffmpeg import MediaError, run_tool, stderr_tail
 FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 SCENES_FILE = "scenes.json"
 # The folder under lvr's cache dir the sample is written to on first use; existing videos are kept
-# there, so the name changes with what a render gives (v2: the gradients scene drawn by geq).
+# there, so the name changes with what a render gives (v2: the gradients scene drawn by geq) or with
+# the videos listed (v3: six, so a three-video checkout and this one never rewrite each other's scenes.json).
 SAMPLE_CACHE_SUBDIR = "sample-videos-v3"
 AUDIO_SAMPLE_RATE = 44100
 # ffmpeg-python escapes drawtext's text for ':' ',' '[' ']' but mangles quotes and
