@@ -313,8 +313,7 @@ def draft_questions(video: VideoCaptions, category: str, question_type: str, n_q
         if not inside:
             return []
         first, stop = inside[0], inside[-1] + 1
-        snip = {k - first: text for k, text in snip.items() if first <= k < stop}
-        answer = {k - first: text for k, text in answer.items() if first <= k < stop}
+        snip, answer = ({k - first: text for k, text in d.items() if first <= k < stop} for d in (snip, answer))
         whole = VideoCaptions(video.video_id, whole.clips[first:stop])
     moments = Moments(whole.clips, snip, answer, first)
     drafts: dict[str, Draft] = {}
