@@ -53,8 +53,8 @@ FORMAT_RULE = (
 WHICH_SHOWN = "Which of these does the video show?"
 OPTION_LETTERS = "ABCD"
 
-# The sample's frame size and clip length (tasks/samples/videos.py), so pictures are resized and
-# sampled in time as the caption stage does with the sample's clips.
+# The sample's frame size (tasks/samples/videos.py takes its default from here) and clip length, so
+# pictures are resized and sampled in time as the caption stage does with the sample's clips.
 FRAME_HEIGHT, FRAME_WIDTH = 240, 320
 CLIP_SECONDS = 10.0
 FPS = 25.0  # rows per second a cellular automaton scrolls by

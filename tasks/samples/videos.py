@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ffmpeg
 
+from models.pretrain import FRAME_HEIGHT, FRAME_WIDTH
 from tasks.engine.store import LOCAL, write_bytes_atomic
 from tasks.media.ffmpeg import MediaError, run_tool, stderr_tail
 
@@ -44,9 +45,9 @@ class SampleSpec:
     # Frames from keyframe to keyframe, fixed; None leaves it to x264 (scene-cut keyframes). The
     # default, a keyframe every 2 s at 25 fps, lets a stream copy land within 1 s of every mark.
     gop: int | None = 50
-    # The frame size the tiny captioner is pretrained at (models/pretrain.py).
-    width: int = 320
-    height: int = 240
+    # The frame size the tiny captioner is pretrained at.
+    width: int = FRAME_WIDTH
+    height: int = FRAME_HEIGHT
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
