@@ -126,6 +126,9 @@ TINY = "tiny"
 TINY_7B_LAYOUT = "tiny-7b-layout"
 # The tiny shape pretrained to caption the built-in sample's kinds of scene (`models.pretrain`).
 TINY_CAPTIONER = "tiny-captioner"
+# mRoPE 2:3:3 gives time Qwen's share of the 8 rotary frequencies, but only the two fastest: at the
+# sample's 0.2 fps (temporal position ids 20 apart) they alias, and trained on multi-scene videos the
+# captioner listed their scenes right about one time in six; at 4:2:2, two in three (README, make run).
 _TINY_TEXT = TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=(2, 3, 3))
 # Every locally built model by name: its text model's geometry.
 TINY_SHAPES = {
