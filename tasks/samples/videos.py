@@ -87,6 +87,13 @@ class Scene:
 # of a 320x240 frame at 0.3 rad/s; written without commas, which separate lavfi's filters.
 _EDGE = "(0.5+0.5*tanh(((X-160)*cos(T*0.3)+(Y-120)*sin(T*0.3))/60))"
 
+
+def _gradient(red: str, green: str, blue: str) -> str:
+    """A drifting colour gradient, drawn by geq from each channel's expression (in terms of `_EDGE`):
+    ffmpeg 5.1's `gradients` source gives other pixels on every run (seed and colours given or not),
+    which changed the video's bytes, so its clip ids, captions and questions, on every fresh machine."""
+    return f"color=c=black,format=rgb24,geq=r='{red}':g='{green}':b='{blue}'"
+
 SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     # 250-frame GOP at 30 fps: keyframes every 8.33 s, so 10 s clips cannot be
     # stream-copied without snapping cuts far from their marks.
@@ -108,10 +115,8 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
         name="sample_b_25fps",
         seconds=100,
         scenes=(
-            # Two colours meeting in a soft edge that turns, drawn by geq: ffmpeg 5.1's `gradients`
-            # source gives other pixels on every run (seed and colours given or not), which changed
-            # the video's bytes, so its clip ids, captions and questions, on every fresh machine.
-            ("drifting color gradients", f"color=c=black,format=rgb24,geq=r='255-223*{_EDGE}':g='64':b='255*{_EDGE}'"),
+            # Two colours meeting in a soft edge that turns.
+            ("drifting color gradients", _gradient(f"255-223*{_EDGE}", "64", f"255*{_EDGE}")),
             ("YUV test pattern", "yuvtestsrc"),
             ("Mandelbrot zoom", "mandelbrot"),
             ("HD color bars", "smptehdbars"),
@@ -151,7 +156,7 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
             ("solid white", "color=c=white"),
             ("moving test pattern", "testsrc2"),
             ("PAL 75 percent color bars", "pal75bars"),
-            ("drifting color gradients", f"color=c=black,format=rgb24,geq=r='255*{_EDGE}':g='255-191*{_EDGE}':b='32'"),
+            ("drifting color gradients", _gradient(f"255*{_EDGE}", f"255-191*{_EDGE}", "32")),
             ("solid red", "color=c=red"),
         ),
     ),
