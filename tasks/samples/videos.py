@@ -94,6 +94,7 @@ def _gradient(red: str, green: str, blue: str) -> str:
     which changed the video's bytes, so its clip ids, captions and questions, on every fresh machine."""
     return f"color=c=black,format=rgb24,geq=r='{red}':g='{green}':b='{blue}'"
 
+
 SAMPLE_SPECS: tuple[SampleSpec, ...] = (
     # 250-frame GOP at 30 fps: keyframes every 8.33 s, so 10 s clips cannot be
     # stream-copied without snapping cuts far from their marks.
