@@ -221,12 +221,13 @@ def sweep(m: Models, frame_counts: list[int], size: int, args: argparse.Namespac
 def tiny_models() -> Models:
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+    from models.positions import use_trained_positions
     from models.tiny import ensure_tiny_model
     from models.vlm import load_preprocess_config
 
     path = ensure_tiny_model()
-    policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).requires_grad_(False)
+    policy = use_trained_positions(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32))
+    reference = use_trained_positions(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)).requires_grad_(False)
     vision_tower(policy).requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     return Models(policy, reference, AutoTokenizer.from_pretrained(path), load_preprocess_config(path), optimizer, micro_batch=8)

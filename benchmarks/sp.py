@@ -77,11 +77,13 @@ def train_pass(module, batch: dict[str, torch.Tensor], sp) -> tuple[float, int]:
 def _cpu_rank(model_dir: str, batch: dict[str, torch.Tensor], sp_degree: int) -> dict[str, float]:
     from transformers import AutoModelForImageTextToText
 
+    from models.positions import use_trained_positions
     from models.qwen_sp import SPQwen2_5_VL
     from parallel.topology import init_topology
 
     sp = init_topology(sp_degree).sp
-    module = SPQwen2_5_VL(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32), sp).train()
+    model = use_trained_positions(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32))
+    module = SPQwen2_5_VL(model, sp).train()
     # A first pass allocates the gradients and whatever kernels set up once; the measured pass
     # then adds activations and temporaries only.
     train_pass(module, batch, sp)
@@ -145,6 +147,7 @@ def qwen25_vl_7b_config(tokenizer):
 def gpu_sweep(frame_counts: list[int]) -> None:
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+    from models.positions import use_trained_positions
     from models.qwen_sp import SPQwen2_5_VL
     from models.tiny import ensure_tiny_model
     from parallel.topology import SPGroup
@@ -152,7 +155,7 @@ def gpu_sweep(frame_counts: list[int]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config(tokenizer)).to(torch.bfloat16)
+        model = use_trained_positions(Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config(tokenizer)).to(torch.bfloat16))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = SPQwen2_5_VL(model, SPGroup.single()).train()
     params_gb = sum(p.numel() for p in model.parameters()) * 2 / 2**30

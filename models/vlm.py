@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.positions import use_trained_positions
 from models.tiny import tiny_model_dir
 from models.video import (
     VIDEO_PREPROCESSOR_FILE,
@@ -200,9 +201,9 @@ class HFVideoLM:
         if torch_dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code, revision=self.revision)
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        self.model = use_trained_positions(AutoModelForImageTextToText.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=self.trust_remote_code, revision=self.revision
-        ).to(self.device)
+        )).to(self.device)
         self.model.eval()
         self.preprocess = load_preprocess_config(path)
         visual = getattr(self.model, "visual", None) or getattr(getattr(self.model, "model", None), "visual", None)

@@ -90,7 +90,7 @@ def caption_failure_class(kind: str) -> str:
 
 class CaptionStage(Stage):
     name = "caption"
-    code_version = "3"  # 2: control characters and reasoning tags removed from captions; 3: special tokens neutralised
+    code_version = "4"  # 2: control characters and reasoning tags removed from captions; 3: special tokens neutralised; 4: mRoPE positions as the checkpoint was trained (models.positions)
     inputs = ("clip",)
     output = CAPTIONS
     item_columns = {CAPTIONS.name: "clip_id"}

@@ -336,7 +336,7 @@ def write_eval_charts(workdir: Workdir, summary: Sequence[dict[str, Any]], num_f
 # ------------------------------------------------------------------------------------------------
 class EvalStage(Stage):
     name = "eval"
-    code_version = "1"
+    code_version = "2"  # 2: mRoPE positions as the checkpoint was trained (models.positions)
     inputs = ("filter",)  # plus sft / grpo when eval.models asks for them and they exist
     output = EVAL_ITEMS
     side_outputs = (EVAL_SUMMARY,)

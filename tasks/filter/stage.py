@@ -84,7 +84,7 @@ ROLLOUTS_DIR = "_rollouts"
 
 class FilterStage(Stage):
     name = "filter"
-    code_version = "1"
+    code_version = "2"  # 2: mRoPE positions as the checkpoint was trained (models.positions)
     inputs = ("qa", "clip")
     output = FILTER
     side_outputs = (FILTER_ROLLOUTS,)

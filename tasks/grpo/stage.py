@@ -75,7 +75,7 @@ def init_model(ctx: StageContext) -> InitModel:
 
 class GRPOStage(TrainingStage):
     name = "grpo"
-    code_version = "1"
+    code_version = "2"  # 2: mRoPE positions as the checkpoint was trained (models.positions)
     # inputs: filter, plus sft when its model is the initial policy (`input_fingerprints`)
     side_outputs = (GRPO_SAMPLES,)
     report_file = REPORT_FILE

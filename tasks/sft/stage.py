@@ -50,7 +50,7 @@ def check_sp_degree(model_path: str, sp_degree: int) -> None:
 
 class SFTStage(TrainingStage):
     name = "sft"
-    code_version = "1"
+    code_version = "2"  # 2: mRoPE positions as the checkpoint was trained (models.positions)
     report_file = REPORT_FILE
     trainer_module = "tasks.sft.trainer"
 

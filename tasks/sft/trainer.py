@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from models.positions import use_trained_positions
 from models.qwen_sp import SPQwen2_5_VL
 from models.vlm import load_preprocess_config
 from parallel.launch import run_worker
@@ -91,7 +92,7 @@ def build_engine(model_path: str, cfg: SFTConfig, topo: Topology, schedule: Trai
     # Every rank loads the whole model into host memory and ZeRO-3 partitions it at initialize.
     # (transformers' partitioned loading, HfDeepSpeedConfig, records weight renamings that
     # save_pretrained then inverts into wrong checkpoint keys.)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, revision=cfg.revision)
+    model = use_trained_positions(AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, revision=cfg.revision))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = SPQwen2_5_VL(model, topo.sp)

@@ -39,6 +39,7 @@ def prime_model(workdir: Workdir, out: Path) -> Path:
     enough for a group's rewards to differ."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+    from models.positions import use_trained_positions
     from models.tiny import ensure_tiny_model
     from models.video import FrameSampling
     from models.vlm import load_preprocess_config
@@ -49,7 +50,7 @@ def prime_model(workdir: Workdir, out: Path) -> Path:
     torch.manual_seed(0)
     base = ensure_tiny_model()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    model = use_trained_positions(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32))
     examples = load_sft_examples(workdir)[:2]
     batch = collate([encode_example(tokenizer, load_preprocess_config(base), e, read_video_frames(e.video_uri, FrameSampling(num_frames=SPEC.num_frames))) for e in examples],
                     tokenizer.pad_token_id)

@@ -75,11 +75,14 @@ def batch_and_model(tmp_path_factory):
 
 
 def reference_step(model_dir: str, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    """The unmodified transformers model, one process, its own loss (mean over scored tokens)."""
+    """The transformers model (with the mRoPE positions lvr gives every model it loads), one
+    process, its own loss (mean over scored tokens)."""
     from transformers import AutoModelForImageTextToText
 
+    from models.positions import use_trained_positions
+
     torch.use_deterministic_algorithms(True)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model = use_trained_positions(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32))
     model.train()
     out = model(**batch)
     out.loss.backward()

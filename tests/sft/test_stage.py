@@ -89,13 +89,15 @@ def make_ctx(root: Path, videos: list[str], extra_rows: list[dict] = ()) -> Stag
 
 
 def split_loss(model_dir: str, examples: list[SFTExample]) -> float:
-    """Mean token loss of a checkpoint on the examples (plain transformers forward, one process)."""
+    """Mean token loss of a checkpoint on the examples (transformers forward with the positions SFT
+    trains with, one process)."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+    from models.positions import use_trained_positions
     from models.vlm import load_preprocess_config
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = use_trained_positions(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)).eval()
     preprocess = load_preprocess_config(model_dir)
     batch = collate([encode_example(tokenizer, preprocess, e, read_video_frames(e.video_uri, FrameSampling(num_frames=8))) for e in examples], tokenizer.pad_token_id)
     with torch.no_grad():
