@@ -24,10 +24,11 @@ import itertools
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
+from models.video import IMAGE_TOKEN_TYPE, TEXT_TOKEN_TYPE, VIDEO_TOKEN_TYPE
+
 if TYPE_CHECKING:
     import torch
 
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
 LAST_POSITION, WIDEST_SIDE = "last_position", "widest_side"
 TEXT_AFTER_VISION_KEY = "lvr_mrope_text_after_vision"  # in a model's config: the layout it was trained with
 # Models whose videos are one block of all their temporal patches (Qwen3-VL puts a time stamp and a
@@ -75,8 +76,8 @@ def mrope_positions(
         raise ValueError(f"text_after_vision must be {LAST_POSITION!r} or {WIDEST_SIDE!r}, got {text_after_vision!r}")
     batch, length = mm_token_type_ids.shape
     positions = torch.zeros(3, batch, length, dtype=torch.long)
-    grids = {IMAGE: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
-             VIDEO: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
+    grids = {IMAGE_TOKEN_TYPE: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             VIDEO_TOKEN_TYPE: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
     seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
     deltas = []
     for b in range(batch):
@@ -85,15 +86,15 @@ def mrope_positions(
         parts, next_position = [], 0
         for kind, run in itertools.groupby(types):
             n = len(list(run))
-            if kind == TEXT:
+            if kind == TEXT_TOKEN_TYPE:
                 parts.append(torch.arange(next_position, next_position + n).expand(3, -1))
                 next_position += n
             else:
                 grid = next(grids[kind], None)
                 if grid is None:
-                    raise ValueError(f"more {'video' if kind == VIDEO else 'image'} blocks in the text than grid rows")
+                    raise ValueError(f"more {'video' if kind == VIDEO_TOKEN_TYPE else 'image'} blocks in the text than grid rows")
                 interval = torch.tensor(1.0)
-                if kind == VIDEO and tokens_per_second is not None:  # float32 products, as the models compute them
+                if kind == VIDEO_TOKEN_TYPE and tokens_per_second is not None:  # float32 products, as the models compute them
                     interval = torch.tensor(float(tokens_per_second)) * torch.tensor(float(next(seconds, 1.0)))
                 block = vision_positions(next_position, grid, spatial_merge_size, interval)
                 if block.shape[1] != n:
@@ -118,7 +119,7 @@ def _get_rope_index(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tens
     with the layout the model's config names."""
     config = self.config
     if mm_token_type_ids is None:
-        mm_token_type_ids = (input_ids == config.video_token_id).long() * VIDEO + (input_ids == config.image_token_id).long() * IMAGE
+        mm_token_type_ids = (input_ids == config.video_token_id).long() * VIDEO_TOKEN_TYPE + (input_ids == config.image_token_id).long() * IMAGE_TOKEN_TYPE
     vision = config.vision_config
     positions, deltas = mrope_positions(
         mm_token_type_ids, spatial_merge_size=vision.spatial_merge_size,

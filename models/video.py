@@ -59,7 +59,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VIDEO_PREPROCESSOR_FILE = "lvr_video_preprocessor.json"
 VIDEO_TOKEN = "<|video_pad|>"
-VIDEO_TOKEN_TYPE = 2  # in mm_token_type_ids: 0 text, 1 image, 2 video (what get_rope_index reads)
+# The values of mm_token_type_ids (what get_rope_index reads): text, image, video.
+TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE = 0, 1, 2
 IMAGE_TOKEN = "<|image_pad|>"
 
 _UNSET: Any = object()
