@@ -20,6 +20,10 @@ os.environ.setdefault("LVR_CACHE_DIR", str(_SESSION_HOME / "cache"))
 os.environ.setdefault("LVR_TINY_CAPTIONER_STEPS", "0")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lvr")
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+# Each xdist worker starts Prefect's ephemeral API at its first flow, beside the other worker's load
+# (on 2 cores: a Ray head coming up, torchrun ranks): Prefect's default 20 s to answer /health was
+# exceeded there on a slow day (tests/e2e/test_ray.py, with the whole suite at 17 minutes).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from tests.support.videos import make_video  # noqa: E402  (after the environment above is set)
 
