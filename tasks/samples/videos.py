@@ -9,6 +9,7 @@ sources), so outputs built from them can be compared across runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ AUDIO_SAMPLE_RATE = 44100
 # '%', so labels stay within characters that survive both escaping layers.
 _LABEL_PATTERN = re.compile(r"[A-Za-z0-9 ,.:()\-]+")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
+log = logging.getLogger("lvr.samples")
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,11 @@ def write_sample_videos(out_dir: str | os.PathLike[str], *, overwrite: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     targets = [(spec, out / f"{spec.name}.mp4") for spec in SAMPLE_SPECS]
     pending = [(spec, path) for spec, path in targets if overwrite or not path.exists()]
+    if pending:
+        # The first run's first minute on 2 cores (~50 s on a slow one) would otherwise pass in silence.
+        seconds = sum(spec.seconds for spec, _ in pending)
+        videos = f"{len(pending)} video{'s' if len(pending) > 1 else ''}"
+        log.info("writing the built-in sample: %s (%d:%02d in all) into %s", videos, seconds // 60, seconds % 60, out)
     # Each ffmpeg encodes single-threaded for determinism, so run them side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(len(pending), os.cpu_count() or 1))) as pool:
         list(pool.map(lambda job: write_sample_video(job[0], job[1], font=font), pending))

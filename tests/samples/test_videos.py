@@ -139,13 +139,19 @@ def test_rendering_is_deterministic(tmp_path: Path, samples: list[Path], index: 
     assert [p.name for p in tmp_path.iterdir()] == ["again.mp4"]
 
 
-def test_existing_videos_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_existing_videos_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(sample_videos, "SAMPLE_SPECS", (TINY_SPEC,))
-    [path] = write_sample_videos(tmp_path)
+    with caplog.at_level("INFO", logger="lvr.samples"):
+        [path] = write_sample_videos(tmp_path)
     first = path.stat()
     assert probe_video(path).n_frames == 20
+    assert caplog.messages == [f"writing the built-in sample: 1 video (0:02 in all) into {tmp_path}"]  # the wait is announced
 
-    write_sample_videos(tmp_path)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lvr.samples"):
+        write_sample_videos(tmp_path)
+    assert caplog.messages == []  # nothing to write: nothing said
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
 
     path.write_bytes(b"stale")
