@@ -24,7 +24,12 @@ import itertools
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
-from models.video import IMAGE_TOKEN_TYPE, TEXT_TOKEN_TYPE, VIDEO_TOKEN_TYPE
+from models.video import (
+    IMAGE_TOKEN_TYPE,
+    TEXT_TOKEN_TYPE,
+    VIDEO_TOKEN_TYPE,
+    token_types,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +124,7 @@ def _get_rope_index(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tens
     with the layout the model's config names."""
     config = self.config
     if mm_token_type_ids is None:
-        mm_token_type_ids = (input_ids == config.video_token_id).long() * VIDEO_TOKEN_TYPE + (input_ids == config.image_token_id).long() * IMAGE_TOKEN_TYPE
+        mm_token_type_ids = token_types(input_ids, config.video_token_id, config.image_token_id)
     vision = config.vision_config
     positions, deltas = mrope_positions(
         mm_token_type_ids, spatial_merge_size=vision.spatial_merge_size,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.video import VIDEO_TOKEN_TYPE
+from models.video import VIDEO_TOKEN_TYPE, token_types
 from parallel.sequence import (
     IGNORE_INDEX,
     gather,
@@ -122,12 +122,10 @@ def sp_forward(
     core = model.model  # Qwen2_5_VLModel: .language_model, get_rope_index
     text = core.language_model
     if mm_token_type_ids is None:
-        video_mask = input_ids == model.config.video_token_id
-        mm_token_type_ids = video_mask.long() * VIDEO_TOKEN_TYPE
-    else:
-        # The video positions by token type, as get_rope_index reads them: a sampled response may
-        # contain the `<|video_pad|>` token itself, which is text there (as it was when sampled).
-        video_mask = mm_token_type_ids == VIDEO_TOKEN_TYPE
+        mm_token_type_ids = token_types(input_ids, model.config.video_token_id)
+    # The video positions by token type, as get_rope_index reads them: a sampled response may
+    # contain the `<|video_pad|>` token itself, which is text there (as it was when sampled).
+    video_mask = mm_token_type_ids == VIDEO_TOKEN_TYPE
     # 3-D positions from the full (unpadded) sequence, then sliced like the tokens.
     positions, _ = core.get_rope_index(
         input_ids, mm_token_type_ids, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,

@@ -49,9 +49,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (Qwen2-VL's normalisation).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,6 +64,14 @@ VIDEO_PREPROCESSOR_FILE = "lvr_video_preprocessor.json"
 VIDEO_TOKEN = "<|video_pad|>"
 # The values of mm_token_type_ids (what get_rope_index reads): text, image, video.
 TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE = 0, 1, 2
+
+
+def token_types(input_ids: torch.Tensor, video_token_id: int, image_token_id: int | None = None) -> torch.Tensor:
+    """`mm_token_type_ids` read off the token ids: video (and image) pad tokens, the rest text."""
+    types = (input_ids == video_token_id).long() * VIDEO_TOKEN_TYPE
+    if image_token_id is not None:
+        types += (input_ids == image_token_id).long() * IMAGE_TOKEN_TYPE
+    return types
 IMAGE_TOKEN = "<|image_pad|>"
 
 _UNSET: Any = object()
@@ -792,9 +803,7 @@ def _text_inputs(tokenizer, encoded: list[list[int]], counts: Sequence[int], pad
         sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
         input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
         attention_mask[b, sl] = 1
-    mm_token_type_ids = torch.where(
-        (input_ids == video_id) & attention_mask.bool(), torch.tensor(VIDEO_TOKEN_TYPE), torch.tensor(0)
-    ).to(torch.long)
+    mm_token_type_ids = token_types(input_ids, video_id) * attention_mask
 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
