@@ -200,7 +200,8 @@ def _run(args: argparse.Namespace, api: LocalApi | None) -> int:
         from tasks.preflight.checks import preflight
 
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, select_stages(args.from_stage, args.to_stage), workdir=args.workdir, source=args.source)
+        stages = select_stages(args.from_stage, args.to_stage)
+        preflight(cfg, stages, workdir=args.workdir, source=args.source)
         if args.engine == "local" and args.execution != "local":
             raise ConfigError("--execution deployments needs --engine prefect (stages run as Prefect deployments)")
         if args.engine == "local":
@@ -208,7 +209,7 @@ def _run(args: argparse.Namespace, api: LocalApi | None) -> int:
             from tasks.report import update_report
 
             record = run_pipeline(
-                Workdir(args.workdir), cfg, source=resolve_source(args.source, cfg),
+                Workdir(args.workdir), cfg, source=resolve_source(args.source, cfg, stages),
                 from_stage=args.from_stage, to_stage=args.to_stage, on_stage_done=update_report,
             )
             results = record.results

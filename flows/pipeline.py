@@ -36,7 +36,7 @@ from tasks.engine.runs import StageRunner, check_stage_manifest
 from tasks.engine.settings import ExecutionConfig
 from tasks.engine.stage import StageContext, StageError, StageReport
 from tasks.engine.store import Workdir
-from tasks.pipeline import resolve_source, run_pipeline
+from tasks.pipeline import resolve_source, run_pipeline, select_stages
 from tasks.preflight.checks import preflight
 from tasks.report import update_report
 from tasks.stages import STAGE_NAMES, get_stage
@@ -176,7 +176,7 @@ def _stage_flow(name: str):
         source: str | None = None,
     ) -> dict[str, Any]:
         cfg = load_config(config, overrides)
-        ctx = StageContext(workdir=Workdir(workdir), config=cfg, source=resolve_source(source, cfg))
+        ctx = StageContext(workdir=Workdir(workdir), config=cfg, source=resolve_source(source, cfg, [name]))
         # Run alone from its deployment, a stage is checked as a pipeline is (its own container's keys too).
         preflight(cfg, [name], workdir=workdir, source=ctx.source)
         report = execute_stage(name, ctx)
@@ -340,7 +340,7 @@ def lvr_pipeline(
         parameters = {"workdir": workdir, "config": config, "overrides": overrides, "source": src}
         stage_runner = _deployment_stage_runner(parameters, stage_deployment)
     else:
-        src = resolve_source(source, cfg)
+        src = resolve_source(source, cfg, select_stages(_value(from_stage), _value(to_stage)))
         stage_runner = _subflow_stage_runner({"workdir": workdir, "config": config, "overrides": overrides, "source": src})
 
     record = run_pipeline(

@@ -6,6 +6,8 @@ The engine (`tasks.engine`) runs any stages it is given; this module names them 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tasks.config import PipelineConfig, cache_dir
 from tasks.engine.run import run_stage
 from tasks.engine.runs import RunRecord, StageObserver, StageRunner, run_stages
@@ -16,12 +18,15 @@ from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos
 from tasks.stages import STAGE_NAMES, get_stage
 
 
-def resolve_source(source: str | None, config: PipelineConfig) -> str:
-    """The explicit source, else the config's, else the built-in sample (generated on first use)."""
-    if source:
-        return source
-    if config.source:
-        return config.source
+def resolve_source(source: str | None, config: PipelineConfig, stages: Sequence[str]) -> str | None:
+    """The explicit source, else the config's, else the built-in sample (generated on first use).
+
+    Only clip reads a source: a run of later stages gets None rather than the sample written for
+    nothing (10 minutes of video, most of a minute of ffmpeg on 2 cores)."""
+    if source or config.source:
+        return source or config.source
+    if "clip" not in stages:
+        return None
     directory = cache_dir() / SAMPLE_CACHE_SUBDIR
     write_sample_videos(directory)
     return str(directory)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.samples.videos import SAMPLE_CACHE_SUBDIR
 from tests.support.paths import run_cli
 from tests.support.videos import make_video
 
@@ -89,6 +90,16 @@ def test_from_caption_without_clip_fails_clearly(tmp_path, small_source):
     out = run_cli("run", "--source", str(small_source), "--workdir", str(tmp_path / "wd"), "--from", "qa", "--to", "qa", "--engine", "local")
     assert out.returncode != 0
     assert "stage 'qa' needs the output of 'caption'" in out.stderr and "--from caption" in out.stderr
+
+
+def test_a_run_without_clip_does_not_write_the_built_in_sample(tmp_path):
+    """Only clip reads the source: `--from qa` with none given used to render the whole sample
+    (most of a minute of ffmpeg on 2 cores) into the cache before failing or running on."""
+    cache = tmp_path / "cache"
+    out = run_cli("run", "--workdir", str(tmp_path / "wd"), "--from", "qa", "--to", "qa", "--engine", "local",
+                  env={"LVR_CACHE_DIR": str(cache)})
+    assert out.returncode != 0 and "stage 'qa' needs the output of 'caption'" in out.stderr
+    assert not (cache / SAMPLE_CACHE_SUBDIR).exists()
 
 
 def test_full_run_end_to_end(tmp_path, small_source):
