@@ -64,6 +64,9 @@ VIDEO_PREPROCESSOR_FILE = "lvr_video_preprocessor.json"
 VIDEO_TOKEN = "<|video_pad|>"
 # The values of mm_token_type_ids (what get_rope_index reads): text, image, video.
 TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE = 0, 1, 2
+IMAGE_TOKEN = "<|image_pad|>"
+
+_UNSET: Any = object()
 
 
 def token_types(input_ids: torch.Tensor, video_token_id: int, image_token_id: int | None = None) -> torch.Tensor:
@@ -72,9 +75,6 @@ def token_types(input_ids: torch.Tensor, video_token_id: int, image_token_id: in
     if image_token_id is not None:
         types += (input_ids == image_token_id).long() * IMAGE_TOKEN_TYPE
     return types
-IMAGE_TOKEN = "<|image_pad|>"
-
-_UNSET: Any = object()
 
 
 class VideoReadError(RuntimeError):

@@ -23,10 +23,9 @@ def resolve_source(source: str | None, config: PipelineConfig, stages: Sequence[
 
     Only clip reads a source: a run of later stages gets None rather than the sample written for
     nothing (10 minutes of video, most of a minute of ffmpeg on 2 cores)."""
-    if source or config.source:
-        return source or config.source
-    if "clip" not in stages:
-        return None
+    given = source or config.source
+    if given or "clip" not in stages:
+        return given
     directory = cache_dir() / SAMPLE_CACHE_SUBDIR
     write_sample_videos(directory)
     return str(directory)
