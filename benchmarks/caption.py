@@ -27,17 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.captioners import CaptionSettings, ClipRequest, HFCaptioner  # noqa: E402
 from models.video import FrameSampling, read_frames  # noqa: E402
 from tasks.clip.stage import ClipStage
-from tasks.config import cache_dir, load_config
+from tasks.config import load_config
 from tasks.engine.run import run_stage
 from tasks.engine.stage import StageContext
 from tasks.engine.store import Workdir
-from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos
+from tasks.samples.videos import built_in_sample
 
 
 def sample_clips(workdir: Path, limit: int) -> list[ClipRequest]:
-    source = cache_dir() / SAMPLE_CACHE_SUBDIR
-    write_sample_videos(source)
-    report = run_stage(ClipStage(), StageContext(Workdir(str(workdir)), load_config("tiny"), source=str(source)))
+    report = run_stage(ClipStage(), StageContext(Workdir(str(workdir)), load_config("tiny"), source=str(built_in_sample())))
     import pandas as pd
 
     assert report.rows, "the sample produced no clips"

@@ -27,9 +27,8 @@ import torch  # noqa: E402
 
 from models.video import FrameSampling, read_frames  # noqa: E402
 from models.vlm import HFVideoLM, VideoPrompt  # noqa: E402
-from tasks.config import cache_dir
 from tasks.grading.prompts import prompt_messages
-from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos
+from tasks.samples.videos import built_in_sample
 
 QUESTIONS = [
     ("What happens first in the video?", "multiple_choice", ["A ball rolls in", "The light turns on", "A door opens", "Nothing moves"]),
@@ -53,9 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    source = cache_dir() / SAMPLE_CACHE_SUBDIR
-    write_sample_videos(source)
-    videos = sorted(p for p in source.iterdir() if p.suffix == ".mp4")
+    videos = sorted(built_in_sample().glob("*.mp4"))
     frames = [read_frames(str(v), FrameSampling(num_frames=args.frames)) for v in videos]
     prompts = [
         VideoPrompt(prompt_messages(*QUESTIONS[i % len(QUESTIONS)]), frames[i % len(frames)]) for i in range(args.questions)

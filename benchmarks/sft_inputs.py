@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from models.vlm import load_preprocess_config, resolve_model_ref  # noqa: E402
-from tasks.config import cache_dir, load_config  # noqa: E402
+from tasks.config import load_config  # noqa: E402
 from tasks.grading.prompts import user_prompt  # noqa: E402
 from tasks.media.frames import FrameCache  # noqa: E402
-from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos  # noqa: E402
+from tasks.samples.videos import built_in_sample  # noqa: E402
 from tasks.sft.data import SFTExample, example_inputs  # noqa: E402
 from tasks.training.schedule import TrainSchedule  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
 
     model = resolve_model_ref(cfg.model)
     tokenizer, preprocess = AutoTokenizer.from_pretrained(model), load_preprocess_config(model)
-    videos = write_sample_videos(cache_dir() / SAMPLE_CACHE_SUBDIR)
+    videos = sorted(built_in_sample().glob("*.mp4"))
     examples = [
         SFTExample(f"{video.stem}-{i}", str(video), user_prompt(f"What happens in moment {i}?", "open_ended", None),
                    "<think>Shot 2 shows it.</think><answer>a solid red screen</answer>")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tasks.config import PipelineConfig, cache_dir
+from tasks.config import PipelineConfig
 from tasks.engine.run import run_stage
 from tasks.engine.runs import RunRecord, StageObserver, StageRunner, run_stages
 from tasks.engine.stage import StageContext, StageReport
 from tasks.engine.store import Workdir
 from tasks.preflight.checks import preflight
-from tasks.samples.videos import SAMPLE_CACHE_SUBDIR, write_sample_videos
+from tasks.samples.videos import built_in_sample
 from tasks.stages import STAGE_NAMES, get_stage
 
 
@@ -26,9 +26,7 @@ def resolve_source(source: str | None, config: PipelineConfig, stages: Sequence[
     given = source or config.source
     if given or "clip" not in stages:
         return given
-    directory = cache_dir() / SAMPLE_CACHE_SUBDIR
-    write_sample_videos(directory)
-    return str(directory)
+    return str(built_in_sample())
 
 
 def select_stages(from_stage: str | None = None, to_stage: str | None = None) -> list[str]:

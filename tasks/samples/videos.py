@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import ffmpeg
 
 from models.pretrain import FRAME_HEIGHT, FRAME_WIDTH
+from tasks.config import cache_dir
 from tasks.engine.store import LOCAL, write_bytes_atomic
 from tasks.media.ffmpeg import MediaError, run_tool, stderr_tail
 
@@ -194,6 +196,14 @@ def scenes_of(spec: SampleSpec) -> list[Scene]:
     ]
 
 
+def built_in_sample() -> Path:
+    """The folder `lvr run` clips when given no source: the sample, written into lvr's cache by the first
+    caller on this machine (existing videos are kept, so later callers only list it)."""
+    directory = cache_dir() / SAMPLE_CACHE_SUBDIR
+    write_sample_videos(directory)
+    return directory
+
+
 def write_sample_videos(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
     """Write every SAMPLE_SPECS video (skipping existing ones unless overwrite) and scenes.json."""
     font = find_font()
@@ -223,8 +233,12 @@ def find_font() -> Path:
 
 
 def write_sample_video(spec: SampleSpec, path: Path, *, font: Path) -> Path:
-    """Render one spec to `path` in a single ffmpeg run; the file appears only when complete."""
-    partial = path.with_name(f".{path.name}.partial")
+    """Render one spec to `path` in a single ffmpeg run; the file appears only when complete.
+
+    The temporary is this render's own: two runs filling the shared sample cache at once (a
+    scheduled deployment and a `make run` on a fresh machine) each render whole and the last rename
+    wins, where one fixed name had both ffmpegs write one file and the second rename fail."""
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     result = run_tool(_render_argv(spec, partial, font))
     if result.returncode != 0:
         partial.unlink(missing_ok=True)

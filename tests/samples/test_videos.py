@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from tasks.samples.videos import (
     SAMPLE_SPECS,
     SCENES_FILE,
     SampleSpec,
+    built_in_sample,
     find_font,
     scenes_of,
     write_sample_video,
@@ -38,8 +41,11 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_sample_videos(tmp_path_factory.mktemp("samples"))
+def samples() -> list[Path]:
+    """The videos `lvr run` clips by default, in the suite's cache: rendered once per test session, here
+    or by whichever other test's run needs them first."""
+    folder = built_in_sample()
+    return [folder / f"{spec.name}.mp4" for spec in SAMPLE_SPECS]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +84,7 @@ def test_specs_describe_six_long_videos() -> None:
 
 
 def test_videos_match_their_specs(samples: list[Path], probes: list[VideoProbe]) -> None:
-    assert [path.name for path in samples] == [f"{spec.name}.mp4" for spec in SAMPLE_SPECS]
+    assert sorted(p.name for p in samples[0].parent.glob("*.mp4")) == sorted(f"{spec.name}.mp4" for spec in SAMPLE_SPECS)
     for spec, probe in zip(SAMPLE_SPECS, probes):
         assert probe.duration_s == pytest.approx(spec.seconds, abs=0.05)
         assert probe.fps == pytest.approx(spec.fps)
@@ -131,12 +137,27 @@ def test_each_scene_has_its_own_tone(samples: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("index", range(len(SAMPLE_SPECS)))
-def test_rendering_is_deterministic(tmp_path: Path, samples: list[Path], index: int) -> None:
-    # Every spec rendered again elsewhere: seeded random sources (life, cellauto) included, and the
-    # geq scene that replaced ffmpeg's `gradients` source (other pixels on every run).
-    again = write_sample_video(SAMPLE_SPECS[index], tmp_path / "again.mp4", font=find_font())
-    assert sha256(again) == sha256(samples[index])
-    assert [p.name for p in tmp_path.iterdir()] == ["again.mp4"]
+def test_rendering_is_deterministic(tmp_path: Path, index: int) -> None:
+    # Every spec's scenes rendered twice: seeded random sources (life, cellauto) included, and the geq
+    # scene that replaced ffmpeg's `gradients` source (other pixels on every run, from the first frame).
+    # Two seconds a scene: rendering the whole sample again cost a minute of ffmpeg per test run.
+    spec = dataclasses.replace(SAMPLE_SPECS[index], seconds=2 * len(SAMPLE_SPECS[index].scenes))
+    first = write_sample_video(spec, tmp_path / "first.mp4", font=find_font())
+    again = write_sample_video(spec, tmp_path / "again.mp4", font=find_font())
+    assert probe_video(first).n_frames == spec.seconds * spec.fps
+    assert sha256(again) == sha256(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.mp4", "first.mp4"]
+
+
+def test_two_writers_of_one_sample_folder_both_end_with_whole_videos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs on a fresh machine fill the shared sample cache at once: both render the missing video,
+    each into its own temporary (one fixed name had both ffmpegs write one file, the second rename fail)."""
+    monkeypatch.setattr(sample_videos, "SAMPLE_SPECS", (dataclasses.replace(TINY_SPEC, seconds=10),))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        written = list(pool.map(write_sample_videos, [tmp_path, tmp_path]))
+    assert written == [[tmp_path / "tiny.mp4"]] * 2
+    assert probe_video(tmp_path / "tiny.mp4").n_frames == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SCENES_FILE, "tiny.mp4"]  # no temporary left
 
 
 def test_existing_videos_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
