@@ -51,6 +51,8 @@ from tests.support.processes import trainer_pids, wait_for
 from tests.support.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 from tests.support.videos import make_video
 
+pytestmark = pytest.mark.slow
+
 SFT_STEPS = 30  # enough steps for the kill to land mid-training even on a slow, shared machine
 OVERRIDES = {
     "clip.seconds": 3, "clip.min_seconds": 1, "caption.max_new_tokens": 8, "qa.questions_per_request": 1, "filter.runs": 2,
