@@ -61,7 +61,12 @@ from tasks.grpo.prefill import (
     scored_values,
 )
 from tasks.grpo.rollout import Rollout, RolloutEngine, make_rollout_engine
-from tasks.training.loop import StepTrainer, init_distributed, worker_main
+from tasks.training.loop import (
+    StepTrainer,
+    import_deepspeed,
+    init_distributed,
+    worker_main,
+)
 from tasks.training.schedule import TrainSchedule
 from tasks.training.validation import ValidationExample
 
@@ -280,8 +285,7 @@ def deepspeed_config(cfg: GRPOConfig) -> dict[str, Any]:
 
 def build_engine(model: torch.nn.Module, cfg: GRPOConfig, sp: SPGroup):
     """The policy (vision tower frozen) inside a DeepSpeed engine with AdamW at a constant rate."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     for p in vision_tower(model).parameters():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:

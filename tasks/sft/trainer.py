@@ -29,7 +29,13 @@ from tasks.engine.store import LOCAL, write_json_atomic
 from tasks.media.frames import FrameCache
 from tasks.sft.data import SFTExample, collate, example_inputs
 from tasks.training import checkpoints as ckpt
-from tasks.training.loop import MODEL_DIR, StepTrainer, init_distributed, worker_main
+from tasks.training.loop import (
+    MODEL_DIR,
+    StepTrainer,
+    import_deepspeed,
+    init_distributed,
+    worker_main,
+)
 from tasks.training.schedule import TrainSchedule
 from tasks.training.validation import ValidationExample
 
@@ -85,9 +91,9 @@ def deepspeed_config(cfg: SFTConfig) -> dict[str, Any]:
 
 def build_engine(model_path: str, cfg: SFTConfig, topo: Topology, schedule: TrainSchedule):
     """The base model wrapped for MM-SP inside a DeepSpeed engine, with AdamW and the LR schedule."""
-    import deepspeed
     from transformers import AutoModelForImageTextToText
 
+    deepspeed = import_deepspeed()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     # Every rank loads the whole model into host memory and ZeRO-3 partitions it at initialize.
     # (transformers' partitioned loading, HfDeepSpeedConfig, records weight renamings that

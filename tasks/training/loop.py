@@ -11,6 +11,7 @@ written its part, so a run killed at any moment resumes from a whole checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -41,8 +42,35 @@ CHECKPOINTS_DIR = "_checkpoints"  # in the stage folder: step-N/
 MODEL_DIR = "model"  # in the stage folder: the trained model
 
 
-def init_distributed(sp_degree: int) -> tuple[Topology, torch.device]:
+def import_deepspeed():
+    """`deepspeed`, with its Muon optimizer's module loaded without torch.compile.
+
+    Each ZeRO engine imports that module at initialize only to ask whether the optimizer is a
+    `MuonWithAuxAdam`, and the module wraps its kernels in torch.compile as it loads, whose first
+    call sets up inductor: 1.9 s of every rank's start-up on CPU (of ~11), each launch, for an
+    optimizer lvr never builds (both trainers use torch's AdamW). Its kernels stay plain functions."""
     import deepspeed
+
+    muon = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if muon not in sys.modules:
+        compile_ = torch.compile
+        torch.compile = _uncompiled
+        try:
+            importlib.import_module(muon)
+        except ImportError:  # a DeepSpeed without Muon
+            pass
+        finally:
+            torch.compile = compile_
+    return deepspeed
+
+
+def _uncompiled(model=None, **_options):
+    """torch.compile's signature (the function, or a decorator when called with options only), compiling nothing."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def init_distributed(sp_degree: int) -> tuple[Topology, torch.device]:
+    deepspeed = import_deepspeed()
 
     cuda = torch.cuda.is_available()
     if cuda:

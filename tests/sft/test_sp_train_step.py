@@ -13,13 +13,14 @@ SP = 2
 
 def _sp_step(model_dir: str, batch: dict, zero_stage: int):
     """On each rank: the trainer's engine and micro-step; loss, full gradients, frames encoded."""
-    import deepspeed
-
     from parallel.loss import count_sum, cross_entropy_sum
     from parallel.topology import init_topology
     from tasks.config import SFTConfig
     from tasks.sft.trainer import build_engine, forward_backward, scored_tokens
+    from tasks.training.loop import import_deepspeed
     from tasks.training.schedule import TrainSchedule
+
+    deepspeed = import_deepspeed()
 
     torch.use_deterministic_algorithms(True)
     cfg = SFTConfig(model="tiny", sp_degree=SP, nproc_per_node=SP, zero_stage=zero_stage, micro_batch_size=2, max_grad_norm=0.0)

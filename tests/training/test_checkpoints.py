@@ -43,7 +43,9 @@ def test_rng_state_round_trips_and_a_crafted_rng_file_is_refused(tmp_path):
 def _deepspeed_round_trip(root: str, stage: int) -> dict:
     """One gloo rank: train a step, checkpoint, resume it through the weights-only path, then plant
     a crafted object in the checkpoint and resume again, with and without that path."""
-    import deepspeed
+    from tasks.training.loop import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     def engine():
         torch.manual_seed(0)
