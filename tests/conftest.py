@@ -56,7 +56,8 @@ def pytest_configure(config):
 def slow_files_first(items: list[pytest.Item]) -> list[pytest.Item]:
     """Files with `slow` tests (whole pipelines, minutes each) first, then files with more tests before
     files with fewer; each file's tests stay together and in order. On 2 workers the run ends when
-    its longest files do, so they start at once (14:00 -> ~12:40 on a 2-core machine)."""
+    its longest files do, so they start at once: a minute less of a 14-minute run on 2 cores (the
+    schedule replayed on measured durations: 824 s with xdist's order, 762 s with this one)."""
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::")[0], []).append(item)
