@@ -8,10 +8,13 @@ real schedule (rank 0 of the profile's data-parallel size), makes each step's mo
 interleaved step by step so both see the same load on a shared machine:
 
 - direct: `example_inputs` reading every example's frames from its video (the trainer before the cache);
-- cached: the same through one `FrameCache` of `sft.frame_cache_mb`, as the trainer does now.
+- decoded: through a `FrameCache` of decoded frames, resized for the model at every step (the trainer
+  before the cache kept them resized);
+- cached: through one `FrameCache` of `sft.frame_cache_mb` holding the frames resized for the model, as
+  the trainer does now.
 
-Checks that both give equal tensors, then prints the time per step of each and the cache's hits.
-The last line is machine-readable: `sft_inputs_speedup=X` (direct time / cached time).
+Checks that all three give equal tensors, then prints the time per step of each and the caches' hits
+and bytes. The last line is machine-readable: `sft_inputs_speedup=X` (direct time / cached time).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tasks.config import load_config  # noqa: E402
 from tasks.grading.prompts import user_prompt  # noqa: E402
 from tasks.media.frames import FrameCache  # noqa: E402
 from tasks.samples.videos import built_in_sample  # noqa: E402
-from tasks.sft.data import SFTExample, example_inputs  # noqa: E402
+from tasks.sft.data import SFTExample, encode_example, example_inputs  # noqa: E402
 from tasks.training.schedule import TrainSchedule  # noqa: E402
 
 
@@ -56,24 +59,33 @@ def main() -> None:
     ]
     dp_size = cfg.nproc_per_node // cfg.sp_degree
     schedule = TrainSchedule.plan(len(examples), cfg, dp_size)
-    cache = FrameCache(cfg.frame_cache_mb * 2**20)
-    seconds = {"direct": 0.0, "cached": 0.0}
+    budget = cfg.frame_cache_mb * 2**20
+    decoded, cache = FrameCache(budget), FrameCache(budget)
+    sampling, video_budget = cfg.frame_sampling(), cfg.video_budget()
+    ways = {
+        "direct": lambda e: example_inputs(tokenizer, preprocess, e, cfg),
+        "decoded": lambda e: encode_example(tokenizer, preprocess, e, decoded.read(e.video_uri, sampling), video_budget),
+        "cached": lambda e: example_inputs(tokenizer, preprocess, e, cfg, cache),
+    }
+    seconds = dict.fromkeys(ways, 0.0)
     for step in range(args.steps):
         indices = [i for micro in schedule.micro_batches(step, 0) for i in micro]
-        started = time.perf_counter()
-        direct = [example_inputs(tokenizer, preprocess, examples[i], cfg) for i in indices]
-        seconds["direct"] += time.perf_counter() - started
-        started = time.perf_counter()
-        cached = [example_inputs(tokenizer, preprocess, examples[i], cfg, cache) for i in indices]
-        seconds["cached"] += time.perf_counter() - started
-        for a, b in zip(direct, cached):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the cache changed the inputs"
+        inputs = {}
+        for way, make in ways.items():  # interleaved step by step: the same load on a shared machine
+            started = time.perf_counter()
+            inputs[way] = [make(examples[i]) for i in indices]
+            seconds[way] += time.perf_counter() - started
+        for way in ("decoded", "cached"):
+            for a, b in zip(inputs["direct"], inputs[way]):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"the {way} cache changed the inputs"
 
     per_step = len(indices)
     print(f"{len(examples)} examples on {len(videos)} videos, {cfg.video_inputs_text()}, {per_step} examples per step and rank")
     for way, total in seconds.items():
         print(f"{way:>7}: {1000 * total / args.steps:7.1f} ms per step")
-    print(f"cache: {cache.hits} hits, {cache.misses} decodes, {cache.bytes / 2**20:.1f} MiB held")
+    for way, held in (("decoded", decoded), ("cached", cache)):
+        print(f"{way} cache: {held.hits} hits, {held.misses} decodes, {held.bytes / 2**20:.1f} MiB held")
+    print(f"resized once instead of every step: {seconds['decoded'] / seconds['cached']:.2f}x")
     print(f"sft_inputs_speedup={seconds['direct'] / seconds['cached']:.2f}")
 
 

@@ -25,7 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Self, TypeVar
 
 from models.video import (
@@ -33,10 +33,8 @@ from models.video import (
     SampledFrames,
     VideoPreprocessConfig,
     VideoTokenBudget,
-    budgeted_preprocess,
-    frame_size,
+    presized_frames,
     read_frames,
-    resized_frames,
 )
 
 T = TypeVar("T")
@@ -132,13 +130,6 @@ class FrameJob:
 
 
 def read_resized_frames(job: FrameJob) -> SampledFrames:
-    """`read_frames` of the clip with the frames resized as `preprocess_video` would resize them for
-    this frame count and budget. Kept unresized in the rare case where a resized frame would be
-    resized again (frames too elongated for the pixel grid), so the model's inputs are exactly those
-    of reading and preprocessing in one process."""
-    sampled = read_frames(job.path, job.sampling)
-    cfg = budgeted_preprocess(job.preprocess, len(sampled), job.budget)
-    resized = resized_frames(sampled.frames, cfg)
-    if frame_size(resized.shape[1], resized.shape[2], cfg) != resized.shape[1:3]:
-        return sampled
-    return replace(sampled, frames=resized)
+    """`read_frames` of the clip with the frames resized as the model's preprocessing would
+    (`models.video.presized_frames`)."""
+    return presized_frames(read_frames(job.path, job.sampling), job.preprocess, job.budget)

@@ -660,6 +660,18 @@ def resized_frames(frames, cfg: VideoPreprocessConfig | None = None) -> np.ndarr
     return out
 
 
+def presized_frames(sampled: SampledFrames, cfg: VideoPreprocessConfig, budget: VideoTokenBudget | None = None) -> SampledFrames:
+    """``sampled`` with its frames resized as :func:`preprocess_video` would resize them for this frame
+    count under ``budget``, so that preprocessing them later only normalizes them: the same model inputs
+    from frames a fraction of the decoded size. Kept unresized in the rare case where a resized frame
+    would be resized again (frames too elongated for the pixel grid)."""
+    sized = budgeted_preprocess(cfg, len(sampled), budget)
+    resized = resized_frames(sampled.frames, sized)
+    if frame_size(resized.shape[1], resized.shape[2], sized) != resized.shape[1:3]:
+        return sampled
+    return replace(sampled, frames=resized)
+
+
 @dataclass(frozen=True)
 class EngineVideo:
     """Frames already resized as `preprocess_video` would under a budget, and the per-frame pixel limits
@@ -905,6 +917,7 @@ __all__ = [
     "max_video_tokens_for",
     "num_video_tokens",
     "preprocess_video",
+    "presized_frames",
     "read_frames",
     "resized_frames",
     "sample_frame_indices",

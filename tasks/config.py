@@ -350,8 +350,9 @@ class SFTConfig(VideoInputs):
     gradient_checkpointing: bool = Field(False, description="Recompute text-layer activations in backward (long sequences on GPU).")
     seed: int = 0
     frame_cache_mb: int = Field(
-        1024, ge=0, description="Decoded frames each training process keeps in host memory (least recently used dropped "
-        "first): a video several questions share, or that a later epoch shows again, is decoded once while it fits. 0: decode every time.",
+        1024, ge=0, description="Frames each training process keeps in host memory, decoded and resized for the model "
+        "(least recently used dropped first): a video several questions share, or that a later epoch shows again, is decoded "
+        "and resized once while it fits. 0: decode every time.",
     )
     save_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")

@@ -1,8 +1,8 @@
 """The one way to read a video's frames by URI: the frame sampling of `models.video.read_frames`
 over the whole video, local or remote (through the media cache).
 
-`FrameCache` keeps recently read videos' frames in memory for a trainer that shows the same videos
-step after step.
+`FrameCache` keeps recently read videos' frames in memory, resized for the model, for a trainer that
+shows the same videos step after step.
 
 `iter_frames_by_video` reads the videos of a shard lazily, optionally in a `models.prefetch.Prefetcher`'s
 worker processes ahead of the caller (resized as the model's preprocessing would, `tasks.media.frame_jobs`), so
@@ -23,6 +23,7 @@ from models.video import (
     SampledFrames,
     VideoPreprocessConfig,
     VideoTokenBudget,
+    presized_frames,
     read_frames,
 )
 from tasks.engine.stage import WorkItem, is_environment_fault
@@ -43,27 +44,35 @@ class FrameCache:
     """`read_video_frames` with the frames of recently read videos kept in memory, the least recently
     used dropped first once they pass `max_bytes` (a video larger than that is read and not kept).
 
-    SFT shows a video once per question about it at every epoch (the sample: 32 questions on 3
-    videos), and decoding is most of the input cost: a 150-s sample video at 0.2 fps decodes in
-    ~0.4 s and encodes for the model in ~0.07 s. The cached arrays are read-only, so a caller that
-    modified what it was given would fail loudly instead of changing the next caller's frames."""
+    SFT shows a video once per question about it at every epoch (the sample: ~20 questions on each of 6
+    videos), and reading is most of the input cost. `read(..., preprocess, budget)` keeps the frames
+    resized as that model's preprocessing would (`models.video.presized_frames`): the resize is done
+    once per video instead of once per question and step (on the sample's 150-s videos it was ~40 % of
+    an SFT step on CPU), and a resized video (a few hundred pixels a side) takes a fraction of the
+    decoded one's bytes. The cached arrays are read-only, so a caller that modified what it was given
+    would fail loudly instead of changing the next caller's frames."""
 
     def __init__(self, max_bytes: int, read: Callable[[str, FrameSampling], SampledFrames] = read_video_frames):
         self.max_bytes = max_bytes
         self._read = read
-        self._entries: OrderedDict[tuple[str, FrameSampling], SampledFrames] = OrderedDict()
+        self._entries: OrderedDict[tuple, SampledFrames] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def read(self, uri: str, sampling: FrameSampling) -> SampledFrames:
-        key = (uri, sampling)
+    def read(
+        self, uri: str, sampling: FrameSampling, preprocess: VideoPreprocessConfig | None = None, budget: VideoTokenBudget | None = None
+    ) -> SampledFrames:
+        """The frames `sampling` takes from the video at `uri`; with `preprocess`, resized for that model under `budget`."""
+        key = (uri, sampling, preprocess, budget)
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
             return self._entries[key]
         self.misses += 1
         sampled = self._read(uri, sampling)
+        if preprocess is not None:
+            sampled = presized_frames(sampled, preprocess, budget)
         size = sampled.frames.nbytes
         if size <= self.max_bytes:
             sampled.frames.setflags(write=False)

@@ -83,10 +83,12 @@ def encode_example(
 def example_inputs(
     tokenizer, preprocess: VideoPreprocessConfig, example: SFTExample, cfg: VideoInputs, cache: FrameCache | None = None
 ) -> dict[str, torch.Tensor]:
-    """`encode_example` of the frames `cfg` samples from the example's video (read through `cache`
-    when given: a video is decoded once while it stays there), under `cfg`'s token budget."""
-    read = cache.read if cache is not None else read_video_frames
-    return encode_example(tokenizer, preprocess, example, read(example.video_uri, cfg.frame_sampling()), cfg.video_budget())
+    """`encode_example` of the frames `cfg` samples from the example's video, under `cfg`'s token
+    budget. Through `cache` when given: a video is read and resized for the model once while it stays
+    there (the same inputs: `preprocess_video` finds the frames at size)."""
+    sampling, budget = cfg.frame_sampling(), cfg.video_budget()
+    frames = cache.read(example.video_uri, sampling, preprocess, budget) if cache is not None else read_video_frames(example.video_uri, sampling)
+    return encode_example(tokenizer, preprocess, example, frames, budget)
 
 
 def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

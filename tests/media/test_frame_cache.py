@@ -1,4 +1,4 @@
-"""`FrameCache`: a trainer's videos decoded once while they fit its byte budget, real videos, real decoding."""
+"""`FrameCache`: a trainer's videos decoded (and resized for the model) once while they fit its byte budget, real videos, real decoding."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
-from models.video import FrameSampling, SampledFrames
+from models.video import (
+    FrameSampling,
+    SampledFrames,
+    VideoPreprocessConfig,
+    VideoTokenBudget,
+    budgeted_preprocess,
+    frame_size,
+    preprocess_video,
+)
 from tasks.media.frames import FrameCache, read_video_frames
 from tests.support.videos import make_video
 
@@ -74,3 +83,23 @@ def test_a_video_larger_than_the_budget_is_read_every_time_and_not_kept(videos):
     off.read(videos[1], EIGHT)
     off.read(videos[1], EIGHT)
     assert read.calls[(videos[1], EIGHT)] == 2
+
+
+def test_frames_kept_for_a_model_are_resized_once_and_give_the_model_the_same_inputs(videos):
+    """With the model's preprocessing, the cache keeps the frames at the size `preprocess_video` gives
+    them under the budget: read and resized once, smaller than decoded, and normalized to exactly the
+    pixels of the frames read and preprocessed directly. Another budget is another entry."""
+    cfg, budget = VideoPreprocessConfig(), VideoTokenBudget(tokens_per_frame=4)
+    read = CountingRead()
+    cache = FrameCache(2**30, read)
+    first, again = cache.read(videos[0], EIGHT, cfg, budget), cache.read(videos[0], EIGHT, cfg, budget)
+    assert again is first and read.calls == {(videos[0], EIGHT): 1}
+    direct = read_video_frames(videos[0], EIGHT)
+    sized = budgeted_preprocess(cfg, len(direct), budget)
+    assert first.frames.shape[1:3] == frame_size(*direct.frames.shape[1:3], sized) != direct.frames.shape[1:3]
+    assert cache.bytes == first.frames.nbytes < direct.frames.nbytes
+    assert first.timestamps_s == direct.timestamps_s and first.sampled_fps == direct.sampled_fps
+    ours, theirs = preprocess_video(first, cfg, budget), preprocess_video(direct, cfg, budget)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    larger = cache.read(videos[0], EIGHT, cfg, VideoTokenBudget(tokens_per_frame=16))
+    assert larger.frames.shape[1] > first.frames.shape[1] and read.calls[(videos[0], EIGHT)] == 2 and len(cache) == 2
