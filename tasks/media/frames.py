@@ -47,9 +47,9 @@ class FrameCache:
     SFT shows a video once per question about it at every epoch (the sample: ~20 questions on each of 6
     videos), and reading is most of the input cost. `read(..., preprocess, budget)` keeps the frames
     resized as that model's preprocessing would (`models.video.presized_frames`): the resize is done
-    once per video instead of once per question and step (on the sample's 150-s videos it was ~40 % of
-    an SFT step on CPU), and a resized video (a few hundred pixels a side) takes a fraction of the
-    decoded one's bytes. The cached arrays are read-only, so a caller that modified what it was given
+    once per video instead of once per question and step (on the sample: ~45 % of a step's input time,
+    ~20 % of the tiny profile's SFT step), and a resized video (a few hundred pixels a side) takes a
+    fraction of the decoded one's bytes. The cached arrays are read-only, so a caller that modified what it was given
     would fail loudly instead of changing the next caller's frames."""
 
     def __init__(self, max_bytes: int, read: Callable[[str, FrameSampling], SampledFrames] = read_video_frames):
