@@ -20,6 +20,7 @@ a clip's frames and resizes them as the model's preprocessing would, so that the
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import threading
 from collections import deque
@@ -54,10 +55,15 @@ def _single_threaded() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
+def _shut_down(pool: ProcessPoolExecutor) -> None:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Prefetcher:
     """A pool of `workers` processes, started on first use (or by `start()`) and kept until `close()`:
     pools are slow to start (the first one starts the fork server, which imports the main module),
-    so a captioner keeps one for all its shards."""
+    so a captioner keeps one for all its shards. A pool left open is shut down when its process exits,
+    also a process started by multiprocessing (see `_executor`)."""
 
     def __init__(self, workers: int, depth: int):
         if workers < 1:
@@ -67,6 +73,7 @@ class Prefetcher:
         self.workers = workers
         self.depth = depth
         self._pool: ProcessPoolExecutor | None = None
+        self._shutdown: multiprocessing.util.Finalize | None = None
         self._lock = threading.Lock()
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -75,6 +82,13 @@ class Prefetcher:
                 self._pool = ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_single_threaded
                 )
+                # A process started by multiprocessing (a shard worker of `execution.task_runner=processes`,
+                # whose stage keeps its prefetcher for the next shard) joins its children on exit before
+                # Python's exit hooks would shut this pool down, and the pool's workers wait for work until
+                # then: the process never exited. Finalizers with an exit priority run before that join, the
+                # highest first; this one before the pool's queues close theirs (priority 10), or the
+                # workers' stop signals would never leave the queue.
+                self._shutdown = multiprocessing.util.Finalize(self, _shut_down, args=(self._pool,), exitpriority=20)
                 for _ in range(self.workers):  # each submit starts one worker (and waits for the fork server)
                     self._pool.submit(int)
             return self._pool
@@ -108,8 +122,9 @@ class Prefetcher:
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._shutdown is not None:
+                self._shutdown()  # runs once: the pool is shut down and the exit hook dropped
+                self._shutdown = None
                 self._pool = None
 
     def __enter__(self) -> Self:

@@ -69,16 +69,21 @@ def test_pipeline_flow_runs_clip_as_subflow_with_shard_tasks(tmp_path):
 
 
 def test_shards_in_worker_processes_give_the_same_rows(tmp_path):
-    """`execution.task_runner=processes`: shard work is pickled as data and rebuilt in another process."""
+    """`execution.task_runner=processes`: shard work is pickled as data and rebuilt in another process.
+    Through caption, whose worker keeps its captioner's frame prefetcher open for the next shard (the
+    worker never exited once its prefetcher had started: `models.prefetch.Prefetcher`)."""
     src = tmp_path / "src"
     make_video(src / "a.mp4", 12, fps=25, gop=25)
     make_video(src / "b.mp4", 11, fps=25, gop=25, source="smptebars")
-    common = ["clip.shard_size=1"]
-    threads = lvr_pipeline(source=str(src), workdir=str(tmp_path / "threads"), to_stage="clip", overrides=common)
+    common = ["clip.shard_size=1", "caption.shard_size=2", "caption.prefetch_workers=1"]
+    threads = lvr_pipeline(source=str(src), workdir=str(tmp_path / "threads"), to_stage="caption", overrides=common)
     procs = lvr_pipeline(
-        source=str(src), workdir=str(tmp_path / "procs"), to_stage="clip",
+        source=str(src), workdir=str(tmp_path / "procs"), to_stage="caption",
         overrides=[*common, "execution.task_runner=processes", "execution.shard_workers=2"],
     )
     assert procs["results"]["clip"]["rows"] == threads["results"]["clip"]["rows"] > 0
     cols = ["clip_id", "start_s", "end_s", "n_frames"]
     assert pd.read_parquet(tmp_path / "procs" / "clip")[cols].equals(pd.read_parquet(tmp_path / "threads" / "clip")[cols])
+    captions = [pd.read_parquet(tmp_path / run / "caption").sort_values("clip_id")[["clip_id", "caption"]].reset_index(drop=True)
+                for run in ("procs", "threads")]
+    assert len(captions[0]) == procs["results"]["clip"]["rows"] and captions[0].equals(captions[1])

@@ -129,3 +129,27 @@ def test_prefetched_captions_equal_in_line_captions(tmp_path):
     assert strip == [dataclasses.replace(r, latency_s=0.0) for r in in_line]
     assert [r.clip_id for r in prefetched] == ["c0", "broken", "c1", "c2"]
     assert prefetched[1].error_kind == UNREADABLE_CLIP and all(r.caption for r in prefetched if r.clip_id != "broken")
+
+
+_KEPT: list[Prefetcher] = []
+
+
+def _use_a_prefetcher_and_return_without_closing_it() -> None:
+    prefetcher = Prefetcher(workers=1, depth=2)
+    assert [f.result() for f in prefetcher.map(slow_square, range(3))] == [0, 1, 4]
+    _KEPT.append(prefetcher)  # alive at exit, as a stage object holding it for its next shard
+
+
+def test_a_process_started_by_multiprocessing_exits_with_a_prefetcher_left_open():
+    """A shard in a worker process (`execution.task_runner=processes`) keeps its stage's prefetcher
+    for the next shard, so nothing closes it there. multiprocessing joins a child's children before
+    Python's exit hooks run, and the pool's workers wait for work until shut down: filter's and eval's
+    shard workers never exited, and the run hung once every shard was done."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_use_a_prefetcher_and_return_without_closing_it)
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
