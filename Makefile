@@ -12,6 +12,10 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lvr/torch_extensions
 # beside the model, 2 training ranks) OpenMP's spinning threads made the tiny model up to 60x slower
 # (benchmarks/caption.py: 42 s of model time with 2 threads under load, 0.64 s with 1).
 export OMP_NUM_THREADS ?= 1
+# DeepSpeed compiles its CPU shared-memory collective op on the first training launch and caches it in
+# TORCH_EXTENSIONS_DIR: ~30 s on 2 cores before the first `make run`'s or `make test`'s first SFT step on
+# a fresh machine. Compiled here instead, once.
+SHM_OP := $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
 PYTEST_ARGS ?=
 # Test files run in parallel, each file in one worker (module fixtures such as the Prefect server
 # and the S3 run are built once). 2 suits the 2-core CI machine: 6 min instead of 11.
@@ -19,7 +23,7 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: setup run test bench clean system-deps docker-deps images test-images
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(SHM_OP)
 
 # Debian's ffmpeg (ffprobe too), the font the sample videos burn labels with, and chromium
 # (the report test renders the HTML report headless).
@@ -30,6 +34,9 @@ system-deps:
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg fonts-dejavu-core chromium >/dev/null; \
 	fi
+
+$(SHM_OP): $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 
 $(STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
