@@ -37,6 +37,7 @@ system-deps:
 
 $(SHM_OP): $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@test ! -f $@ || touch $@  # an op already up to date is not rewritten: newer than a reinstall's stamp
 
 $(STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
