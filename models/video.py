@@ -710,18 +710,19 @@ def preprocess_video(frames, cfg: VideoPreprocessConfig | None = None, budget: V
     t, h, w, c = x.shape
     if h % (p * m) or w % (p * m):
         raise AssertionError(f"resized frame {h}x{w} is not a multiple of {p * m}")
+    grid_t, grid_h, grid_w = t // tp, h // p, w // p
+    # Patches in Qwen2VLVideoProcessor's order (grid_t, gh/m, gw/m, mh, mw, C, tp, ph, pw), laid out
+    # while the pixels are still uint8 (a quarter of the bytes the float32 copy would move).
+    x = x.reshape(grid_t, tp, grid_h // m, m, p, grid_w // m, m, p, c).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    x = np.ascontiguousarray(x)
     # uint8 -> float: one lookup table per channel, built with exactly the image processor's
     # arithmetic (float64 rescale cast to float32, then (x - mean) / std in float32), so the
     # result is bit-identical while using one float32 copy of the video instead of float64.
     lut = _normalization_lut(cfg)  # (256, C) float32
-    y = np.empty((c, t, h, w), dtype=np.float32)
+    y = np.empty(x.shape, dtype=np.float32)
     for ch in range(c):
-        np.take(lut[:, ch], x[..., ch], out=y[ch])
-    grid_t, grid_h, grid_w = t // tp, h // p, w // p
-    y = y.reshape(c, grid_t, tp, grid_h // m, m, p, grid_w // m, m, p)
-    # -> grid_t, gh/m, gw/m, mh, mw, C, tp, ph, pw  (Qwen2VLVideoProcessor.patchify order)
-    y = y.transpose(1, 3, 6, 4, 7, 0, 2, 5, 8)
-    y = np.ascontiguousarray(y).reshape(grid_t * grid_h * grid_w, c * tp * p * p)
+        np.take(lut[:, ch], x[:, :, :, :, :, ch], out=y[:, :, :, :, :, ch], mode="clip")  # uint8 indices are in range
+    y = y.reshape(grid_t * grid_h * grid_w, c * tp * p * p)
     return {
         "pixel_values_videos": torch.from_numpy(y),
         "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.long),
