@@ -49,8 +49,8 @@ class FrameCache:
     resized as that model's preprocessing would (`models.video.presized_frames`): the resize is done
     once per video instead of once per question and step (on the sample: ~45 % of a step's input time,
     ~20 % of the tiny profile's SFT step), and a resized video (a few hundred pixels a side) takes a
-    fraction of the decoded one's bytes. The cached arrays are read-only, so a caller that modified what it was given
-    would fail loudly instead of changing the next caller's frames."""
+    fraction of the decoded one's bytes. The cached arrays are read-only, so a caller that modified
+    what it was given would fail loudly instead of changing the next caller's frames."""
 
     def __init__(self, max_bytes: int, read: Callable[[str, FrameSampling], SampledFrames] = read_video_frames):
         self.max_bytes = max_bytes

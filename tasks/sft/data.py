@@ -87,7 +87,10 @@ def example_inputs(
     budget. Through `cache` when given: a video is read and resized for the model once while it stays
     there (the same inputs: `preprocess_video` finds the frames at size)."""
     sampling, budget = cfg.frame_sampling(), cfg.video_budget()
-    frames = cache.read(example.video_uri, sampling, preprocess, budget) if cache is not None else read_video_frames(example.video_uri, sampling)
+    if cache is not None:
+        frames = cache.read(example.video_uri, sampling, preprocess, budget)
+    else:
+        frames = read_video_frames(example.video_uri, sampling)
     return encode_example(tokenizer, preprocess, example, frames, budget)
 
 
