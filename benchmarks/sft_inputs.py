@@ -59,8 +59,8 @@ def main() -> None:
     ]
     dp_size = cfg.nproc_per_node // cfg.sp_degree
     schedule = TrainSchedule.plan(len(examples), cfg, dp_size)
-    budget = cfg.frame_cache_mb * 2**20
-    decoded, cache = FrameCache(budget), FrameCache(budget)
+    cache_bytes = cfg.frame_cache_mb * 2**20
+    decoded, cache = FrameCache(cache_bytes), FrameCache(cache_bytes)
     sampling, video_budget = cfg.frame_sampling(), cfg.video_budget()
     ways = {
         "direct": lambda e: example_inputs(tokenizer, preprocess, e, cfg),
